@@ -1,0 +1,1 @@
+"""dmlfast: fused proxy losses, fast data loading and exact retrieval evaluation for deep metric learning."""
