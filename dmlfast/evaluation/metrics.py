@@ -1,0 +1,438 @@
+"""Exact retrieval metrics (Recall@K, MAP@R, R-Precision) and NMI for embeddings.
+
+Ranking contract
+----------------
+References are ranked for each query by decreasing *canonical similarity* and, among equal
+canonical similarities, by increasing reference index. The canonical similarity is the float64
+dot product of the prepared float32 vectors (L2-normalised, or sign-binarised to +-1 with
+``binary=True``), summed by a fixed pairwise tree, so equal vectors always score equal.
+
+The k-NN backends only produce float32 candidate lists whose similarities are within
+``tolerance = 2 * d * 2**-24 * max|q| * max|r|`` of the canonical one (the standard bound for a
+float32 dot product). Wherever two candidates lie within that tolerance of each other, or of
+the end of the candidate list, the decision is taken on canonical similarities (recomputed
+for those pairs only, or for the whole row when the candidate list is too short). The metrics
+therefore do not depend on the backend, on its tie order or on its rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Integral
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .clustering import kmeans_assignments, normalized_mutual_information
+from .knn import _ieee_float32_matmul, default_chunk_size, resolve_backend, search
+
+METRICS = ("recall", "map@r", "r_precision", "nmi")
+SEARCH_MARGIN = 32
+CANONICAL_PAIRS_PER_BATCH = 8192
+FAISS_CPU_CHUNK = 4096
+
+
+def retrieval_metrics(
+    embeddings,
+    labels,
+    ks=(1, 2, 4, 8),
+    *,
+    reference=None,
+    reference_labels=None,
+    metrics=METRICS,
+    binary: bool = False,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    progress: bool | None = None,
+    seed: int = 0,
+) -> dict:
+    """Retrieval metrics of ``embeddings`` (queries) against ``reference`` (default: the queries themselves).
+
+    Args:
+        embeddings: ``[N, D]`` query embeddings (torch tensor or array-like); computation runs on
+            their device.
+        labels: ``N`` class labels (any values ``numpy.unique`` can sort).
+        ks: the K of Recall@K; each must be at most the number of references (``M``, or ``N - 1``
+            when the queries are their own references).
+        reference, reference_labels: ``[M, D]`` gallery and its ``M`` labels (In-shop style). When
+            omitted, each query is searched among the other queries; its own row is excluded by
+            index, so duplicates of a query are still retrieved.
+        metrics: any of ``"recall"``, ``"map@r"``, ``"r_precision"``, ``"nmi"``.
+        binary: evaluate ``sign(x)`` (``+1`` for ``x >= 0``, ``-1`` otherwise) instead of ``x``.
+        backend: ``"auto"``, ``"faiss"`` or ``"torch"``; all give identical metrics.
+        chunk_size: query rows per search chunk (default: 4096 for faiss on CPU, otherwise as many
+            rows as keep a float32 ``chunk x M`` similarity block within 256 MiB).
+        progress: show a tqdm bar (default: only when stderr is a terminal).
+        seed: seed of the k-means initialisation used for NMI.
+
+    Returns:
+        A dict with, for the requested metrics, ``"recall@K"`` (fraction of queries with a
+        same-label reference among their K nearest), ``"map@r"`` and ``"r_precision"`` (Musgrave
+        et al. 2020: with R = number of same-label references, R-Precision = r / R where r counts
+        same-label references in the top R, MAP@R = (1/R) * sum_{i<=R} P@i * rel(i)), ``"nmi"``
+        (k-means on the prepared query embeddings with one cluster per query class), plus
+        ``"num_queries"`` and ``"queries_without_match"`` (queries with R = 0; they are left out of
+        Recall@K, MAP@R and R-Precision, which are averages over the other queries and NaN when
+        no query has a match).
+    """
+    requested = _validate_metrics(metrics)
+    query = _as_embeddings(embeddings, "embeddings")
+    query_labels = _as_labels(labels, "labels", query.shape[0], "embeddings")
+    self_reference = reference is None and reference_labels is None
+    if self_reference:
+        reference_vectors, reference_label_values = query, query_labels
+    else:
+        if reference is None or reference_labels is None:
+            given, missing = ("reference", "reference_labels") if reference is not None else ("reference_labels", "reference")
+            raise ValueError(f"{given} was given without {missing}; pass both or neither")
+        reference_vectors = _as_embeddings(reference, "reference").to(query.device)
+        reference_label_values = _as_labels(reference_labels, "reference_labels", reference_vectors.shape[0], "reference")
+        if reference_vectors.shape[1] != query.shape[1]:
+            raise ValueError(
+                f"reference must have the embeddings' dimension: embeddings has {query.shape[1]} columns, "
+                f"reference has {reference_vectors.shape[1]}"
+            )
+    num_references = reference_vectors.shape[0] - (1 if self_reference else 0)
+    ks = _validate_ks(ks, num_references, self_reference) if "recall" in requested else ()
+    if backend not in ("auto", "faiss", "torch"):
+        raise ValueError(f'backend must be "auto", "faiss" or "torch", got {backend!r}')
+    if chunk_size is not None and (not isinstance(chunk_size, Integral) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+
+    query_codes, reference_codes = _encode_labels(query_labels, reference_label_values, query.device)
+    query = _prepare(query, binary)
+    reference_vectors = query if self_reference else _prepare(reference_vectors, binary)
+
+    result: dict = {}
+    relevant_counts = _relevant_counts(query_codes, reference_codes, self_reference)
+    has_match = relevant_counts > 0
+    num_matched = int(has_match.sum())
+    if requested & {"recall", "map@r", "r_precision"}:
+        problem = _RankingProblem(
+            query=query,
+            reference=reference_vectors,
+            query_codes=query_codes,
+            reference_codes=reference_codes,
+            relevant_counts=relevant_counts,
+            exclude_self=self_reference,
+            recall_depth=max(ks) if ks else 0,
+            needs_top_r=bool(requested & {"map@r", "r_precision"}),
+            tolerance=_similarity_tolerance(query, reference_vectors),
+        )
+        first_match_rank, average_precision, r_precision = problem.solve(backend, chunk_size, progress)
+        for k in ks:
+            hits = (first_match_rank[has_match] < k).sum()
+            result[f"recall@{k}"] = _mean(int(hits), num_matched)
+        if "map@r" in requested:
+            result["map@r"] = _mean(float(average_precision[has_match].sum()), num_matched)
+        if "r_precision" in requested:
+            result["r_precision"] = _mean(float(r_precision[has_match].sum()), num_matched)
+    if "nmi" in requested:
+        num_classes = int(torch.unique(query_codes).numel())
+        assignments = kmeans_assignments(query, num_classes, seed)
+        result["nmi"] = normalized_mutual_information(query_codes.cpu().numpy(), assignments)
+    result["num_queries"] = int(query.shape[0])
+    result["queries_without_match"] = int(query.shape[0] - num_matched)
+    return result
+
+
+def _mean(total: float, count: int) -> float:
+    return total / count if count else math.nan
+
+
+def _validate_metrics(metrics) -> set:
+    if isinstance(metrics, str):
+        metrics = (metrics,)
+    requested = set(metrics)
+    unknown = sorted(requested - set(METRICS))
+    if unknown or not requested:
+        raise ValueError(f"metrics must be a non-empty selection of {METRICS}, got {tuple(metrics)!r}")
+    return requested
+
+
+def _validate_ks(ks, num_references: int, self_reference: bool) -> tuple[int, ...]:
+    if isinstance(ks, Integral):
+        ks = (ks,)
+    ks = tuple(ks)
+    if not ks or any(not isinstance(k, Integral) or isinstance(k, bool) or k < 1 for k in ks):
+        raise ValueError(f"ks must be a non-empty sequence of positive integers, got {ks!r}")
+    largest = max(ks)
+    if largest > num_references:
+        where = "other queries (the query itself is excluded)" if self_reference else "reference rows"
+        raise ValueError(f"ks must not exceed the number of references: k={largest} requested, only {num_references} {where}")
+    return tuple(sorted({int(k) for k in ks}))
+
+
+def _as_embeddings(values, name: str) -> torch.Tensor:
+    """A float32 ``[N, D]`` tensor with N, D >= 1 and only finite entries, or a ValueError/TypeError naming ``name``."""
+    if isinstance(values, torch.Tensor):
+        tensor = values.detach()
+    else:
+        try:
+            array = np.asarray(values)
+        except Exception as error:  # noqa: BLE001 - report any conversion failure as a TypeError
+            raise TypeError(f"{name} must be a torch tensor or a numeric array, got {type(values).__name__}") from error
+        if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+            raise TypeError(f"{name} must be numeric, got an array of dtype {array.dtype}")
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if tensor.is_complex():
+        raise TypeError(f"{name} must be real-valued, got dtype {tensor.dtype}")
+    if tensor.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D [num_samples, dim] array, got shape {tuple(tensor.shape)}")
+    if tensor.shape[0] == 0 or tensor.shape[1] == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(tensor.shape)}")
+    tensor = tensor.float()
+    finite = torch.isfinite(tensor).all(dim=1)
+    if not bool(finite.all()):
+        bad_rows = torch.nonzero(~finite).flatten()
+        raise ValueError(f"{name} must be finite: {bad_rows.numel()} row(s) contain NaN or Inf, first is row {int(bad_rows[0])}")
+    return tensor.contiguous()
+
+
+def _as_labels(values, name: str, expected_length: int, embeddings_name: str) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    array = np.asarray(values)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
+    if array.shape[0] != expected_length:
+        raise ValueError(
+            f"{name} must have one entry per {embeddings_name} row: {embeddings_name} has {expected_length} rows, "
+            f"{name} has {array.shape[0]}"
+        )
+    return array
+
+
+def _encode_labels(query_labels: np.ndarray, reference_labels: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map both label arrays to shared int64 codes 0..C-1."""
+    try:
+        _, codes = np.unique(np.concatenate([query_labels, reference_labels]), return_inverse=True)
+    except TypeError as error:
+        raise TypeError(f"labels and reference_labels must hold comparable values of one type: {error}") from error
+    codes = torch.from_numpy(codes.astype(np.int64).ravel()).to(device)
+    return codes[: query_labels.shape[0]], codes[query_labels.shape[0] :]
+
+
+def _prepare(vectors: torch.Tensor, binary: bool) -> torch.Tensor:
+    """L2-normalised rows, or +-1 signs (exact integer dot products) when ``binary``."""
+    if binary:
+        return torch.where(vectors >= 0, 1.0, -1.0).to(torch.float32).contiguous()
+    return F.normalize(vectors, dim=1).contiguous()
+
+
+def _similarity_tolerance(query: torch.Tensor, reference: torch.Tensor) -> float:
+    """Bound on |float32 dot - exact dot|: 2 * d * 2**-24 * max row norm of query * of reference."""
+    max_query_norm = float(query.double().norm(dim=1).max())
+    max_reference_norm = float(reference.double().norm(dim=1).max())
+    return 2.0 * query.shape[1] * 2.0**-24 * max_query_norm * max_reference_norm
+
+
+def _relevant_counts(query_codes: torch.Tensor, reference_codes: torch.Tensor, exclude_self: bool) -> torch.Tensor:
+    """R per query: references sharing its label, minus the query itself when it is its own reference."""
+    num_codes = int(max(query_codes.max(), reference_codes.max())) + 1
+    per_code = torch.bincount(reference_codes, minlength=num_codes)
+    return per_code[query_codes] - (1 if exclude_self else 0)
+
+
+def canonical_similarities(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Row-wise float64 dot products of two ``[P, D]`` float32 tensors, summed by a fixed pairwise tree.
+
+    Every product is exact in float64 and the summation order depends only on D, so the result
+    for a pair of rows does not depend on the batch, the device or the caller.
+    """
+    products = left.double()
+    products.mul_(right)
+    width = products.shape[1]
+    padded_width = 1 << (width - 1).bit_length()
+    if padded_width != width:
+        products = F.pad(products, (0, padded_width - width))
+    while products.shape[1] > 1:
+        half = products.shape[1] // 2
+        products[:, :half].add_(products[:, half:])
+        products = products[:, :half]
+    return products[:, 0]
+
+
+@dataclass
+class _RankingProblem:
+    """Per-query first-match rank (for Recall@K) and top-R precision figures, computed exactly."""
+
+    query: torch.Tensor
+    reference: torch.Tensor
+    query_codes: torch.Tensor
+    reference_codes: torch.Tensor
+    relevant_counts: torch.Tensor
+    exclude_self: bool
+    recall_depth: int
+    needs_top_r: bool
+    tolerance: float
+
+    def solve(self, backend: str, chunk_size: int | None, progress: bool | None):
+        """Returns ``(first_match_rank, average_precision_at_r, r_precision)`` per query (CPU tensors).
+
+        ``first_match_rank`` is the 0-based canonical rank of the first same-label reference; it
+        is only exact below ``recall_depth`` (larger values mean "not in the top recall_depth").
+        """
+        num_queries = self.query.shape[0]
+        num_references = self.reference.shape[0]
+        max_relevant = int(self.relevant_counts.max()) if self.needs_top_r else 0
+        depth = max(self.recall_depth, max_relevant, 1)
+        k = min(num_references, depth + (1 if self.exclude_self else 0) + SEARCH_MARGIN)
+        concrete_backend = resolve_backend(backend, self.query.device, k)
+        if chunk_size is None:
+            use_faiss_cpu = concrete_backend == "faiss" and self.query.device.type == "cpu"
+            chunk_size = FAISS_CPU_CHUNK if use_faiss_cpu else default_chunk_size(num_references)
+
+        self.first_match_rank = torch.full((num_queries,), num_references, dtype=torch.int64)
+        self.average_precision = torch.zeros(num_queries, dtype=torch.float64)
+        self.r_precision = torch.zeros(num_queries, dtype=torch.float64)
+        unresolved = []
+        everything_retrieved = k == num_references
+        for first_row, similarities, indices in search(self.query, self.reference, k, concrete_backend, chunk_size, progress):
+            rows = torch.arange(first_row, first_row + similarities.shape[0], device=self.query.device)
+            if everything_retrieved:
+                boundary = torch.full_like(similarities[:, 0], -math.inf)
+            else:
+                boundary = similarities.min(dim=1).values
+            unresolved.append(self._resolve(rows, similarities, indices, boundary))
+        self._resolve_with_full_rows(torch.cat(unresolved), chunk_size)
+        return self.first_match_rank, self.average_precision, self.r_precision
+
+    def _resolve_with_full_rows(self, rows: torch.Tensor, chunk_size: int) -> None:
+        """Queries whose candidate list was too short: rank them against every reference."""
+        num_references = self.reference.shape[0]
+        full_chunk = min(chunk_size, default_chunk_size(num_references))
+        with _ieee_float32_matmul():
+            for first in range(0, rows.numel(), full_chunk):
+                batch = rows[first : first + full_chunk]
+                similarities = self.query[batch] @ self.reference.t()
+                indices = torch.arange(num_references, device=self.query.device).expand(batch.numel(), -1)
+                boundary = torch.full_like(similarities[:, 0], -math.inf)
+                still_unresolved = self._resolve(batch, similarities, indices, boundary)
+                assert still_unresolved.numel() == 0, "a full similarity row always resolves"
+
+    def _canonical(self, rows: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Canonical similarities where ``mask`` is set (``rows[i]`` vs ``indices[i, j]``), -inf elsewhere."""
+        scores = torch.full(indices.shape, -math.inf, dtype=torch.float64, device=indices.device)
+        mask_rows, mask_columns = torch.nonzero(mask, as_tuple=True)
+        query_rows = rows[mask_rows]
+        reference_rows = indices[mask_rows, mask_columns]
+        values = torch.empty(mask_rows.numel(), dtype=torch.float64, device=indices.device)
+        for first in range(0, mask_rows.numel(), CANONICAL_PAIRS_PER_BATCH):
+            part = slice(first, first + CANONICAL_PAIRS_PER_BATCH)
+            values[part] = canonical_similarities(self.query[query_rows[part]], self.reference[reference_rows[part]])
+        scores[mask_rows, mask_columns] = values
+        return scores
+
+    def _resolve(self, rows, similarities, indices, boundary) -> torch.Tensor:
+        """Fill the outputs for ``rows`` from their candidates; return the rows that need full rows.
+
+        ``boundary[i]`` is an upper bound of the float32 similarity of every reference missing
+        from row i's candidates (-inf when the candidates are all references).
+        """
+        indices = indices.to(torch.int64)
+        similarities = similarities.to(torch.float32)
+        if self.exclude_self:
+            valid = indices != rows.unsqueeze(1)
+        else:
+            valid = torch.ones_like(indices, dtype=torch.bool)
+        positive = valid & (self.reference_codes[indices] == self.query_codes[rows].unsqueeze(1))
+        relevant = self.relevant_counts[rows]
+        needs_full_rows = torch.zeros_like(rows, dtype=torch.bool)
+        if self.recall_depth:
+            needs_full_rows |= self._first_match_ranks(rows, similarities, indices, valid, positive, relevant, boundary)
+        if self.needs_top_r:
+            needs_full_rows |= self._top_r_precisions(rows, similarities, indices, valid, positive, relevant, boundary)
+        return rows[needs_full_rows]
+
+    def _first_match_ranks(self, rows, similarities, indices, valid, positive, relevant, boundary) -> torch.Tensor:
+        """Canonical rank of each query's first same-label reference (exact below ``recall_depth``).
+
+        With b the best float32 similarity of a retrieved positive and t the tolerance: candidates
+        above b + 2t surely precede it, those below b - 2t surely do not; the band in between is
+        decided on canonical similarities. Returns the rows whose band may reach past the list.
+        """
+        two_tolerance = 2.0 * self.tolerance
+        has_match = relevant > 0
+        retrieved_positive = positive.any(dim=1)
+        best_positive = torch.where(positive, similarities, -math.inf).max(dim=1).values
+        surely_above = valid & (similarities > (best_positive + two_tolerance).unsqueeze(1))
+        num_surely_above = surely_above.sum(dim=1)
+        band_reaches_boundary = boundary >= best_positive - two_tolerance
+        num_above_boundary = (valid & (similarities > (boundary + two_tolerance).unsqueeze(1))).sum(dim=1)
+
+        exact_rows = has_match & retrieved_positive & ~band_reaches_boundary
+        deep_with_positive = has_match & retrieved_positive & band_reaches_boundary
+        deep_without_positive = has_match & ~retrieved_positive
+        lower_bound = torch.where(retrieved_positive, num_surely_above, num_above_boundary)
+        surely_deep = (deep_with_positive | deep_without_positive) & (lower_bound >= self.recall_depth)
+        needs_full_rows = (deep_with_positive | deep_without_positive) & ~surely_deep
+
+        band = valid & exact_rows.unsqueeze(1) & ~surely_above
+        band &= similarities >= (best_positive - two_tolerance).unsqueeze(1)
+        band &= (band.sum(dim=1) > 1).unsqueeze(1)
+        canonical = self._canonical(rows, indices, band)
+        positive_band = band & positive
+        best_canonical = torch.where(positive_band, canonical, -math.inf).max(dim=1).values.unsqueeze(1)
+        no_index = torch.iinfo(torch.int64).max
+        first_positive_index = torch.where(positive_band & (canonical == best_canonical), indices, no_index)
+        first_positive_index = first_positive_index.min(dim=1).values.unsqueeze(1)
+        precedes = band & ((canonical > best_canonical) | ((canonical == best_canonical) & (indices < first_positive_index)))
+        exact_rank = num_surely_above + precedes.sum(dim=1)  # a lone band entry is the positive itself
+
+        rank = torch.where(exact_rows, exact_rank, lower_bound)
+        settled = exact_rows | surely_deep
+        self.first_match_rank[rows[settled].cpu()] = rank[settled].cpu()
+        return needs_full_rows
+
+    def _top_r_precisions(self, rows, similarities, indices, valid, positive, relevant, boundary) -> torch.Tensor:
+        """MAP@R and R-Precision from each query's canonical top-R references.
+
+        With c the R-th best float32 similarity, the canonical top R lies among candidates at or
+        above c - 2t. Candidates more than 2t away from both float32 neighbours keep their float32
+        order; runs of closer ones are re-ranked on canonical similarities. Returns the rows whose
+        threshold may reach past the candidate list.
+        """
+        has_match = relevant > 0
+        if not bool(has_match.any()):
+            return torch.zeros_like(has_match)
+        ranked_similarities = torch.where(valid, similarities, -math.inf)
+        deepest = int(relevant.max())
+        top_values = torch.topk(ranked_similarities, deepest, dim=1, sorted=True).values
+        r_th_best = top_values.gather(1, (relevant - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        threshold = r_th_best - 2.0 * self.tolerance
+        needs_full_rows = has_match & (boundary >= threshold)
+        exact_rows = has_match & ~needs_full_rows
+        if not bool(exact_rows.any()):
+            return needs_full_rows
+
+        candidates = valid & exact_rows.unsqueeze(1) & (similarities >= threshold.unsqueeze(1))
+        width = int(candidates.sum(dim=1).max())
+        top = torch.topk(torch.where(candidates, similarities, -math.inf), width, dim=1, sorted=True)
+        columns, candidate_similarities = top.indices, top.values
+        candidate_mask = candidates.gather(1, columns)
+        candidate_indices = indices.gather(1, columns)
+        close_to_next = candidate_mask[:, 1:] & (candidate_similarities[:, :-1] - candidate_similarities[:, 1:] <= 2.0 * self.tolerance)
+        no_neighbour = torch.zeros_like(close_to_next[:, :1])
+        clustered = torch.cat([close_to_next, no_neighbour], dim=1) | torch.cat([no_neighbour, close_to_next], dim=1)
+        canonical = self._canonical(rows, candidate_indices, clustered)
+        sort_key = torch.where(clustered, canonical, candidate_similarities.double())
+        no_index = torch.iinfo(torch.int64).max
+        by_index = torch.sort(torch.where(candidate_mask, candidate_indices, no_index), dim=1, stable=True).indices
+        by_score = torch.sort(sort_key.gather(1, by_index), dim=1, descending=True, stable=True).indices
+        order = by_index.gather(1, by_score)
+        relevance = (positive.gather(1, columns) & candidate_mask).gather(1, order)
+
+        positions = torch.arange(1, width + 1, device=relevance.device)
+        within_r = positions.unsqueeze(0) <= relevant.unsqueeze(1)
+        hits = (relevance & within_r).to(torch.float64)
+        precision_at_i = hits.cumsum(dim=1) / positions
+        denominator = relevant.clamp(min=1).to(torch.float64)
+        average_precision = (precision_at_i * hits).sum(dim=1) / denominator
+        r_precision = hits.sum(dim=1) / denominator
+        settled_rows = rows[exact_rows].cpu()
+        self.average_precision[settled_rows] = average_precision[exact_rows].cpu()
+        self.r_precision[settled_rows] = r_precision[exact_rows].cpu()
+        return needs_full_rows
