@@ -415,7 +415,7 @@ class _RankingProblem:
         candidate_mask = candidates.gather(1, columns)
         candidate_indices = indices.gather(1, columns)
         close_to_next = candidate_mask[:, 1:] & (candidate_similarities[:, :-1] - candidate_similarities[:, 1:] <= 2.0 * self.tolerance)
-        no_neighbour = torch.zeros_like(close_to_next[:, :1])
+        no_neighbour = torch.zeros_like(candidate_mask[:, :1])
         clustered = torch.cat([close_to_next, no_neighbour], dim=1) | torch.cat([no_neighbour, close_to_next], dim=1)
         canonical = self._canonical(rows, candidate_indices, clustered)
         sort_key = torch.where(clustered, canonical, candidate_similarities.double())

@@ -1,0 +1,121 @@
+"""Command line retrieval evaluation: ``python -m dmlfast.evaluate --embeddings E.npy --labels L.npy``.
+
+Prints a table of the metrics of :func:`dmlfast.evaluation.retrieval_metrics`; ``--json PATH``
+also writes them as JSON (a NaN metric, when no query has a match, as null). Input errors (missing
+files, bad shapes, NaN embeddings, k too large)
+print one ``python -m dmlfast.evaluate: error: ...`` line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+PROG = "python -m dmlfast.evaluate"
+USAGE_ERROR = 2
+
+
+class InputError(Exception):
+    """A problem with the user's input, reported as one line and exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; other commands (e.g. checkpoint evaluation) add their options to it."""
+    from dmlfast.evaluation import METRICS
+
+    parser = argparse.ArgumentParser(prog=PROG, description="Exact retrieval metrics (Recall@K, MAP@R, R-Precision, NMI) of saved embeddings.")
+    parser.add_argument("--embeddings", required=True, type=Path, help="query embeddings, .npy of shape [N, D]")
+    parser.add_argument("--labels", required=True, type=Path, help="query labels, .npy of shape [N]")
+    parser.add_argument("--reference", type=Path, help="gallery embeddings, .npy [M, D] (default: queries against each other)")
+    parser.add_argument("--reference-labels", type=Path, help="gallery labels, .npy [M]")
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8], help="K values of Recall@K (default: 1 2 4 8)")
+    parser.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS), help="metrics to compute (default: all)")
+    parser.add_argument("--backend", choices=("auto", "faiss", "torch"), default="auto", help="k-NN backend (default: auto)")
+    parser.add_argument("--device", default="cpu", help="torch device to evaluate on, e.g. cuda (default: cpu)")
+    parser.add_argument("--binary", action="store_true", help="evaluate sign-binarised embeddings")
+    parser.add_argument("--seed", type=int, default=0, help="k-means seed for NMI (default: 0)")
+    parser.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
+    parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    return parser
+
+
+def load_array(path: Path, option: str) -> np.ndarray:
+    """Load a .npy file given on the command line, or raise InputError naming the option."""
+    if not path.is_file():
+        raise InputError(f"{option}: no such file: {path}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise InputError(f"{option}: cannot read {path} as a .npy array ({error})") from error
+
+
+def format_table(metrics: dict) -> str:
+    """Two-column text table: metric name, value (fractions with 4 decimals, counts as integers)."""
+    width = max(len(name) for name in metrics)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
+    for name, value in metrics.items():
+        shown = str(value) if isinstance(value, int) else f"{value:.4f}"
+        lines.append(f"{name:<{width}}  {shown}")
+    return "\n".join(lines)
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Load the arrays named in ``args`` and compute their metrics."""
+    import torch
+
+    from dmlfast.evaluation import retrieval_metrics
+
+    if (args.reference is None) != (args.reference_labels is None):
+        raise InputError("--reference and --reference-labels must be given together")
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise InputError(f"--device: cannot use device {args.device!r} ({error})") from error
+    embeddings = torch.from_numpy(load_array(args.embeddings, "--embeddings")).to(device)
+    labels = load_array(args.labels, "--labels")
+    reference = reference_labels = None
+    if args.reference is not None:
+        reference = torch.from_numpy(load_array(args.reference, "--reference")).to(device)
+        reference_labels = load_array(args.reference_labels, "--reference-labels")
+    try:
+        return retrieval_metrics(
+            embeddings,
+            labels,
+            ks=tuple(args.ks),
+            reference=reference,
+            reference_labels=reference_labels,
+            metrics=tuple(args.metrics),
+            binary=args.binary,
+            backend=args.backend,
+            progress=False if args.no_progress else None,
+            seed=args.seed,
+        )
+    except (ValueError, TypeError) as error:
+        raise InputError(str(error)) from error
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0, or 2 for input errors)."""
+    args = build_parser().parse_args(argv)
+    try:
+        metrics = evaluate(args)
+        if args.json is not None:
+            try:
+                json_ready = {name: None if value != value else value for name, value in metrics.items()}
+                args.json.write_text(json.dumps(json_ready, indent=2) + "\n")
+            except OSError as error:
+                raise InputError(f"--json: cannot write {args.json} ({error.strerror or error})") from error
+    except InputError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    print(format_table(metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
