@@ -1,0 +1,234 @@
+"""Shared types of ``dmlfast.data``: image lists, split containers, layout errors, per-dataset defaults."""
+from __future__ import annotations
+
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class DatasetLayoutError(FileNotFoundError):
+    """A dataset root does not have the expected files or folders (or a listed image is missing)."""
+
+
+class CorruptImageError(ValueError):
+    """An image file is truncated or not an image (raised with ``strict=True``)."""
+
+
+@dataclass(frozen=True)
+class DataDefaults:
+    """Transform defaults of one dataset; ``make_loader`` uses them for arguments left as ``None``.
+
+    ``image_size``: square output side. ``resize_size``: shorter side before the evaluation
+    centre crop. ``crop_scale``/``crop_ratio``: RandomResizedCrop area and aspect ranges.
+    ``hflip``: random horizontal flip in training.
+    """
+
+    image_size: int
+    resize_size: int
+    crop_scale: Tuple[float, float]
+    crop_ratio: Tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    hflip: bool = True
+
+
+_REAL = DataDefaults(image_size=224, resize_size=256, crop_scale=(0.08, 1.0))
+
+#: Per-dataset transform defaults, the single place where they are set.
+DATASET_DEFAULTS: Dict[str, DataDefaults] = {
+    "CUB": _REAL,
+    "Cars196": _REAL,
+    "SOP": _REAL,
+    "In-shop": _REAL,
+    # Characters: no flips (mirrored characters are other characters), mild crops, no border crop.
+    "Omniglot": DataDefaults(image_size=64, resize_size=64, crop_scale=(0.7, 1.0), crop_ratio=(0.9, 1.1), hflip=False),
+    "glyphs": DataDefaults(image_size=32, resize_size=32, crop_scale=(0.7, 1.0), crop_ratio=(0.9, 1.1), hflip=False),
+}
+
+#: Used by ``make_loader`` for an ``ImageList`` without a known ``dataset`` name.
+GENERIC_DEFAULTS = _REAL
+
+
+def dataset_defaults(name: Optional[str]) -> DataDefaults:
+    """Transform defaults for dataset ``name`` (``GENERIC_DEFAULTS`` for ``None``)."""
+    if name is None:
+        return GENERIC_DEFAULTS
+    if name not in DATASET_DEFAULTS:
+        raise KeyError(f"dataset_defaults: unknown dataset {name!r}; known: {sorted(DATASET_DEFAULTS)}")
+    return DATASET_DEFAULTS[name]
+
+
+@dataclass
+class ImageList:
+    """One split: image paths and int64 labels in ``0..num_classes-1`` (remapped by the readers).
+
+    ``class_ids`` holds the original class identifier of each label (``class_ids[label]``);
+    ``dataset`` and ``split`` name the source, for messages and per-dataset defaults.
+    """
+
+    paths: List[str]
+    labels: np.ndarray
+    class_ids: List[str] = field(default_factory=list)
+    dataset: Optional[str] = None
+    split: Optional[str] = None
+
+    def __post_init__(self):
+        self.paths = [str(p) for p in self.paths]
+        labels = np.asarray(self.labels)
+        if labels.ndim != 1 or len(labels) != len(self.paths):
+            raise ValueError(
+                f"ImageList: labels must be 1-D with one entry per path; got shape {labels.shape} for {len(self.paths)} paths"
+            )
+        if labels.size and not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"ImageList: labels must be integers, got dtype {labels.dtype}")
+        self.labels = labels.astype(np.int64, copy=False)
+        self.class_ids = list(self.class_ids)
+        if self.labels.size:
+            lo, hi = int(self.labels.min()), int(self.labels.max())
+            limit = len(self.class_ids) if self.class_ids else hi + 1
+            if lo < 0 or hi >= limit:
+                raise ValueError(f"ImageList: labels must lie in 0..{limit - 1} (one per class id); got {lo}..{hi}")
+
+    @property
+    def num_classes(self) -> int:
+        """Size of the label mapping: ``len(class_ids)`` when given, else ``max(label) + 1``.
+
+        Splits that share a mapping (In-shop query and gallery) may each use only part of it."""
+        if self.class_ids:
+            return len(self.class_ids)
+        return int(self.labels.max()) + 1 if self.labels.size else 0
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __repr__(self) -> str:
+        return f"ImageList(dataset={self.dataset!r}, split={self.split!r}, images={len(self)}, classes={self.num_classes})"
+
+
+@dataclass
+class DatasetSplits:
+    """The splits of one dataset. In-shop has ``query`` and ``gallery`` (sharing one label mapping)
+    and ``test=None``; the other datasets have ``train`` and ``test``."""
+
+    name: str
+    root: str
+    train: ImageList
+    test: Optional[ImageList] = None
+    query: Optional[ImageList] = None
+    gallery: Optional[ImageList] = None
+
+    def splits(self) -> Dict[str, ImageList]:
+        """The non-empty splits by name."""
+        return {k: v for k, v in (("train", self.train), ("test", self.test), ("query", self.query), ("gallery", self.gallery)) if v is not None}
+
+
+def remap_labels(class_ids: Sequence) -> Tuple[np.ndarray, list]:
+    """Map arbitrary class identifiers to ``0..K-1`` in sorted order; returns (labels, sorted unique ids)."""
+    uniq = sorted(set(class_ids))
+    index = {c: i for i, c in enumerate(uniq)}
+    return np.fromiter((index[c] for c in class_ids), dtype=np.int64, count=len(class_ids)), uniq
+
+
+def layout_error(dataset: str, missing: Path, layout: str, source: str) -> DatasetLayoutError:
+    """The error for a missing dataset file or folder: names it, the expected layout and the source."""
+    return DatasetLayoutError(
+        f"{dataset}: missing {'folder' if not missing.suffix else 'file'} {missing}\n"
+        f"expected layout:\n{layout}\n"
+        f"the dataset is published at {source}"
+    )
+
+
+def require(dataset: str, paths: Iterable[Path], layout: str, source: str) -> None:
+    """Raise ``DatasetLayoutError`` for the first of ``paths`` that does not exist."""
+    for p in paths:
+        if not p.exists():
+            raise layout_error(dataset, p, layout, source)
+
+
+def require_listed_images(dataset: str, paths: Sequence[str], layout: str, source: str) -> None:
+    """All images named by an index file must exist; the error counts the missing ones and names the first."""
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        err = layout_error(dataset, Path(missing[0]), layout, source)
+        err.args = (f"{err.args[0]}\n({len(missing)} of {len(paths)} listed images are missing)",)
+        raise err
+
+
+def _image_problem(path: str) -> Optional[str]:
+    """Quick structural check of one image file: JPEG SOI/EOI markers, PNG signature and IEND chunk.
+
+    Reads only the first and last bytes, so a full dataset is checked in seconds; other formats are
+    checked with PIL's ``verify``."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(16)
+            f.seek(max(0, size - 16))
+            tail = f.read(16)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    if size == 0:
+        return "empty file"
+    if head[:3] == b"\xff\xd8\xff":
+        # Trailing padding after EOI is legal; look for the marker near the end.
+        return None if b"\xff\xd9" in tail else "truncated JPEG (no end-of-image marker)"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return None if b"IEND" in tail else "truncated PNG (no IEND chunk)"
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as exc:  # PIL raises many types for broken files
+        return f"not a readable image ({type(exc).__name__}: {exc})"
+    return None
+
+
+def check_images(image_list: ImageList, strict: bool, remap: bool = True, num_threads: int = 8) -> ImageList:
+    """Check every image of ``image_list``; corrupt ones are dropped with one warning naming them
+    (their count and the first paths), or raise ``CorruptImageError`` when ``strict``.
+
+    With ``remap`` the labels are remapped again if a class loses all its images; without it the
+    label mapping is kept (for splits that share one mapping)."""
+    from tqdm.auto import tqdm
+
+    paths = image_list.paths
+    desc = f"checking {image_list.dataset or ''} {image_list.split or ''} images".replace("  ", " ")
+    with ThreadPoolExecutor(max_workers=num_threads) as pool:
+        problems = list(tqdm(pool.map(_image_problem, paths, chunksize=256), total=len(paths), desc=desc,
+                             disable=len(paths) < 5000, leave=False))
+    bad = [(p, why) for p, why in zip(paths, problems) if why is not None]
+    if not bad:
+        return image_list
+    listing = "\n".join(f"  {p}: {why}" for p, why in bad[:10]) + ("\n  ..." if len(bad) > 10 else "")
+    where = f"{image_list.dataset} {image_list.split}"
+    if strict:
+        raise CorruptImageError(f"{where}: {len(bad)} corrupt or truncated image(s) (strict=True):\n{listing}")
+    warnings.warn(f"{where}: skipping {len(bad)} corrupt or truncated image(s):\n{listing}", stacklevel=3)
+    keep = np.array([why is None for why in problems])
+    kept_paths = [p for p, k in zip(paths, keep) if k]
+    labels, class_ids = image_list.labels[keep], image_list.class_ids
+    if remap:
+        labels, used = remap_labels(labels.tolist())
+        class_ids = [class_ids[i] for i in used] if class_ids else []
+    return ImageList(kept_paths, labels, class_ids, image_list.dataset, image_list.split)
+
+
+def warn_counts(dataset: str, found: Dict[str, ImageList], expected: Dict[str, Tuple[int, int]]) -> None:
+    """Compare (images, classes) per split with the published numbers; one warning naming each difference."""
+    diffs = []
+    for split, (n_img, n_cls) in expected.items():
+        lst = found.get(split)
+        if lst is None:
+            continue
+        if len(lst) != n_img:
+            diffs.append(f"{split}: {len(lst):,} images, published {n_img:,} ({len(lst) - n_img:+,})")
+        if n_cls is not None and lst.num_classes != n_cls:
+            diffs.append(f"{split}: {lst.num_classes:,} classes, published {n_cls:,} ({lst.num_classes - n_cls:+,})")
+    if diffs:
+        warnings.warn(f"{dataset}: counts differ from the published dataset: " + "; ".join(diffs), stacklevel=3)
