@@ -1,9 +1,9 @@
 """Command line retrieval evaluation: ``python -m dmlfast.evaluate --embeddings E.npy --labels L.npy``.
 
 Prints a table of the metrics of :func:`dmlfast.evaluation.retrieval_metrics`; ``--json PATH``
-also writes them as JSON (a NaN metric, when no query has a match, as null). Input errors (missing
-files, bad shapes, NaN embeddings, k too large)
-print one ``python -m dmlfast.evaluate: error: ...`` line and exit with status 2.
+also writes them as JSON (a NaN metric, when no query has a match, as null). Input errors
+(missing files, bad shapes, NaN embeddings, k too large) print one
+``python -m dmlfast.evaluate: error: ...`` line and exit with status 2.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ METRICS = ("recall", "map@r", "r_precision", "nmi")
 SEARCH_MARGIN = 32
 CANONICAL_PAIRS_PER_BATCH = 8192
 FAISS_CPU_CHUNK = 4096
+FULL_ROW_CHUNK_DIVISOR = 8  # full-row batches also hold float64 and mask copies of the similarity block
 
 
 def retrieval_metrics(
@@ -277,6 +278,11 @@ class _RankingProblem:
         """
         num_queries = self.query.shape[0]
         num_references = self.reference.shape[0]
+        self.first_match_rank = torch.full((num_queries,), num_references, dtype=torch.int64)
+        self.average_precision = torch.zeros(num_queries, dtype=torch.float64)
+        self.r_precision = torch.zeros(num_queries, dtype=torch.float64)
+        if not bool((self.relevant_counts > 0).any()):
+            return self.first_match_rank, self.average_precision, self.r_precision
         max_relevant = int(self.relevant_counts.max()) if self.needs_top_r else 0
         depth = max(self.recall_depth, max_relevant, 1)
         k = min(num_references, depth + (1 if self.exclude_self else 0) + SEARCH_MARGIN)
@@ -285,9 +291,6 @@ class _RankingProblem:
             use_faiss_cpu = concrete_backend == "faiss" and self.query.device.type == "cpu"
             chunk_size = FAISS_CPU_CHUNK if use_faiss_cpu else default_chunk_size(num_references)
 
-        self.first_match_rank = torch.full((num_queries,), num_references, dtype=torch.int64)
-        self.average_precision = torch.zeros(num_queries, dtype=torch.float64)
-        self.r_precision = torch.zeros(num_queries, dtype=torch.float64)
         unresolved = []
         everything_retrieved = k == num_references
         for first_row, similarities, indices in search(self.query, self.reference, k, concrete_backend, chunk_size, progress):
@@ -303,7 +306,7 @@ class _RankingProblem:
     def _resolve_with_full_rows(self, rows: torch.Tensor, chunk_size: int) -> None:
         """Queries whose candidate list was too short: rank them against every reference."""
         num_references = self.reference.shape[0]
-        full_chunk = min(chunk_size, default_chunk_size(num_references))
+        full_chunk = min(chunk_size, max(1, default_chunk_size(num_references) // FULL_ROW_CHUNK_DIVISOR))
         with _ieee_float32_matmul():
             for first in range(0, rows.numel(), full_chunk):
                 batch = rows[first : first + full_chunk]
