@@ -1,1 +1,32 @@
-"""dmlfast: fused proxy losses, fast data loading and exact retrieval evaluation for deep metric learning."""
+"""dmlfast: fused proxy losses, fast data loading and exact retrieval evaluation for deep metric learning.
+
+The losses and ``build_info`` load the compiled extension (dmlfast._C) on first use, so that
+``dmlfast.data`` and ``dmlfast.evaluation`` import without it.
+"""
+import importlib
+
+from ._version import __version__
+
+_LAZY = {
+    "ProxyAnchorLoss": "dmlfast.losses",
+    "ProxyNCALoss": "dmlfast.losses",
+    "NormSoftmaxLoss": "dmlfast.losses",
+    "build_info": "dmlfast._ops",
+    "functional": "dmlfast.functional",
+    "reference": "dmlfast.reference",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'dmlfast' has no attribute {name!r}")
+    module = importlib.import_module(_LAZY[name])
+    value = module if module.__name__ == f"dmlfast.{name}" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

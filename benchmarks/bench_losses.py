@@ -1,0 +1,224 @@
+"""Fused proxy losses, forward + backward, against the usual ways of computing them (PERF.md).
+
+For each loss and class count (B = 256, D = 512 unless given) it times, side by side on one machine:
+
+- ``gemm3``: the three B x C x D matrix products any implementation must do (S = X Pᵀ, G P, Gᵀ X),
+  the floor every other figure is divided by;
+- ``dmlfast``: the fused op;
+- ``eager``: the float32 eager reference (dmlfast.reference, the official formulas);
+- ``compiled``: torch.compile of that reference;
+- ``pml``: pytorch-metric-learning's loss (pinned 2.9.0), when installed.
+
+Each (implementation, loss, C) runs in a fresh subprocess so its peak memory is its own. Time is
+the median of ``--repeats`` runs after warm-up; memory is the peak beyond the inputs and their two
+gradients (which every implementation must hold), from ru_maxrss on the CPU and
+torch.cuda.max_memory_allocated on the GPU. On the CPU, one thread (PERF.md). Prints a markdown
+table of ratios and writes JSON with every figure.
+
+    python benchmarks/bench_losses.py                       # all cases, CPU
+    python benchmarks/bench_losses.py --cases SOP --repeats 9
+    python benchmarks/bench_losses.py --device cuda --json out.json
+"""
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+CASES = {"CUB": 100, "In-shop": 3_997, "SOP": 11_318, "100k": 100_000, "1M": 1_000_000}
+IMPLEMENTATIONS = ("gemm3", "dmlfast", "eager", "compiled", "pml")
+LOSSES = ("proxy_anchor", "proxy_nca")
+NCA_SCALE = 18.0  # pml's softmax_scale = scale / 2
+
+
+def current_rss_bytes():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def build_step(implementation, loss, x, p, labels):
+    """A callable that runs forward + backward once and returns nothing."""
+    import torch
+
+    import dmlfast
+    from dmlfast import reference
+
+    if implementation == "gemm3":
+        grad_s = torch.randn(x.shape[0], p.shape[0], device=x.device)
+        xd, pd = x.detach(), p.detach()
+
+        def step():
+            torch.mm(xd, pd.T)
+            torch.mm(grad_s, pd)
+            torch.mm(grad_s.T, xd)
+
+        return step
+    if implementation == "pml":
+        from pytorch_metric_learning import losses as pml
+
+        if loss == "proxy_anchor":
+            module = pml.ProxyAnchorLoss(p.shape[0], p.shape[1])
+        else:
+            module = pml.ProxyNCALoss(p.shape[0], p.shape[1], softmax_scale=NCA_SCALE / 2)
+        module = module.to(x.device)
+        with torch.no_grad():
+            module.proxies.copy_(p)
+        fn = lambda: module(x, labels)  # noqa: E731
+    else:
+        kwargs = {} if loss == "proxy_anchor" else {"scale": NCA_SCALE}
+        if implementation == "dmlfast":
+            base = getattr(dmlfast.functional, f"{loss}_loss")
+        else:
+            base = getattr(reference, f"{loss}_loss")
+            if implementation == "compiled":
+                base = torch.compile(base)
+        fn = lambda: base(x, p, labels, **kwargs)  # noqa: E731
+
+    def step():
+        x.grad = None
+        p.grad = None
+        fn().backward()
+
+    return step
+
+
+def worker(args):
+    """Measure one (implementation, loss, C) in this process and print one JSON line."""
+    import torch
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    batch, dim, classes = args.batch, args.dim, args.classes
+    x = torch.randn(batch, dim, device=device).requires_grad_()
+    p = torch.randn(classes, dim, device=device).requires_grad_()
+    labels = torch.randint(0, classes, (batch,), device=device)
+    step = build_step(args.implementation, args.loss, x, p, labels)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    grads_bytes = (batch + classes) * dim * 4 if args.implementation != "gemm3" else 0
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        baseline = current_rss_bytes()
+    for _ in range(args.warmup):
+        step()
+    sync()
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({
+        "median_ms": 1e3 * statistics.median(times),
+        "min_ms": 1e3 * min(times),
+        "extra_peak_mb": max(0, peak - baseline - grads_bytes) / 2**20,
+    }))
+
+
+def run_worker(args, implementation, loss, classes):
+    cmd = [
+        sys.executable, __file__, "--worker", "--implementation", implementation, "--loss", loss,
+        "--classes", str(classes), "--batch", str(args.batch), "--dim", str(args.dim),
+        "--device", args.device, "--threads", str(args.threads),
+        "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or ["failed"])[-1]
+        return {"error": reason[:200]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def markdown_table(results, args):
+    lines = [
+        f"B={args.batch}, D={args.dim}, device={args.device}"
+        + (f", {args.threads} thread(s)" if args.device == "cpu" else "")
+        + f"; median of {args.repeats} after {args.warmup} warm-up; time ratios to the three GEMMs (gemm3)",
+        "",
+        "| loss | C | gemm3 ms | dmlfast | eager | compiled | pml | dmlfast / eager | dmlfast / pml | extra MB: dmlfast | eager | compiled | pml | B×C fp32 MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results:
+        figures = row["figures"]
+        floor = figures["gemm3"].get("median_ms")
+
+        def ratio(name, base=floor):
+            value = figures[name].get("median_ms")
+            return f"{value / base:.2f}×" if value and base else "n/a"
+
+        def memory(name):
+            value = figures[name].get("extra_peak_mb")
+            return f"{value:.0f}" if value is not None else "n/a"
+
+        dml = figures["dmlfast"].get("median_ms")
+        lines.append(
+            f"| {row['loss']} | {row['classes']:,} | {floor:.1f} | {ratio('dmlfast')} | {ratio('eager')} | "
+            f"{ratio('compiled')} | {ratio('pml')} | {ratio('dmlfast', figures['eager'].get('median_ms')) if dml else 'n/a'} | "
+            f"{ratio('dmlfast', figures['pml'].get('median_ms')) if dml else 'n/a'} | {memory('dmlfast')} | "
+            f"{memory('eager')} | {memory('compiled')} | {memory('pml')} | {args.batch * row['classes'] * 4 / 2**20:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
+    parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (PERF.md: one)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--json", help="write every figure here")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--implementation", help=argparse.SUPPRESS)
+    parser.add_argument("--loss", help=argparse.SUPPRESS)
+    parser.add_argument("--classes", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    results = []
+    for case in args.cases:
+        for loss in args.losses:
+            figures = {name: {} for name in IMPLEMENTATIONS}
+            for implementation in args.implementations:
+                figures[implementation] = run_worker(args, implementation, loss, CASES[case])
+                print(f"{case:>7} {loss:<12} {implementation:<9} {figures[implementation]}", file=sys.stderr, flush=True)
+            results.append({"case": case, "loss": loss, "classes": CASES[case], "figures": figures})
+    import torch
+
+    table = markdown_table(results, args)
+    print(table)
+    if args.json:
+        meta = {
+            "date": time.strftime("%Y-%m-%d"), "device": args.device, "machine": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "batch": args.batch, "dim": args.dim, "threads": args.threads,
+            "repeats": args.repeats,
+        }
+        if args.device.startswith("cuda"):
+            meta["gpu"] = torch.cuda.get_device_name()
+        with open(args.json, "w") as out:
+            json.dump({"meta": meta, "results": results, "table": table}, out, indent=1)
+
+
+if __name__ == "__main__":
+    main()

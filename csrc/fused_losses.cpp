@@ -1,0 +1,312 @@
+// The fused proxy losses: one forward that returns the loss and both gradients (SPEC §7).
+//
+// One driver serves the CPU and CUDA: the GEMMs go to ATen (MKL/oneDNN on the CPU, cuBLAS on
+// the GPU, on the current stream), the epilogues to the kernels of launch.h. The loop runs over
+// tiles of proxies, so memory is O(B*D + C*D + B*tile): no B x C tensor, whatever C is. The
+// internal ATen calls run with autocast excluded: the accumulation dtype is chosen here.
+#include "fused_losses.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "launch.h"
+#include "rows.h"
+
+namespace dmlfast {
+namespace {
+
+// Proxies per tile. On the CPU a tile of S plus one of P_hat stays near L2 size; on the GPU
+// tiles are large enough to keep the GEMMs busy and few enough launches.
+int64_t tile_columns(const at::Tensor& x, int64_t num_classes) {
+  const int64_t batch = x.size(0), dim = x.size(1);
+  const int64_t budget = x.is_cuda() ? (int64_t{1} << 24) : (int64_t{1} << 19);  // floats
+  const int64_t tile = std::max<int64_t>(256, budget / std::max<int64_t>(batch + dim, 1));
+  return std::min(tile, num_classes);
+}
+
+// A [B, cols] matrix X_hat P_hat^T whose memory layout suits the kernel that walks it:
+// `column_contiguous` stores each column's B entries next to each other.
+at::Tensor similarity_tile(const at::Tensor& x_hat, const at::Tensor& p_hat,
+                           bool column_contiguous) {
+  return column_contiguous ? at::mm(p_hat, x_hat.t()).t() : at::mm(x_hat, p_hat.t());
+}
+
+template <typename T>
+TileView<T> view_of(const at::Tensor& tile) {
+  return {tile.data_ptr<T>(), tile.stride(0), tile.stride(1)};
+}
+
+std::string describe(const at::Tensor& t) {
+  return std::string(c10::toString(t.scalar_type())) + " tensor of shape " +
+         c10::str(t.sizes()) + " on " + t.device().str();
+}
+
+// Checks of shapes, dtypes and devices: the metadata the caller gave, no device reads.
+void check_metadata(const at::Tensor& x, const at::Tensor& p, const at::Tensor& labels,
+                    const char* op) {
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": embeddings must be 2-D (batch, dim), got a ",
+                    describe(x));
+  TORCH_CHECK_VALUE(p.dim() == 2, op, ": proxies must be 2-D (num_classes, dim), got a ",
+                    describe(p));
+  TORCH_CHECK_VALUE(labels.dim() == 1, op, ": labels must be 1-D (batch,), got a ",
+                    describe(labels));
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op,
+                   ": embeddings must be float32, bfloat16, float16 or float64, got ",
+                   describe(x));
+  TORCH_CHECK_TYPE(at::isFloatingType(p.scalar_type()), op,
+                   ": proxies must be float32, bfloat16, float16 or float64, got ", describe(p));
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, op, ": labels must be int64, got ",
+                   describe(labels));
+  TORCH_CHECK_VALUE(x.size(0) > 0, op, ": the batch is empty (embeddings has 0 rows)");
+  TORCH_CHECK_VALUE(p.size(0) > 0, op, ": proxies has 0 rows (num_classes must be >= 1)");
+  TORCH_CHECK_VALUE(x.size(1) > 0, op, ": embeddings have dimension 0");
+  TORCH_CHECK_VALUE(labels.size(0) == x.size(0), op,
+                    ": labels must have one entry per embedding: embeddings has ", x.size(0),
+                    " rows, labels has ", labels.size(0));
+  TORCH_CHECK_VALUE(p.size(1) == x.size(1), op,
+                    ": embedding dimension and proxy dimension differ: embeddings are ",
+                    x.size(1), "-d, proxies are ", p.size(1), "-d");
+  TORCH_CHECK_VALUE(x.device() == p.device() && x.device() == labels.device(), op,
+                    ": embeddings, proxies and labels must be on one device, got ", x.device(),
+                    ", ", p.device(), " and ", labels.device());
+}
+
+// Value checks computed on the device while the loss runs and read back once at the end
+// (one host read per call on CUDA): labels in range, finite embeddings and proxies.
+class ValueChecks {
+ public:
+  ValueChecks(const at::Tensor& labels, int64_t num_classes, const char* op)
+      : num_classes_(num_classes), op_(op) {
+    const auto [min, max] = at::aminmax(labels);
+    flags_.push_back(min.to(at::kDouble).reshape({1}));
+    flags_.push_back(max.to(at::kDouble).reshape({1}));
+  }
+  // `norms` are row norms: a row with a NaN or Inf entry has a non-finite norm.
+  void add_norms(const at::Tensor& norms, bool embeddings) {
+    (embeddings ? x_finite_ : p_finite_).push_back(at::isfinite(norms).all().reshape({1}));
+  }
+  // Raises if any check failed. Call before returning results.
+  void raise_if_failed(const at::Tensor& x, const at::Tensor& p) const {
+    std::vector<at::Tensor> all = flags_;
+    all.push_back(at::cat(x_finite_).all().to(at::kDouble).reshape({1}));
+    all.push_back(at::cat(p_finite_).all().to(at::kDouble).reshape({1}));
+    const at::Tensor host = at::cat(all).cpu();
+    const double* v = host.const_data_ptr<double>();
+    TORCH_CHECK_VALUE(v[0] >= 0 && v[1] < num_classes_, op_, ": labels must be in [0, ",
+                      num_classes_, ") (num_classes = proxies.shape[0]), got min ",
+                      static_cast<int64_t>(v[0]), " and max ", static_cast<int64_t>(v[1]));
+    TORCH_CHECK_VALUE(v[2] != 0, op_, ": embeddings contain NaN or Inf (first bad row: ",
+                      first_bad_row(x), ")");
+    TORCH_CHECK_VALUE(v[3] != 0, op_, ": proxies contain NaN or Inf (first bad row: ",
+                      first_bad_row(p), ")");
+  }
+
+ private:
+  static int64_t first_bad_row(const at::Tensor& t) {
+    return at::logical_not(at::isfinite(t).all(1)).to(at::kInt).argmax().item<int64_t>();
+  }
+  int64_t num_classes_;
+  const char* op_;
+  std::vector<at::Tensor> flags_, x_finite_, p_finite_;
+};
+
+// The accumulation dtype: float64 when an input is float64, float32 otherwise.
+at::ScalarType accumulation_type(const at::Tensor& x, const at::Tensor& p) {
+  return (x.scalar_type() == at::kDouble || p.scalar_type() == at::kDouble) ? at::kDouble
+                                                                            : at::kFloat;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Anchor family.
+
+template <typename T>
+LossAndGrads proxy_anchor_impl(const at::Tensor& x, const at::Tensor& p, const at::Tensor& labels,
+                               double margin, double alpha) {
+  const char* op = "proxy_anchor_loss";
+  const int64_t B = x.size(0), D = x.size(1), C = p.size(0);
+  const auto acc = x.options().dtype(c10::CppTypeToScalarType<T>::value);
+  ValueChecks checks(labels, C, op);
+  const at::Tensor labels_c = labels.contiguous();
+  const at::Tensor safe_labels = labels_c.clamp(0, C - 1);  // gathers stay in bounds until checked
+  const int64_t* label_ptr = labels_c.const_data_ptr<int64_t>();
+
+  const UnitRows xs = normalize_rows(x.to(acc.dtype()));
+  const at::Tensor& x_hat = xs.unit;
+  checks.add_norms(xs.norm, /*embeddings=*/true);
+
+  // Positive pairs, sparse: s_b, l+ per class, |P+| and g_b = -(alpha/|P+|) e^{u_b - l+}.
+  const UnitRows ps_y = normalize_rows(p.index_select(0, safe_labels).to(acc.dtype()));
+  const at::Tensor pos_sim = (x_hat * ps_y.unit).sum(1);
+  at::Tensor class_lse = at::empty({B}, acc), is_first = at::empty({B}, acc);
+  launch(x, B,
+         AnchorPositiveArgs<T>{pos_sim.const_data_ptr<T>(), label_ptr, B, T(alpha), T(margin),
+                               class_lse.data_ptr<T>(), is_first.data_ptr<T>()});
+  const at::Tensor num_pos_classes = is_first.sum();
+  const at::Tensor pos_loss = (class_lse * is_first).sum() / num_pos_classes;
+  const at::Tensor pos_grad =
+      at::exp(pos_sim.sub(margin).mul_(-alpha).sub_(class_lse)).mul_(-alpha).div_(num_pos_classes);
+
+  // Negative pairs, dense, tile by tile: G = dL/dS, A = G P_hat, dP = proj(G^T X_hat).
+  at::Tensor grad_x_acc = at::mul(ps_y.unit, pos_grad.unsqueeze(1));
+  at::Tensor grad_p = at::empty_like(p, at::MemoryFormat::Contiguous);
+  at::Tensor neg_lse = at::empty({C}, acc);
+  const at::Tensor neg_scale = at::full({1}, alpha / static_cast<double>(C), acc);
+  const bool column_contiguous = !x.is_cuda();  // one thread per column walks the rows
+  const int64_t tile = tile_columns(x, C);
+  for (int64_t first = 0; first < C; first += tile) {
+    const int64_t cols = std::min(tile, C - first);
+    const UnitRows ps = normalize_rows(p.narrow(0, first, cols).to(acc.dtype()));
+    checks.add_norms(ps.norm, /*embeddings=*/false);
+    at::Tensor sim = similarity_tile(x_hat, ps.unit, column_contiguous);
+    launch(x, cols,
+           AnchorNegativeArgs<T>{view_of<T>(sim), label_ptr, B, cols, first, T(alpha), T(margin),
+                                 neg_scale.const_data_ptr<T>(), neg_lse.data_ptr<T>() + first});
+    grad_x_acc.addmm_(sim, ps.unit);
+    project_rows(at::mm(sim.t(), x_hat), ps, grad_p.narrow(0, first, cols));
+  }
+
+  at::Tensor class_grad = at::empty({B, D}, acc);
+  launch(x, B,
+         PositiveScatterArgs<T>{pos_grad.const_data_ptr<T>(), pos_sim.const_data_ptr<T>(),
+                                x_hat.const_data_ptr<T>(), ps_y.unit.const_data_ptr<T>(),
+                                ps_y.norm.const_data_ptr<T>(), label_ptr, B, D,
+                                class_grad.data_ptr<T>()});
+  grad_p.index_add_(0, safe_labels, class_grad.to(grad_p.scalar_type()));
+
+  at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);
+  project_rows(grad_x_acc, xs, grad_x);
+  const at::Tensor loss = pos_loss + neg_lse.sum() / static_cast<double>(C);
+  checks.raise_if_failed(x, p);
+  return {loss, grad_x, grad_p};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax family.
+
+// Bytes of pass-1 tiles (S and P_hat) that pass 2 reuses instead of recomputing them. Beyond
+// this budget the tiles are recomputed, so memory stays bounded for any number of classes.
+constexpr int64_t kSoftmaxReuseBytes = int64_t{64} << 20;
+
+template <typename T>
+LossAndGrads proxy_softmax_impl(const at::Tensor& x, const at::Tensor& p, const at::Tensor& labels,
+                                double scale, double smoothing, bool exclude_positive) {
+  const char* op = "proxy_nca_loss";
+  const int64_t B = x.size(0), C = p.size(0);
+  const auto acc = x.options().dtype(c10::CppTypeToScalarType<T>::value);
+  ValueChecks checks(labels, C, op);
+  const at::Tensor labels_c = labels.contiguous();
+  const int64_t* label_ptr = labels_c.const_data_ptr<int64_t>();
+
+  const UnitRows xs = normalize_rows(x.to(acc.dtype()));
+  const at::Tensor& x_hat = xs.unit;
+  checks.add_norms(xs.norm, /*embeddings=*/true);
+
+  const auto wide = acc.dtype(at::kDouble);
+  at::Tensor lse_max = at::zeros({B}, wide), lse_sum = at::zeros({B}, wide);
+  at::Tensor logit_sum = at::zeros({B}, wide), target_logit = at::zeros({B}, wide);
+  const SoftmaxRowState state{lse_max.data_ptr<double>(), lse_sum.data_ptr<double>(),
+                              logit_sum.data_ptr<double>(), target_logit.data_ptr<double>()};
+  const bool column_contiguous = x.is_cuda();  // one thread per row walks the columns
+  const int64_t tile = tile_columns(x, C);
+  const int64_t bytes_per_class = (B + x.size(1)) * static_cast<int64_t>(sizeof(T));
+  const bool reuse_tiles = C * bytes_per_class <= std::max(kSoftmaxReuseBytes, tile * bytes_per_class);
+  struct Tile {
+    UnitRows proxies;
+    at::Tensor sim;
+  };
+  std::vector<Tile> kept;
+  auto compute_tile = [&](int64_t first, int64_t cols) {
+    UnitRows ps = normalize_rows(p.narrow(0, first, cols).to(acc.dtype()));
+    at::Tensor sim = similarity_tile(x_hat, ps.unit, column_contiguous);
+    return Tile{std::move(ps), std::move(sim)};
+  };
+  auto tile_args = [&](const at::Tensor& sim, int64_t first, int64_t cols) {
+    return SoftmaxTileArgs<T>{view_of<T>(sim), label_ptr, B, cols, first, T(scale),
+                              exclude_positive, state};
+  };
+
+  for (int64_t first = 0; first < C; first += tile) {
+    const int64_t cols = std::min(tile, C - first);
+    Tile t = compute_tile(first, cols);
+    checks.add_norms(t.proxies.norm, /*embeddings=*/false);
+    launch(x, B, tile_args(t.sim, first, cols));
+    if (reuse_tiles) kept.push_back(std::move(t));
+  }
+
+  const double other_weight = C > 1 ? smoothing / static_cast<double>(C - 1) : 0.0;
+  const double target_weight = 1.0 - smoothing;
+  const at::Tensor row_lse_wide = lse_max + at::log(lse_sum);
+  const at::Tensor loss = (row_lse_wide - target_weight * target_logit -
+                           other_weight * (logit_sum - target_logit))
+                              .mean()
+                              .to(acc.dtype());
+  const at::Tensor row_lse = row_lse_wide.to(acc.dtype());
+
+  at::Tensor grad_x_acc = at::zeros({B, x.size(1)}, acc);
+  at::Tensor grad_p = at::empty_like(p, at::MemoryFormat::Contiguous);
+  for (int64_t first = 0, index = 0; first < C; first += tile, ++index) {
+    const int64_t cols = std::min(tile, C - first);
+    const Tile t = reuse_tiles ? kept[index] : compute_tile(first, cols);
+    launch(x, B,
+           SoftmaxGradArgs<T>{tile_args(t.sim, first, cols), row_lse.const_data_ptr<T>(),
+                              T(target_weight), T(other_weight), T(scale / B)});
+    grad_x_acc.addmm_(t.sim, t.proxies.unit);
+    project_rows(at::mm(t.sim.t(), x_hat), t.proxies, grad_p.narrow(0, first, cols));
+  }
+
+  at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);
+  project_rows(grad_x_acc, xs, grad_x);
+  checks.raise_if_failed(x, p);
+  return {loss, grad_x, grad_p};
+}
+
+}  // namespace
+
+LossAndGrads proxy_anchor_loss(const at::Tensor& embeddings, const at::Tensor& proxies,
+                               const at::Tensor& labels, double margin, double alpha) {
+  check_metadata(embeddings, proxies, labels, "proxy_anchor_loss");
+  TORCH_CHECK_VALUE(std::isfinite(margin), "proxy_anchor_loss: margin must be finite, got ",
+                    margin);
+  TORCH_CHECK_VALUE(std::isfinite(alpha) && alpha > 0,
+                    "proxy_anchor_loss: alpha must be a finite number > 0, got ", alpha);
+  const c10::DeviceGuard guard(embeddings.device());
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  if (accumulation_type(embeddings, proxies) == at::kDouble) {
+    return proxy_anchor_impl<double>(embeddings, proxies, labels, margin, alpha);
+  }
+  return proxy_anchor_impl<float>(embeddings, proxies, labels, margin, alpha);
+}
+
+LossAndGrads proxy_nca_loss(const at::Tensor& embeddings, const at::Tensor& proxies,
+                            const at::Tensor& labels, double scale, double smoothing,
+                            bool exclude_positive) {
+  check_metadata(embeddings, proxies, labels, "proxy_nca_loss");
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0,
+                    "proxy_nca_loss: scale must be a finite number > 0, got ", scale);
+  TORCH_CHECK_VALUE(smoothing >= 0 && smoothing < 1,
+                    "proxy_nca_loss: smoothing must be in [0, 1), got ", smoothing);
+  TORCH_CHECK_VALUE(!(exclude_positive && smoothing > 0),
+                    "proxy_nca_loss: smoothing is defined for the softmax over all proxies; "
+                    "use smoothing=0 with exclude_positive=True");
+  TORCH_CHECK_VALUE(!(exclude_positive && proxies.size(0) < 2),
+                    "proxy_nca_loss: exclude_positive=True needs at least 2 proxies "
+                    "(the denominator sums over the other classes), got ", proxies.size(0));
+  TORCH_CHECK_VALUE(!(smoothing > 0 && proxies.size(0) < 2),
+                    "proxy_nca_loss: label smoothing needs at least 2 proxies, got ",
+                    proxies.size(0));
+  const c10::DeviceGuard guard(embeddings.device());
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  if (accumulation_type(embeddings, proxies) == at::kDouble) {
+    return proxy_softmax_impl<double>(embeddings, proxies, labels, scale, smoothing,
+                                      exclude_positive);
+  }
+  return proxy_softmax_impl<float>(embeddings, proxies, labels, scale, smoothing,
+                                   exclude_positive);
+}
+
+}  // namespace dmlfast

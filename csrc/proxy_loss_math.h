@@ -1,0 +1,298 @@
+// The per-element math of every fused proxy loss, written once for the CPU and the GPU.
+//
+// Each "thread" function below is the whole work of one CUDA thread, written as a function of
+// its launch coordinates (block, thread, block size) and plain pointers. The CUDA kernels in
+// csrc/cuda/launch.cu are one-line shells around them; the CPU kernels in csrc/cpu/launch.cpp
+// walk the same launch grid, so the index arithmetic, bounds checks and epilogues the GPU runs
+// are the ones CI runs on the CPU. Notation follows SPEC-losses.md §0 and §7.
+//
+// Every function is a template over the accumulation type T: float for float32, bfloat16 and
+// float16 inputs, double for float64 inputs (so that gradcheck runs in double precision).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define DMLFAST_HD __host__ __device__ __forceinline__
+#else
+#define DMLFAST_HD inline
+#endif
+
+namespace dmlfast {
+
+// Overloads that keep float math in float and double math in double on both compilers.
+namespace math {
+DMLFAST_HD float exp(float x) { return expf(x); }
+DMLFAST_HD double exp(double x) { return ::exp(x); }
+DMLFAST_HD float log(float x) { return logf(x); }
+DMLFAST_HD double log(double x) { return ::log(x); }
+DMLFAST_HD float log1p(float x) { return log1pf(x); }
+DMLFAST_HD double log1p(double x) { return ::log1p(x); }
+DMLFAST_HD float max(float a, float b) { return fmaxf(a, b); }
+DMLFAST_HD double max(double a, double b) { return fmax(a, b); }
+DMLFAST_HD float sqrt(float x) { return sqrtf(x); }
+DMLFAST_HD double sqrt(double x) { return ::sqrt(x); }
+}  // namespace math
+
+// Official normalization x / sqrt(sum x^2 + eps) (SPEC §0). Its exact gradient is the projection
+// (1/n)(g - <x_hat, g> x_hat) of project_row, so the two agree even for (near-)zero rows.
+constexpr double kNormEps = 1e-12;
+constexpr int kThreadsPerBlock = 128;
+
+DMLFAST_HD int64_t blocks_for(int64_t n, int64_t threads) { return (n + threads - 1) / threads; }
+
+// LSE0(u) = log(1 + sum_i e^{u_i}) (SPEC §0) from shift = max(0, max_i u_i) and
+// sum = sum_i e^{u_i - shift}; an empty set gives 0. With shift = 0 it is log1p(sum), which keeps
+// the digits of the tiny sums that well-separated negatives produce (SPEC §7.6).
+template <typename T>
+DMLFAST_HD T lse0_from_shifted(T shift, T sum) {
+  return shift == T(0) ? math::log1p(sum) : shift + math::log(math::exp(-shift) + sum);
+}
+
+// A tile of S (or of G, written over it) of shape [rows, cols] addressed with explicit strides,
+// so that each device can pick the layout its threads walk best (see csrc/fused_losses.cpp).
+template <typename T>
+struct TileView {
+  T* data;
+  int64_t row_stride;
+  int64_t col_stride;
+  DMLFAST_HD T& at(int64_t row, int64_t col) const {
+    return data[row * row_stride + col * col_stride];
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Anchor family (Proxy-Anchor, SPEC §1.1 and §7.2).
+//
+// The dense pass over class tiles handles the negative pairs; the B positive pairs are handled
+// sparsely (one gathered similarity per sample), so the dense pass needs no positive normalizer.
+
+template <typename T>
+struct AnchorNegativeArgs {
+  TileView<T> tile;        // [B, cols]: S on entry, G on exit
+  const int64_t* labels;   // [B]
+  int64_t rows;            // B
+  int64_t cols;            // proxies in this tile
+  int64_t first_class;     // global class index of column 0
+  T alpha;
+  T margin;
+  const T* neg_scale;      // one value on the device: dL/dS factor of the negatives, alpha / C
+  T* column_lse;           // [cols] out: the column's negative loss term
+};
+
+// One thread per proxy column c: l_c = LSE0({v_bc = alpha (S_bc + margin) : y_b != c}) and
+// G_bc = neg_scale * e^{v_bc - l_c} for negatives, 0 for positives. Three walks down the column
+// (max, exponentials, scaling) so that each entry costs one exponential.
+template <typename T>
+DMLFAST_HD void anchor_negative_column_thread(int64_t block, int64_t thread, int64_t block_dim,
+                                              const AnchorNegativeArgs<T>& a) {
+  const int64_t c = block * block_dim + thread;
+  if (c >= a.cols) return;
+  const int64_t cls = a.first_class + c;
+  T shift = 0;  // max(0, max_b v_bc): the zero logit of LSE0 takes part in the max
+  for (int64_t b = 0; b < a.rows; ++b) {
+    if (a.labels[b] != cls) shift = math::max(shift, a.alpha * (a.tile.at(b, c) + a.margin));
+  }
+  T sum = 0;
+  for (int64_t b = 0; b < a.rows; ++b) {
+    T& entry = a.tile.at(b, c);
+    entry = a.labels[b] != cls ? math::exp(a.alpha * (entry + a.margin) - shift) : T(0);
+    sum += entry;
+  }
+  a.column_lse[c] = lse0_from_shifted(shift, sum);
+  const T factor = *a.neg_scale / (math::exp(-shift) + sum);
+  for (int64_t b = 0; b < a.rows; ++b) a.tile.at(b, c) *= factor;
+}
+
+template <typename T>
+struct AnchorPositiveArgs {
+  const T* pos_sim;        // [B]: s_b = <x_hat_b, p_hat_{y_b}>
+  const int64_t* labels;   // [B]
+  int64_t rows;            // B
+  T alpha;
+  T margin;
+  T* class_lse;            // [B] out: l+ of class y_b (the same for all its samples)
+  T* is_first;             // [B] out: 1 where b is the first sample of its class, else 0
+};
+
+// One thread per sample b: l+_{y_b} = LSE0({-alpha (s_j - margin) : y_j = y_b}), recomputed by
+// every sample of the class in the same order (deterministic, no atomics), and whether b is the
+// class's first sample (the one that counts the class in |P+|).
+template <typename T>
+DMLFAST_HD void anchor_positive_thread(int64_t block, int64_t thread, int64_t block_dim,
+                                       const AnchorPositiveArgs<T>& a) {
+  const int64_t b = block * block_dim + thread;
+  if (b >= a.rows) return;
+  const int64_t cls = a.labels[b];
+  bool first = true;
+  T shift = 0;
+  for (int64_t j = 0; j < a.rows; ++j) {
+    if (a.labels[j] != cls) continue;
+    first = first && j >= b;
+    shift = math::max(shift, -a.alpha * (a.pos_sim[j] - a.margin));
+  }
+  T sum = 0;
+  for (int64_t j = 0; j < a.rows; ++j) {
+    if (a.labels[j] == cls) sum += math::exp(-a.alpha * (a.pos_sim[j] - a.margin) - shift);
+  }
+  a.class_lse[b] = lse0_from_shifted(shift, sum);
+  a.is_first[b] = first ? T(1) : T(0);
+}
+
+template <typename T>
+struct PositiveScatterArgs {
+  const T* pos_grad;          // [B]: g_b = dL/dS at the positive pair (b, y_b)
+  const T* pos_sim;           // [B]: s_b
+  const T* x_hat;             // [B, D]
+  const T* p_hat_of_label;    // [B, D]: p_hat_{y_b}
+  const T* norm_of_label;     // [B]: m_{y_b}
+  const int64_t* labels;      // [B]
+  int64_t rows;
+  int64_t dim;
+  T* class_grad;              // [B, D] out
+};
+
+// One thread per sample b. The first sample of each class sums, in sample order, its class's
+// positive pairs' part of dL/dp_c = (1/m_c) sum_b g_b (x_hat_b - s_b p_hat_c) (SPEC §7.1); every
+// other sample writes a zero row, so adding all B rows into dP is exact in any order.
+template <typename T>
+DMLFAST_HD void positive_scatter_thread(int64_t block, int64_t thread, int64_t block_dim,
+                                        const PositiveScatterArgs<T>& a) {
+  const int64_t b = block * block_dim + thread;
+  if (b >= a.rows) return;
+  const int64_t cls = a.labels[b];
+  bool first = true;
+  for (int64_t j = 0; j < b; ++j) first = first && a.labels[j] != cls;
+  T* out = a.class_grad + b * a.dim;
+  for (int64_t d = 0; d < a.dim; ++d) out[d] = 0;
+  if (!first) return;
+  const T* unit = a.p_hat_of_label + b * a.dim;
+  for (int64_t j = b; j < a.rows; ++j) {
+    if (a.labels[j] != cls) continue;
+    const T g = a.pos_grad[j];
+    const T gs = g * a.pos_sim[j];
+    const T* x = a.x_hat + j * a.dim;
+    for (int64_t d = 0; d < a.dim; ++d) out[d] += g * x[d] - gs * unit[d];
+  }
+  const T inv_norm = T(1) / a.norm_of_label[b];
+  for (int64_t d = 0; d < a.dim; ++d) out[d] *= inv_norm;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax family (ProxyNCA, ProxyNCA++, Norm-SoftMax; SPEC §2 and §7.3): logits z = scale * S.
+//
+// Pass 1 walks the class tiles and keeps, per row, the running log-sum-exp over the classes of
+// the denominator, the sum of all logits (label smoothing needs it) and the target logit.
+// Pass 2 turns each tile of S into G = (scale / B)(softmax - T).
+
+// Row sums run over up to millions of classes, so the running state is kept in double whatever T
+// is: a float sum over 10^5 terms would lose ~1e-5 of the loss.
+struct SoftmaxRowState {
+  double* lse_max;       // [B] running log-sum-exp over the denominator's classes: max ...
+  double* lse_sum;       // [B] ... and sum of e^{z - max}
+  double* logit_sum;     // [B] sum over all classes of z_bc
+  double* target_logit;  // [B] z_{b, y_b}
+};
+
+template <typename T>
+struct SoftmaxTileArgs {
+  TileView<T> tile;        // [B, cols]: S in; G out in pass 2
+  const int64_t* labels;   // [B]
+  int64_t rows;
+  int64_t cols;
+  int64_t first_class;
+  T scale;
+  bool exclude_positive;   // the paper's classic form: the target is not in the denominator
+  SoftmaxRowState state;
+};
+
+// Pass 1, one thread per row b: fold this tile's logits into the row's running state.
+template <typename T>
+DMLFAST_HD void softmax_row_reduce_thread(int64_t block, int64_t thread, int64_t block_dim,
+                                          const SoftmaxTileArgs<T>& a) {
+  const int64_t b = block * block_dim + thread;
+  if (b >= a.rows) return;
+  const int64_t target = a.labels[b] - a.first_class;
+  bool any = false;
+  T tile_max = 0;
+  double logit_sum = 0;
+  for (int64_t c = 0; c < a.cols; ++c) {
+    const T z = a.scale * a.tile.at(b, c);
+    logit_sum += z;
+    if (c == target) {
+      a.state.target_logit[b] = z;
+      if (a.exclude_positive) continue;
+    }
+    tile_max = any ? math::max(tile_max, z) : z;
+    any = true;
+  }
+  a.state.logit_sum[b] += logit_sum;
+  if (!any) return;  // the tile held only the excluded target
+  const double old_sum = a.state.lse_sum[b];
+  const double new_max = old_sum > 0 ? math::max(a.state.lse_max[b], double(tile_max)) : tile_max;
+  double sum = old_sum > 0 ? old_sum * math::exp(a.state.lse_max[b] - new_max) : 0.0;
+  const T shift = static_cast<T>(new_max);
+  for (int64_t c = 0; c < a.cols; ++c) {
+    if (c == target && a.exclude_positive) continue;
+    sum += math::exp(a.scale * a.tile.at(b, c) - shift);
+  }
+  a.state.lse_max[b] = new_max;
+  a.state.lse_sum[b] = sum;
+}
+
+template <typename T>
+struct SoftmaxGradArgs {
+  SoftmaxTileArgs<T> tile;
+  const T* row_lse;        // [B]: log of the softmax denominator
+  T target_weight;         // T_{b,y_b}: 1 - smoothing
+  T other_weight;          // T_{b,c != y_b}: smoothing / (C - 1)
+  T grad_scale;            // scale / B
+};
+
+// Pass 2, one thread per row b: G_bc = (scale/B) (p_bc - T_bc), where p_bc = e^{z_bc - lse_b}
+// (and p_{b,y_b} = 0 when the target is excluded from the denominator).
+template <typename T>
+DMLFAST_HD void softmax_row_grad_thread(int64_t block, int64_t thread, int64_t block_dim,
+                                        const SoftmaxGradArgs<T>& a) {
+  const SoftmaxTileArgs<T>& t = a.tile;
+  const int64_t b = block * block_dim + thread;
+  if (b >= t.rows) return;
+  const int64_t target = t.labels[b] - t.first_class;
+  const T lse = a.row_lse[b];
+  for (int64_t c = 0; c < t.cols; ++c) {
+    T& entry = t.tile.at(b, c);
+    const bool is_target = c == target;
+    const T prob = (is_target && t.exclude_positive) ? T(0) : math::exp(t.scale * entry - lse);
+    entry = a.grad_scale * (prob - (is_target ? a.target_weight : a.other_weight));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Normalization and its backward, one row at a time (the CPU path; the CUDA path composes the
+// same formulas from ATen reductions, see csrc/rows.cpp).
+
+// out = in / n with n = sqrt(sum in^2 + eps); returns n (non-finite when the row is).
+template <typename T, typename In>
+DMLFAST_HD T normalize_row(const In* in, int64_t dim, T* out) {
+  T sq = 0;
+  for (int64_t d = 0; d < dim; ++d) {
+    const T v = static_cast<T>(in[d]);
+    sq += v * v;
+  }
+  const T norm = math::sqrt(sq + T(kNormEps));
+  const T inv = T(1) / norm;
+  for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<T>(in[d]) * inv;
+  return norm;
+}
+
+// Backward of the normalization: out = (1/n)(g - <unit, g> unit) (SPEC §7.1).
+template <typename T, typename Out>
+DMLFAST_HD void project_row(const T* g, const T* unit, T norm, int64_t dim, Out* out) {
+  T dot = 0;
+  for (int64_t d = 0; d < dim; ++d) dot += g[d] * unit[d];
+  const T inv = T(1) / norm;
+  for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<Out>(inv * (g[d] - dot * unit[d]));
+}
+
+}  // namespace dmlfast

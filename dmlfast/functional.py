@@ -1,0 +1,76 @@
+"""Fused proxy losses as functions of (embeddings, proxies, labels).
+
+Each returns a scalar (float32; float64 for float64 inputs) whose backward reaches both ``embeddings`` and ``proxies``; loss and
+gradients are computed together by one fused op (C++ on the CPU, CUDA on the GPU). Inputs:
+embeddings (B, D) and proxies (C, D) in float32, bfloat16, float16 or float64 (math in float32,
+float64 for float64 inputs; gradients in each input's dtype); labels (B,) int64 in [0, C).
+Bad input raises ValueError/TypeError naming the argument; NaN/Inf inputs are an error, never a
+NaN loss.
+"""
+import math
+import numbers
+
+import torch
+
+from . import _ops  # noqa: F401  (loads the kernels and registers autograd/fake/autocast)
+
+
+def _require_tensors(op, **tensors):
+    for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    devices = {name: value.device for name, value in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"{op}: embeddings, proxies and labels must be on one device, got {listed}")
+
+
+def _require_number(op, name, value, *, low=-math.inf, low_inclusive=True, high=math.inf):
+    """``value`` as a float after checking it is a real number in range.
+
+    While torch.compile traces, hyperparameters may be symbolic floats; they are passed through
+    unchecked there, since the compiled op checks the same ranges again when it runs.
+    """
+    if torch.compiler.is_compiling():
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    above_low = value >= low if low_inclusive else value > low
+    if not (math.isfinite(value) and above_low and value < high):
+        bound = f"{'>=' if low_inclusive else '>'} {low}" if low > -math.inf else "finite"
+        if high < math.inf:
+            bound = f"in [{low}, {high})"
+        raise ValueError(f"{op}: {name} must be {bound}, got {value}")
+    return value
+
+
+def proxy_anchor_loss(embeddings, proxies, labels, margin=0.1, alpha=32.0):
+    """Proxy-Anchor loss (Kim et al., CVPR 2020; SPEC §1.1), on cosines S = x̂ p̂ᵀ:
+
+    L = 1/|P⁺| Σ_{c∈P⁺} log(1 + Σ_{b: y_b=c} e^{-α(S_bc-δ)}) + 1/C Σ_c log(1 + Σ_{b: y_b≠c} e^{α(S_bc+δ)})
+
+    with δ = ``margin``, α = ``alpha`` and P⁺ the proxies with a positive in the batch.
+    """
+    op = "proxy_anchor_loss"
+    _require_tensors(op, embeddings=embeddings, proxies=proxies, labels=labels)
+    margin = _require_number(op, "margin", margin)
+    alpha = _require_number(op, "alpha", alpha, low=0.0, low_inclusive=False)
+    return torch.ops.dmlfast.proxy_anchor_loss(embeddings, proxies, labels, margin, alpha)[0]
+
+
+def proxy_nca_loss(embeddings, proxies, labels, scale=18.0, smoothing=0.0, exclude_positive=False):
+    """ProxyNCA / ProxyNCA++ / Norm-SoftMax loss (SPEC §2, §7.3) on logits z = scale · cos(x, p).
+
+    Default: mean over the batch of the cross-entropy of softmax(z) against targets smoothed to
+    1-ε on the label and ε/(C-1) elsewhere (ε = ``smoothing``). ``exclude_positive=True`` is the
+    paper's classic form -z_y + log Σ_{c≠y} e^{z_c} (the target left out of the denominator).
+    Scales: dichotomies' s_x = s_p = 3 is 18; pytorch-metric-learning's softmax_scale s is 2s.
+    """
+    op = "proxy_nca_loss"
+    _require_tensors(op, embeddings=embeddings, proxies=proxies, labels=labels)
+    scale = _require_number(op, "scale", scale, low=0.0, low_inclusive=False)
+    smoothing = _require_number(op, "smoothing", smoothing, low=0.0, high=1.0)
+    if not isinstance(exclude_positive, bool):
+        raise TypeError(f"{op}: exclude_positive must be a bool, got {type(exclude_positive).__name__}")
+    return torch.ops.dmlfast.proxy_nca_loss(embeddings, proxies, labels, scale, smoothing, exclude_positive)[0]

@@ -1,0 +1,54 @@
+"""The executable spec: eager versions of every loss, straight from SPEC-losses.md.
+
+They compute in the dtype they are given: the tests give float64 (the reference the fused ops are
+checked against), the benchmarks float32 (the eager baseline). They build B x C tensors and are
+meant for checking and comparing, not for training at scale.
+"""
+import torch
+import torch.nn.functional as F
+
+NORM_EPS = 1e-12
+
+
+def normalize(x):
+    """Rows divided by sqrt(Σx² + 1e-12), the official normalization (SPEC §0)."""
+    return x / torch.sqrt((x * x).sum(dim=1, keepdim=True) + NORM_EPS)
+
+
+def cosine(embeddings, proxies):
+    """S = x̂ p̂ᵀ, B x C."""
+    return normalize(embeddings) @ normalize(proxies).T
+
+
+def lse0(values, mask, dim):
+    """log(1 + Σ_{mask} e^{values}) along ``dim``: a logsumexp with an extra zero logit (SPEC §0)."""
+    masked = values.masked_fill(~mask, float("-inf"))
+    zero = torch.zeros_like(masked.narrow(dim, 0, 1))
+    return torch.logsumexp(torch.cat([masked, zero], dim=dim), dim=dim)
+
+
+def proxy_anchor_loss(embeddings, proxies, labels, margin=0.1, alpha=32.0):
+    """SPEC §1.1: positive terms averaged over proxies with positives, negatives over all C."""
+    sim = cosine(embeddings, proxies)
+    positive = F.one_hot(labels, proxies.shape[0]).bool()
+    pos_terms = lse0(-alpha * (sim - margin), positive, dim=0)
+    neg_terms = lse0(alpha * (sim + margin), ~positive, dim=0)
+    with_positives = positive.any(dim=0)
+    return pos_terms[with_positives].sum() / with_positives.sum() + neg_terms.sum() / proxies.shape[0]
+
+
+def proxy_nca_loss(embeddings, proxies, labels, scale=18.0, smoothing=0.0, exclude_positive=False):
+    """SPEC §2 and §7.3 on logits z = scale · S.
+
+    Softmax over all proxies with targets 1-ε / ε/(C-1), or with ``exclude_positive`` the classic
+    -z_y + log Σ_{c≠y} e^{z_c}; mean over the batch.
+    """
+    logits = scale * cosine(embeddings, proxies)
+    num_classes = proxies.shape[0]
+    target = F.one_hot(labels, num_classes).bool()
+    if exclude_positive:
+        others = torch.logsumexp(logits.masked_fill(target, float("-inf")), dim=1)
+        return (others - logits[target]).mean()
+    other_weight = smoothing / (num_classes - 1) if num_classes > 1 else 0.0
+    weights = torch.full_like(logits, other_weight).masked_fill(target, 1.0 - smoothing)
+    return -(weights * F.log_softmax(logits, dim=1)).sum(dim=1).mean()

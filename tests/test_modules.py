@@ -1,0 +1,95 @@
+"""Loss modules: proxies, initialisation, dtype handling, drop-in parity with pytorch-metric-learning."""
+import math
+
+import pytest
+import torch
+
+import dmlfast
+from dmlfast import reference
+
+
+def test_proxy_anchor_module_holds_float32_proxies_initialised_kaiming_fan_out():
+    torch.manual_seed(0)
+    loss_fn = dmlfast.ProxyAnchorLoss(num_classes=2000, embedding_size=64)
+    assert isinstance(loss_fn.proxies, torch.nn.Parameter)
+    assert loss_fn.proxies.shape == (2000, 64) and loss_fn.proxies.dtype == torch.float32
+    assert loss_fn.proxies.std().item() == pytest.approx(math.sqrt(2 / 2000), rel=0.02)
+    assert (loss_fn.margin, loss_fn.alpha) == (0.1, 32.0)
+
+
+def test_proxy_nca_module_initialised_randn_over_8():
+    torch.manual_seed(0)
+    loss_fn = dmlfast.ProxyNCALoss(num_classes=500, embedding_size=64)
+    assert loss_fn.proxies.std().item() == pytest.approx(1 / 8, rel=0.02)
+    assert (loss_fn.scale, loss_fn.smoothing, loss_fn.exclude_positive) == (18.0, 0.0, False)
+
+
+def test_norm_softmax_module_matches_reference():
+    loss_fn = dmlfast.NormSoftmaxLoss(num_classes=30, embedding_size=16)
+    x, y = torch.randn(40, 16, dtype=torch.float64), torch.randint(0, 30, (40,))
+    expected = reference.proxy_nca_loss(x, loss_fn.proxies.detach().double(), y, scale=23.0)
+    torch.testing.assert_close(loss_fn(x.float(), y).double(), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("loss_name", ["ProxyAnchorLoss", "ProxyNCALoss", "NormSoftmaxLoss"])
+def test_bf16_embeddings_keep_float32_proxies_and_reach_both(loss_name):
+    loss_fn = getattr(dmlfast, loss_name)(num_classes=10, embedding_size=8)
+    x = torch.randn(16, 8, dtype=torch.bfloat16, requires_grad=True)
+    loss = loss_fn(x, torch.randint(0, 10, (16,)))
+    loss.backward()
+    assert loss_fn.proxies.dtype == torch.float32 and loss_fn.proxies.grad.dtype == torch.float32
+    assert x.grad.dtype == torch.bfloat16 and x.grad.abs().sum() > 0
+    assert loss_fn.proxies.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        ((0, 8), "num_classes must be a positive integer, got 0"),
+        ((10, 2.5), "embedding_size must be a positive integer, got 2.5"),
+        ((10, True), "embedding_size must be a positive integer, got True"),
+    ],
+)
+def test_module_constructor_errors(args, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        dmlfast.ProxyAnchorLoss(*args)
+
+
+pml_losses = pytest.importorskip("pytorch_metric_learning.losses", reason="pytorch-metric-learning is a test extra")
+
+
+def _same_proxies(ours, theirs):
+    with torch.no_grad():
+        theirs.proxies.copy_(ours.proxies)
+
+
+def test_proxy_anchor_equals_pytorch_metric_learning():
+    torch.manual_seed(1)
+    ours = dmlfast.ProxyAnchorLoss(num_classes=50, embedding_size=32)
+    theirs = pml_losses.ProxyAnchorLoss(num_classes=50, embedding_size=32)
+    _same_proxies(ours, theirs)
+    x = torch.randn(64, 32, requires_grad=True)
+    labels = torch.randint(0, 50, (64,))
+    ours_loss = ours(x, labels)
+    ours_grads = torch.autograd.grad(ours_loss, (x, ours.proxies))
+    theirs_loss = theirs(x, labels)
+    theirs_grads = torch.autograd.grad(theirs_loss, (x, theirs.proxies))
+    torch.testing.assert_close(ours_loss, theirs_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours_grads, theirs_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_proxy_nca_scale_is_twice_pml_softmax_scale():
+    torch.manual_seed(2)
+    softmax_scale = 4.0
+    ours = dmlfast.ProxyNCALoss(num_classes=20, embedding_size=16, scale=2 * softmax_scale)
+    theirs = pml_losses.ProxyNCALoss(num_classes=20, embedding_size=16, softmax_scale=softmax_scale)
+    _same_proxies(ours, theirs)
+    x = torch.randn(48, 16, requires_grad=True)
+    labels = torch.randint(0, 20, (48,))
+    ours_loss = ours(x, labels)
+    theirs_loss = theirs(x, labels)
+    torch.testing.assert_close(ours_loss, theirs_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.autograd.grad(ours_loss, x)[0], torch.autograd.grad(theirs_loss, x)[0], rtol=1e-4, atol=1e-7
+    )
