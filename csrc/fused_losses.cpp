@@ -188,8 +188,8 @@ LossAndGrads proxy_anchor_impl(const at::Tensor& x, const at::Tensor& p, const a
 // ---------------------------------------------------------------------------------------------
 // Softmax family.
 
-// Bytes of pass-1 tiles (S and P_hat) that pass 2 reuses instead of recomputing them. Beyond
-// this budget the tiles are recomputed, so memory stays bounded for any number of classes.
+// Bytes of pass-1 tiles (exponentials and P_hat) that pass 2 reuses instead of recomputing them.
+// Beyond this budget the tiles are recomputed, so memory stays bounded for any number of classes.
 constexpr int64_t kSoftmaxReuseBytes = int64_t{64} << 20;
 
 template <typename T>
@@ -215,26 +215,30 @@ LossAndGrads proxy_softmax_impl(const at::Tensor& x, const at::Tensor& p, const 
   const int64_t tile = tile_columns(x, C);
   const int64_t bytes_per_class = (B + x.size(1)) * static_cast<int64_t>(sizeof(T));
   const bool reuse_tiles = C * bytes_per_class <= std::max(kSoftmaxReuseBytes, tile * bytes_per_class);
+  // A kept tile holds pass 1's exponentials e^{z - shift} and the per-row shifts (shift defined).
   struct Tile {
     UnitRows proxies;
     at::Tensor sim;
+    at::Tensor shift;
   };
   std::vector<Tile> kept;
   auto compute_tile = [&](int64_t first, int64_t cols) {
     UnitRows ps = normalize_rows(p.narrow(0, first, cols).to(acc.dtype()));
     at::Tensor sim = similarity_tile(x_hat, ps.unit, column_contiguous);
-    return Tile{std::move(ps), std::move(sim)};
+    return Tile{std::move(ps), std::move(sim), at::Tensor()};
   };
-  auto tile_args = [&](const at::Tensor& sim, int64_t first, int64_t cols) {
-    return SoftmaxTileArgs<T>{view_of<T>(sim), label_ptr, B, cols, first, T(scale),
-                              exclude_positive, state};
+  auto tile_args = [&](const Tile& t, int64_t first, int64_t cols) {
+    return SoftmaxTileArgs<T>{view_of<T>(t.sim), label_ptr, B, cols, first, T(scale),
+                              exclude_positive, state,
+                              t.shift.defined() ? t.shift.template data_ptr<T>() : nullptr};
   };
 
   for (int64_t first = 0; first < C; first += tile) {
     const int64_t cols = std::min(tile, C - first);
     Tile t = compute_tile(first, cols);
+    if (reuse_tiles) t.shift = at::empty({B}, acc);
     checks.add_norms(t.proxies.norm, /*embeddings=*/false);
-    launch(x, B, tile_args(t.sim, first, cols));
+    launch(x, B, tile_args(t, first, cols));
     if (reuse_tiles) kept.push_back(std::move(t));
   }
 
@@ -253,7 +257,7 @@ LossAndGrads proxy_softmax_impl(const at::Tensor& x, const at::Tensor& p, const 
     const int64_t cols = std::min(tile, C - first);
     const Tile t = reuse_tiles ? kept[index] : compute_tile(first, cols);
     launch(x, B,
-           SoftmaxGradArgs<T>{tile_args(t.sim, first, cols), row_lse.const_data_ptr<T>(),
+           SoftmaxGradArgs<T>{tile_args(t, first, cols), row_lse.const_data_ptr<T>(),
                               T(target_weight), T(other_weight), T(scale / B)});
     grad_x_acc.addmm_(t.sim, t.proxies.unit);
     project_rows(at::mm(t.sim.t(), x_hat), t.proxies, grad_p.narrow(0, first, cols));

@@ -197,7 +197,7 @@ struct SoftmaxRowState {
 
 template <typename T>
 struct SoftmaxTileArgs {
-  TileView<T> tile;        // [B, cols]: S in; G out in pass 2
+  TileView<T> tile;        // [B, cols]: S in; see the passes for what is written back
   const int64_t* labels;   // [B]
   int64_t rows;
   int64_t cols;
@@ -205,6 +205,9 @@ struct SoftmaxTileArgs {
   T scale;
   bool exclude_positive;   // the paper's classic form: the target is not in the denominator
   SoftmaxRowState state;
+  // [B] or null. When set, pass 1 overwrites the tile with e^{z - shift_b} (0 for an excluded
+  // target) and records shift_b here, so that pass 2 needs one exponential per row, not per entry.
+  T* tile_shift;
 };
 
 // Pass 1, one thread per row b: fold this tile's logits into the row's running state.
@@ -228,26 +231,30 @@ DMLFAST_HD void softmax_row_reduce_thread(int64_t block, int64_t thread, int64_t
     any = true;
   }
   a.state.logit_sum[b] += logit_sum;
+  double tile_sum = 0;
+  for (int64_t c = 0; c < a.cols; ++c) {
+    T& entry = a.tile.at(b, c);
+    const T e = (c == target && a.exclude_positive) ? T(0) : math::exp(a.scale * entry - tile_max);
+    if (a.tile_shift != nullptr) entry = e;
+    tile_sum += e;
+  }
+  if (a.tile_shift != nullptr) a.tile_shift[b] = tile_max;
   if (!any) return;  // the tile held only the excluded target
   const double old_sum = a.state.lse_sum[b];
-  const double new_max = old_sum > 0 ? math::max(a.state.lse_max[b], double(tile_max)) : tile_max;
-  double sum = old_sum > 0 ? old_sum * math::exp(a.state.lse_max[b] - new_max) : 0.0;
-  const T shift = static_cast<T>(new_max);
-  for (int64_t c = 0; c < a.cols; ++c) {
-    if (c == target && a.exclude_positive) continue;
-    sum += math::exp(a.scale * a.tile.at(b, c) - shift);
-  }
+  const double old_max = a.state.lse_max[b];
+  const double new_max = old_sum > 0 ? math::max(old_max, double(tile_max)) : double(tile_max);
+  const double carried = old_sum > 0 ? old_sum * math::exp(old_max - new_max) : 0.0;
   a.state.lse_max[b] = new_max;
-  a.state.lse_sum[b] = sum;
+  a.state.lse_sum[b] = carried + tile_sum * math::exp(double(tile_max) - new_max);
 }
 
 template <typename T>
 struct SoftmaxGradArgs {
-  SoftmaxTileArgs<T> tile;
-  const T* row_lse;        // [B]: log of the softmax denominator
-  T target_weight;         // T_{b,y_b}: 1 - smoothing
-  T other_weight;          // T_{b,c != y_b}: smoothing / (C - 1)
-  T grad_scale;            // scale / B
+  SoftmaxTileArgs<T> tile;  // its tile_shift says whether the tile holds S or pass 1's e^{z - shift}
+  const T* row_lse;         // [B]: log of the softmax denominator
+  T target_weight;          // T_{b,y_b}: 1 - smoothing
+  T other_weight;           // T_{b,c != y_b}: smoothing / (C - 1)
+  T grad_scale;             // scale / B
 };
 
 // Pass 2, one thread per row b: G_bc = (scale/B) (p_bc - T_bc), where p_bc = e^{z_bc - lse_b}
@@ -260,10 +267,17 @@ DMLFAST_HD void softmax_row_grad_thread(int64_t block, int64_t thread, int64_t b
   if (b >= t.rows) return;
   const int64_t target = t.labels[b] - t.first_class;
   const T lse = a.row_lse[b];
+  const bool stored = t.tile_shift != nullptr;
+  const T rescale = stored ? math::exp(t.tile_shift[b] - lse) : T(0);
   for (int64_t c = 0; c < t.cols; ++c) {
     T& entry = t.tile.at(b, c);
     const bool is_target = c == target;
-    const T prob = (is_target && t.exclude_positive) ? T(0) : math::exp(t.scale * entry - lse);
+    T prob;
+    if (stored) {
+      prob = entry * rescale;
+    } else {
+      prob = (is_target && t.exclude_positive) ? T(0) : math::exp(t.scale * entry - lse);
+    }
     entry = a.grad_scale * (prob - (is_target ? a.target_weight : a.other_weight));
   }
 }
