@@ -24,6 +24,14 @@ def dali_available() -> bool:
     return True
 
 
+def _centre_pos(margin, dmath, fn, types):
+    """Relative crop position giving torchvision's centre-crop offset ``int(round(margin / 2))``
+    (Python rounds halves to even), as a DALI expression of the integer ``margin``."""
+    half = margin // 2
+    offset = half + (margin - 2 * half) * (half - 2 * (half // 2))
+    return fn.cast(offset, dtype=types.FLOAT) / fn.cast(dmath.max(margin, 1), dtype=types.FLOAT)
+
+
 class DaliLoader:
     """Iterable of ``(images float32 NCHW normalised, labels int64)`` on ``device``."""
 
@@ -33,6 +41,7 @@ class DaliLoader:
                  prefetch: int = 2):
         try:
             from nvidia.dali import fn, pipeline_def, types
+            from nvidia.dali import math as dmath
         except ImportError as exc:
             raise ImportError(f"loader='dali' needs NVIDIA DALI, which is not installed: {DALI_INSTALL_HINT}") from exc
         self.sampler = sampler
@@ -61,9 +70,18 @@ class DaliLoader:
                 images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=list(norm["mean"]),
                                                   std=list(norm["std"]), mirror=mirror)
             else:
+                # Output size as torchvision computes it (shorter side = resize_size, longer side truncated),
+                # so that the centre crops of both loaders cover the same pixels.
+                shape = fn.peek_image_shape(files, dtype=types.INT64)
+                height, width = shape[0], shape[1]
+                shorter = dmath.min(height, width)
+                new_h, new_w = height * cfg.resize_size // shorter, width * cfg.resize_size // shorter
                 images = fn.decoders.image(files, device=decoder, output_type=out_type)
-                images = fn.resize(images, resize_shorter=cfg.resize_size, interp_type=types.INTERP_LINEAR, antialias=True)
+                images = fn.resize(images, resize_y=fn.cast(new_h, dtype=types.FLOAT), resize_x=fn.cast(new_w, dtype=types.FLOAT),
+                                   interp_type=types.INTERP_LINEAR, antialias=True)
                 images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", crop=(size, size),
+                                                  crop_pos_y=_centre_pos(new_h - size, dmath, fn, types),
+                                                  crop_pos_x=_centre_pos(new_w - size, dmath, fn, types),
                                                   mean=list(norm["mean"]), std=list(norm["std"]))
             return images, labels
 

@@ -6,6 +6,8 @@ seed derived from (sampler seed, epoch, position), so a run is reproducible for 
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 
@@ -48,6 +50,13 @@ class _SeededBatches:
             yield list(zip(batch, seeds.tolist()))
 
 
+def _worker_context(num_workers: int):
+    """Forked workers crash once DALI's thread pools exist in the parent; use forkserver then."""
+    if num_workers > 0 and "nvidia.dali" in sys.modules and sys.platform.startswith("linux"):
+        return "forkserver"
+    return None
+
+
 class TorchLoader:
     """Iterable of ``(images float32 NCHW normalised, labels int64)`` on ``device``."""
 
@@ -64,6 +73,7 @@ class TorchLoader:
             pin_memory=device.type == "cuda",
             persistent_workers=num_workers > 0,
             prefetch_factor=4 if num_workers > 0 else None,
+            multiprocessing_context=_worker_context(num_workers),
         )
 
     def set_epoch(self, epoch: int) -> None:
