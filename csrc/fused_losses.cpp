@@ -77,25 +77,26 @@ void check_metadata(const at::Tensor& x, const at::Tensor& p, const at::Tensor& 
 }
 
 // Value checks computed on the device while the loss runs and read back once at the end
-// (one host read per call on CUDA): labels in range, finite embeddings and proxies.
+// (one host read per call on CUDA): labels in range, finite embeddings and proxies. The flags
+// are updated in place, so the tile loop leaves no small tensors behind to fragment the heap.
 class ValueChecks {
  public:
   ValueChecks(const at::Tensor& labels, int64_t num_classes, const char* op)
       : num_classes_(num_classes), op_(op) {
     const auto [min, max] = at::aminmax(labels);
-    flags_.push_back(min.to(at::kDouble).reshape({1}));
-    flags_.push_back(max.to(at::kDouble).reshape({1}));
+    label_range_ = at::stack({min, max}).to(at::kDouble);
+    const auto flag = labels.options().dtype(at::kBool);
+    x_finite_ = at::ones({1}, flag);
+    p_finite_ = at::ones({1}, flag);
   }
   // `norms` are row norms: a row with a NaN or Inf entry has a non-finite norm.
   void add_norms(const at::Tensor& norms, bool embeddings) {
-    (embeddings ? x_finite_ : p_finite_).push_back(at::isfinite(norms).all().reshape({1}));
+    (embeddings ? x_finite_ : p_finite_).logical_and_(at::isfinite(norms).all());
   }
   // Raises if any check failed. Call before returning results.
   void raise_if_failed(const at::Tensor& x, const at::Tensor& p) const {
-    std::vector<at::Tensor> all = flags_;
-    all.push_back(at::cat(x_finite_).all().to(at::kDouble).reshape({1}));
-    all.push_back(at::cat(p_finite_).all().to(at::kDouble).reshape({1}));
-    const at::Tensor host = at::cat(all).cpu();
+    const at::Tensor host =
+        at::cat({label_range_, x_finite_.to(at::kDouble), p_finite_.to(at::kDouble)}).cpu();
     const double* v = host.const_data_ptr<double>();
     TORCH_CHECK_VALUE(v[0] >= 0 && v[1] < num_classes_, op_, ": labels must be in [0, ",
                       num_classes_, ") (num_classes = proxies.shape[0]), got min ",
@@ -112,7 +113,7 @@ class ValueChecks {
   }
   int64_t num_classes_;
   const char* op_;
-  std::vector<at::Tensor> flags_, x_finite_, p_finite_;
+  at::Tensor label_range_, x_finite_, p_finite_;
 };
 
 // The accumulation dtype: float64 when an input is float64, float32 otherwise.

@@ -5,7 +5,7 @@ grad_proxies)`` this module registers:
 
 - a fake (meta) kernel, so torch.compile and FakeTensor tracing know the output shapes;
 - autograd: the forward already computed both gradients, so backward only scales them by the
-  upstream gradient (no recomputation, no host sync);
+  upstream gradient (in place, no recomputation, no host sync; see _make_autograd);
 - autocast: the ops read float32, bfloat16 and float16 inputs natively and accumulate in float32,
   so autocast is told to leave their inputs alone (a fallthrough for AutocastCPU/AutocastCUDA):
   bf16 embeddings from an autocast model meet float32 proxies without either being cast.
@@ -69,23 +69,57 @@ def _proxy_nca_loss_fake(embeddings, proxies, labels, scale, smoothing, exclude_
     return _fake_outputs(embeddings, proxies)
 
 
-def _setup_context(ctx, inputs, output):
-    _, grad_embeddings, grad_proxies = output
-    ctx.mark_non_differentiable(grad_embeddings, grad_proxies)
-    ctx.save_for_backward(grad_embeddings, grad_proxies)
-    ctx.num_scalar_args = len(inputs) - 2
+def _is_plain(tensor):
+    """True for an ordinary eager tensor; False under tracing (fake, functional, proxy subclasses)."""
+    return type(tensor) is torch.Tensor
 
 
-def _backward(ctx, grad_loss, _grad_of_grad_embeddings, _grad_of_grad_proxies):
-    grad_embeddings, grad_proxies = ctx.saved_tensors
-    return (
-        (grad_loss * grad_embeddings).to(grad_embeddings.dtype),
-        (grad_loss * grad_proxies).to(grad_proxies.dtype),
-    ) + (None,) * ctx.num_scalar_args
+def _make_autograd(op):
+    """setup_context and backward for ``op``, whose forward already returned both gradients.
+
+    Backward scales those gradients by the upstream gradient. Eagerly this happens in place, so
+    no second tensor the size of the proxies is made (2 GiB at a million classes); the gradients
+    are handed over once, and a further backward through the same graph (retain_graph=True,
+    gradcheck) recomputes them from the saved inputs. Under tracing (torch.compile, opcheck)
+    the saved gradients are scaled out of place, which the compiler is free to optimise.
+    """
+
+    def setup_context(ctx, inputs, output):
+        embeddings, proxies, labels, *scalars = inputs
+        _, grad_embeddings, grad_proxies = output
+        ctx.mark_non_differentiable(grad_embeddings, grad_proxies)
+        # The gradient outputs get no upstream gradient: don't materialize zeros for them.
+        ctx.set_materialize_grads(False)
+        ctx.num_scalar_args = len(scalars) + 1
+        ctx.in_place = _is_plain(grad_proxies) and _is_plain(grad_embeddings)
+        if ctx.in_place:
+            ctx.scalars = scalars
+            ctx.unused_gradients = (grad_embeddings, grad_proxies)
+            ctx.save_for_backward(embeddings, proxies, labels)
+        else:
+            ctx.save_for_backward(grad_embeddings, grad_proxies)
+
+    def backward(ctx, grad_loss, _grad_of_grad_embeddings, _grad_of_grad_proxies):
+        nones = (None,) * ctx.num_scalar_args
+        if grad_loss is None:  # no gradient flows into the loss
+            return None, None, *nones
+        if not ctx.in_place:
+            grad_embeddings, grad_proxies = ctx.saved_tensors
+            return (grad_loss * grad_embeddings).to(grad_embeddings.dtype), (grad_loss * grad_proxies).to(grad_proxies.dtype), *nones
+        if ctx.unused_gradients is None:
+            embeddings, proxies, labels = ctx.saved_tensors
+            _, grad_embeddings, grad_proxies = op(embeddings.detach(), proxies.detach(), labels, *ctx.scalars)
+        else:
+            grad_embeddings, grad_proxies = ctx.unused_gradients
+            ctx.unused_gradients = None
+        return grad_embeddings.mul_(grad_loss), grad_proxies.mul_(grad_loss), *nones
+
+    return setup_context, backward
 
 
 _autocast_library = torch.library.Library("dmlfast", "IMPL")
 for _name in OP_NAMES:
+    _setup_context, _backward = _make_autograd(getattr(torch.ops.dmlfast, _name).default)
     torch.library.register_autograd(f"dmlfast::{_name}", _backward, setup_context=_setup_context)
     for _key in ("AutocastCPU", "AutocastCUDA"):
         _autocast_library.impl(_name, torch.library.fallthrough_kernel, _key)

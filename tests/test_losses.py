@@ -169,3 +169,15 @@ def test_zero_embedding_row_gives_finite_loss_and_gradient():
     x, p, labels = make_inputs(8, 5, 6, "random")
     x[3] = 0
     check_against_reference("proxy_anchor", x, p, labels, tol=1e-6)
+
+
+def test_repeated_backward_through_one_graph_gives_the_same_gradients():
+    """The first backward hands over the forward's gradients in place; later ones recompute."""
+    x, p, labels = make_inputs(12, 9, 6, "random")
+    x.requires_grad_()
+    p.requires_grad_()
+    loss = functional.proxy_nca_loss(x, p, labels, smoothing=0.1)
+    first = torch.autograd.grad(loss, (x, p), retain_graph=True)
+    second = torch.autograd.grad(3.0 * loss, (x, p))
+    torch.testing.assert_close(second[0], 3.0 * first[0])
+    torch.testing.assert_close(second[1], 3.0 * first[1])
