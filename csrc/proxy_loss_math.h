@@ -114,6 +114,14 @@ DMLFAST_HD void anchor_negative_column_thread(int64_t block, int64_t thread, int
   for (int64_t b = 0; b < a.rows; ++b) a.tile.at(b, c) *= factor;
 }
 
+// Whether sample b is the first of its class in the batch (the one that speaks for the class).
+DMLFAST_HD bool first_of_its_class(const int64_t* labels, int64_t b) {
+  for (int64_t j = 0; j < b; ++j) {
+    if (labels[j] == labels[b]) return false;
+  }
+  return true;
+}
+
 template <typename T>
 struct AnchorPositiveArgs {
   const T* pos_sim;        // [B]: s_b = <x_hat_b, p_hat_{y_b}>
@@ -134,19 +142,16 @@ DMLFAST_HD void anchor_positive_thread(int64_t block, int64_t thread, int64_t bl
   const int64_t b = block * block_dim + thread;
   if (b >= a.rows) return;
   const int64_t cls = a.labels[b];
-  bool first = true;
   T shift = 0;
   for (int64_t j = 0; j < a.rows; ++j) {
-    if (a.labels[j] != cls) continue;
-    first = first && j >= b;
-    shift = math::max(shift, -a.alpha * (a.pos_sim[j] - a.margin));
+    if (a.labels[j] == cls) shift = math::max(shift, -a.alpha * (a.pos_sim[j] - a.margin));
   }
   T sum = 0;
   for (int64_t j = 0; j < a.rows; ++j) {
     if (a.labels[j] == cls) sum += math::exp(-a.alpha * (a.pos_sim[j] - a.margin) - shift);
   }
   a.class_lse[b] = lse0_from_shifted(shift, sum);
-  a.is_first[b] = first ? T(1) : T(0);
+  a.is_first[b] = first_of_its_class(a.labels, b) ? T(1) : T(0);
 }
 
 template <typename T>
@@ -171,11 +176,9 @@ DMLFAST_HD void positive_scatter_thread(int64_t block, int64_t thread, int64_t b
   const int64_t b = block * block_dim + thread;
   if (b >= a.rows) return;
   const int64_t cls = a.labels[b];
-  bool first = true;
-  for (int64_t j = 0; j < b; ++j) first = first && a.labels[j] != cls;
   T* out = a.class_grad + b * a.dim;
   for (int64_t d = 0; d < a.dim; ++d) out[d] = 0;
-  if (!first) return;
+  if (!first_of_its_class(a.labels, b)) return;
   const T* unit = a.p_hat_of_label + b * a.dim;
   for (int64_t j = b; j < a.rows; ++j) {
     if (a.labels[j] != cls) continue;
