@@ -125,9 +125,14 @@ at::ScalarType accumulation_type(const at::Tensor& x, const at::Tensor& p) {
 // ---------------------------------------------------------------------------------------------
 // Anchor family.
 
+// Proxy-Anchor, and Proxy-ISA when `isa_params` ([4, C]: centre, threshold, weight,
+// easy-negative weight per class) is defined. With M = 1 the normalizers are |P+| and C; with
+// ISA they are sums of per-class mean multipliers (SPEC §3.1), W+ known after the sparse
+// positive pass and W- only after the last tile, so the negatives' part is rescaled at the end.
 template <typename T>
 LossAndGrads proxy_anchor_impl(const at::Tensor& x, const at::Tensor& p, const at::Tensor& labels,
-                               double margin, double alpha) {
+                               double margin, double alpha, const at::Tensor& isa_params,
+                               bool filter_positives) {
   const char* op = "proxy_anchor_loss";
   const int64_t B = x.size(0), D = x.size(1), C = p.size(0);
   const auto acc = x.options().dtype(c10::CppTypeToScalarType<T>::value);
@@ -135,28 +140,38 @@ LossAndGrads proxy_anchor_impl(const at::Tensor& x, const at::Tensor& p, const a
   const at::Tensor labels_c = labels.contiguous();
   const at::Tensor safe_labels = labels_c.clamp(0, C - 1);  // gathers stay in bounds until checked
   const int64_t* label_ptr = labels_c.const_data_ptr<int64_t>();
+  const bool is_isa = isa_params.defined();
+  const at::Tensor isa = is_isa ? isa_params.to(acc.dtype()).contiguous() : at::Tensor();
+  const IsaClassParams<T> isa_view =
+      is_isa ? IsaClassParams<T>{isa[0].const_data_ptr<T>(), isa[1].const_data_ptr<T>(),
+                                 isa[2].const_data_ptr<T>(), isa[3].const_data_ptr<T>(),
+                                 filter_positives}
+             : IsaClassParams<T>{nullptr, nullptr, nullptr, nullptr, false};
 
   const UnitRows xs = normalize_rows(x.to(acc.dtype()));
   const at::Tensor& x_hat = xs.unit;
   checks.add_norms(xs.norm, /*embeddings=*/true);
 
-  // Positive pairs, sparse: s_b, l+ per class, |P+| and g_b = -(alpha/|P+|) e^{u_b - l+}.
+  // Positive pairs, sparse: s_b, M_b, l+ per class, W+ and g_b = -(alpha M_b / W+) e^{u_b - l+}.
   const UnitRows ps_y = normalize_rows(p.index_select(0, safe_labels).to(acc.dtype()));
   const at::Tensor pos_sim = (x_hat * ps_y.unit).sum(1);
   at::Tensor class_lse = at::empty({B}, acc), is_first = at::empty({B}, acc);
+  at::Tensor pos_weight = at::empty({B}, acc), class_mean_weight = at::empty({B}, acc);
   launch(x, B,
          AnchorPositiveArgs<T>{pos_sim.const_data_ptr<T>(), label_ptr, B, T(alpha), T(margin),
-                               class_lse.data_ptr<T>(), is_first.data_ptr<T>()});
-  const at::Tensor num_pos_classes = is_first.sum();
-  const at::Tensor pos_loss = (class_lse * is_first).sum() / num_pos_classes;
+                               isa_view, class_lse.data_ptr<T>(), is_first.data_ptr<T>(),
+                               pos_weight.data_ptr<T>(), class_mean_weight.data_ptr<T>()});
+  const at::Tensor pos_normalizer = (is_first * class_mean_weight).sum().clamp_min(1e-30);
+  const at::Tensor pos_loss = (class_lse * is_first).sum() / pos_normalizer;
+  const at::Tensor pos_exponent = pos_sim.sub(margin).mul_(pos_weight).mul_(-alpha);
   const at::Tensor pos_grad =
-      at::exp(pos_sim.sub(margin).mul_(-alpha).sub_(class_lse)).mul_(-alpha).div_(num_pos_classes);
+      at::exp(pos_exponent.sub_(class_lse)).mul_(pos_weight).mul_(-alpha).div_(pos_normalizer);
 
   // Negative pairs, dense, tile by tile: G = dL/dS, A = G P_hat, dP = proj(G^T X_hat).
-  at::Tensor grad_x_acc = at::mul(ps_y.unit, pos_grad.unsqueeze(1));
+  at::Tensor grad_x_neg = at::zeros({B, D}, acc);
   at::Tensor grad_p = at::empty_like(p, at::MemoryFormat::Contiguous);
-  at::Tensor neg_lse = at::empty({C}, acc);
-  const at::Tensor neg_scale = at::full({1}, alpha / static_cast<double>(C), acc);
+  at::Tensor neg_lse = at::empty({C}, acc), neg_mean_weight = at::empty({C}, acc);
+  const at::Tensor neg_scale = at::full({1}, is_isa ? alpha : alpha / static_cast<double>(C), acc);
   const bool column_contiguous = !x.is_cuda();  // one thread per column walks the rows
   const int64_t tile = tile_columns(x, C);
   for (int64_t first = 0; first < C; first += tile) {
@@ -166,9 +181,20 @@ LossAndGrads proxy_anchor_impl(const at::Tensor& x, const at::Tensor& p, const a
     at::Tensor sim = similarity_tile(x_hat, ps.unit, column_contiguous);
     launch(x, cols,
            AnchorNegativeArgs<T>{view_of<T>(sim), label_ptr, B, cols, first, T(alpha), T(margin),
-                                 neg_scale.const_data_ptr<T>(), neg_lse.data_ptr<T>() + first});
-    grad_x_acc.addmm_(sim, ps.unit);
+                                 isa_view, neg_scale.const_data_ptr<T>(),
+                                 neg_lse.data_ptr<T>() + first,
+                                 neg_mean_weight.data_ptr<T>() + first});
+    grad_x_neg.addmm_(sim, ps.unit);
     project_rows(at::mm(sim.t(), x_hat), ps, grad_p.narrow(0, first, cols));
+  }
+  at::Tensor neg_loss = neg_lse.sum();
+  if (is_isa) {
+    const at::Tensor neg_normalizer = neg_mean_weight.sum().clamp_min(1e-30);
+    neg_loss = neg_loss / neg_normalizer;
+    grad_x_neg.div_(neg_normalizer);
+    grad_p.div_(neg_normalizer);
+  } else {
+    neg_loss = neg_loss / static_cast<double>(C);
   }
 
   at::Tensor class_grad = at::empty({B, D}, acc);
@@ -180,10 +206,9 @@ LossAndGrads proxy_anchor_impl(const at::Tensor& x, const at::Tensor& p, const a
   grad_p.index_add_(0, safe_labels, class_grad.to(grad_p.scalar_type()));
 
   at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);
-  project_rows(grad_x_acc, xs, grad_x);
-  const at::Tensor loss = pos_loss + neg_lse.sum() / static_cast<double>(C);
+  project_rows(grad_x_neg.addcmul_(ps_y.unit, pos_grad.unsqueeze(1)), xs, grad_x);
   checks.raise_if_failed(x, p);
-  return {loss, grad_x, grad_p};
+  return {pos_loss + neg_loss, grad_x, grad_p};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -211,7 +236,8 @@ LossAndGrads proxy_softmax_impl(const at::Tensor& x, const at::Tensor& p, const 
   at::Tensor lse_max = at::zeros({B}, wide), lse_sum = at::zeros({B}, wide);
   at::Tensor logit_sum = at::zeros({B}, wide), target_logit = at::zeros({B}, wide);
   const SoftmaxRowState state{lse_max.data_ptr<double>(), lse_sum.data_ptr<double>(),
-                              logit_sum.data_ptr<double>(), target_logit.data_ptr<double>()};
+                              smoothing > 0 ? logit_sum.data_ptr<double>() : nullptr,
+                              target_logit.data_ptr<double>()};
   const bool column_contiguous = x.is_cuda();  // one thread per row walks the columns
   const int64_t tile = tile_columns(x, C);
   const int64_t bytes_per_class = (B + x.size(1)) * static_cast<int64_t>(sizeof(T));
@@ -273,18 +299,34 @@ LossAndGrads proxy_softmax_impl(const at::Tensor& x, const at::Tensor& p, const 
 }  // namespace
 
 LossAndGrads proxy_anchor_loss(const at::Tensor& embeddings, const at::Tensor& proxies,
-                               const at::Tensor& labels, double margin, double alpha) {
+                               const at::Tensor& labels, double margin, double alpha,
+                               const std::optional<at::Tensor>& isa_class_params,
+                               bool isa_filter_positives) {
   check_metadata(embeddings, proxies, labels, "proxy_anchor_loss");
   TORCH_CHECK_VALUE(std::isfinite(margin), "proxy_anchor_loss: margin must be finite, got ",
                     margin);
   TORCH_CHECK_VALUE(std::isfinite(alpha) && alpha > 0,
                     "proxy_anchor_loss: alpha must be a finite number > 0, got ", alpha);
+  const at::Tensor isa = isa_class_params.value_or(at::Tensor());
+  if (isa.defined()) {
+    TORCH_CHECK_TYPE(at::isFloatingType(isa.scalar_type()),
+                     "proxy_anchor_loss: isa_class_params must be a floating tensor, got ",
+                     describe(isa));
+    TORCH_CHECK_VALUE(isa.dim() == 2 && isa.size(0) == 4 && isa.size(1) == proxies.size(0),
+                      "proxy_anchor_loss: isa_class_params must have shape (4, num_classes) = (4, ",
+                      proxies.size(0), "), got ", describe(isa));
+    TORCH_CHECK_VALUE(isa.device() == embeddings.device(),
+                      "proxy_anchor_loss: isa_class_params must be on ", embeddings.device(),
+                      ", got ", isa.device());
+  }
   const c10::DeviceGuard guard(embeddings.device());
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   if (accumulation_type(embeddings, proxies) == at::kDouble) {
-    return proxy_anchor_impl<double>(embeddings, proxies, labels, margin, alpha);
+    return proxy_anchor_impl<double>(embeddings, proxies, labels, margin, alpha, isa,
+                                     isa_filter_positives);
   }
-  return proxy_anchor_impl<float>(embeddings, proxies, labels, margin, alpha);
+  return proxy_anchor_impl<float>(embeddings, proxies, labels, margin, alpha, isa,
+                                  isa_filter_positives);
 }
 
 LossAndGrads proxy_nca_loss(const at::Tensor& embeddings, const at::Tensor& proxies,

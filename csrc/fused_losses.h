@@ -3,6 +3,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <tuple>
 
 namespace dmlfast {
@@ -13,8 +14,13 @@ using LossAndGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 // Proxy-Anchor (SPEC §1.1): mean over proxies with positives of LSE0(-alpha (S - margin)) plus
 // the sum over all C proxies of LSE0(alpha (S + margin)) over negatives, divided by C.
+// With `isa_class_params` ([4, C]: s_bar, theta, w, easy-negative weight per class), Proxy-ISA
+// (SPEC §3.1, §7.4): multipliers M in the exponents and normalizers from their class means;
+// `isa_filter_positives` switches the positive bands on.
 LossAndGrads proxy_anchor_loss(const at::Tensor& embeddings, const at::Tensor& proxies,
-                               const at::Tensor& labels, double margin, double alpha);
+                               const at::Tensor& labels, double margin, double alpha,
+                               const std::optional<at::Tensor>& isa_class_params,
+                               bool isa_filter_positives);
 
 // Softmax cross-entropy over logits scale * cos(x, p) with label smoothing, or the classic
 // ProxyNCA form with the target excluded from the denominator (SPEC §2, §7.3).

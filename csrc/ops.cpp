@@ -16,7 +16,8 @@
 TORCH_LIBRARY(dmlfast, m) {
   m.def(
       "proxy_anchor_loss(Tensor embeddings, Tensor proxies, Tensor labels, float margin, "
-      "float alpha) -> (Tensor loss, Tensor grad_embeddings, Tensor grad_proxies)");
+      "float alpha, Tensor? isa_class_params=None, bool isa_filter_positives=False) -> "
+      "(Tensor loss, Tensor grad_embeddings, Tensor grad_proxies)");
   m.def(
       "proxy_nca_loss(Tensor embeddings, Tensor proxies, Tensor labels, float scale, "
       "float smoothing, bool exclude_positive) -> (Tensor loss, Tensor grad_embeddings, "

@@ -76,6 +76,27 @@ struct TileView {
 //
 // The dense pass over class tiles handles the negative pairs; the B positive pairs are handled
 // sparsely (one gathered similarity per sample), so the dense pass needs no positive normalizer.
+// Proxy-ISA (SPEC §3) is the same loss with a multiplier M in every exponent, computed here from
+// per-class vectors, and normalizers that are sums of per-class mean multipliers.
+
+// Per-class inputs of Proxy-ISA's multipliers M (SPEC §3.3, §7.4), each [C]. With `center` null
+// every M is 1: plain Proxy-Anchor. M scales the exponents and takes no gradient.
+template <typename T>
+struct IsaClassParams {
+  const T* center;          // s_bar_c: a positive above it is easy
+  const T* threshold;       // theta_c: a positive below it is an outlier, a negative below it easy
+  const T* weight;          // w_c: M of easy positives and outliers; 1 + w_c inside [theta, s_bar]
+  const T* easy_negative;   // M of easy negatives, 1 / max(1, n_c)
+  bool filter_positives;    // the positive bands are on (otherwise positives have M = 1)
+
+  DMLFAST_HD T positive(int64_t c, T s) const {
+    if (center == nullptr || !filter_positives) return T(1);
+    return (s >= threshold[c] && s <= center[c]) ? T(1) + weight[c] : weight[c];
+  }
+  DMLFAST_HD T negative(int64_t c, T s) const {
+    return (center != nullptr && s < threshold[c]) ? easy_negative[c] : T(1);
+  }
+};
 
 template <typename T>
 struct AnchorNegativeArgs {
@@ -86,13 +107,15 @@ struct AnchorNegativeArgs {
   int64_t first_class;     // global class index of column 0
   T alpha;
   T margin;
-  const T* neg_scale;      // one value on the device: dL/dS factor of the negatives, alpha / C
+  IsaClassParams<T> isa;
+  const T* neg_scale;      // one value on the device: dL/dS factor of the negatives (alpha / C)
   T* column_lse;           // [cols] out: the column's negative loss term
+  T* column_mean_weight;   // [cols] out: mean of M over the column's negatives (0 if none)
 };
 
-// One thread per proxy column c: l_c = LSE0({v_bc = alpha (S_bc + margin) : y_b != c}) and
-// G_bc = neg_scale * e^{v_bc - l_c} for negatives, 0 for positives. Three walks down the column
-// (max, exponentials, scaling) so that each entry costs one exponential.
+// One thread per proxy column c: with v_bc = alpha M_bc (S_bc + margin) over the negatives
+// (y_b != c), l_c = LSE0({v_bc}) and G_bc = neg_scale * M_bc * e^{v_bc - l_c}; 0 for positives.
+// Three walks down the column (max, exponentials, scaling): one exponential per entry.
 template <typename T>
 DMLFAST_HD void anchor_negative_column_thread(int64_t block, int64_t thread, int64_t block_dim,
                                               const AnchorNegativeArgs<T>& a) {
@@ -101,15 +124,27 @@ DMLFAST_HD void anchor_negative_column_thread(int64_t block, int64_t thread, int
   const int64_t cls = a.first_class + c;
   T shift = 0;  // max(0, max_b v_bc): the zero logit of LSE0 takes part in the max
   for (int64_t b = 0; b < a.rows; ++b) {
-    if (a.labels[b] != cls) shift = math::max(shift, a.alpha * (a.tile.at(b, c) + a.margin));
+    if (a.labels[b] == cls) continue;
+    const T s = a.tile.at(b, c);
+    shift = math::max(shift, a.alpha * a.isa.negative(cls, s) * (s + a.margin));
   }
-  T sum = 0;
+  T sum = 0, weight_sum = 0;
+  int64_t count = 0;
   for (int64_t b = 0; b < a.rows; ++b) {
     T& entry = a.tile.at(b, c);
-    entry = a.labels[b] != cls ? math::exp(a.alpha * (entry + a.margin) - shift) : T(0);
-    sum += entry;
+    if (a.labels[b] == cls) {
+      entry = 0;
+      continue;
+    }
+    const T weight = a.isa.negative(cls, entry);
+    const T e = math::exp(a.alpha * weight * (entry + a.margin) - shift);
+    sum += e;
+    weight_sum += weight;
+    ++count;
+    entry = weight * e;
   }
   a.column_lse[c] = lse0_from_shifted(shift, sum);
+  a.column_mean_weight[c] = count > 0 ? weight_sum / T(count) : T(0);
   const T factor = *a.neg_scale / (math::exp(-shift) + sum);
   for (int64_t b = 0; b < a.rows; ++b) a.tile.at(b, c) *= factor;
 }
@@ -124,34 +159,46 @@ DMLFAST_HD bool first_of_its_class(const int64_t* labels, int64_t b) {
 
 template <typename T>
 struct AnchorPositiveArgs {
-  const T* pos_sim;        // [B]: s_b = <x_hat_b, p_hat_{y_b}>
-  const int64_t* labels;   // [B]
-  int64_t rows;            // B
+  const T* pos_sim;         // [B]: s_b = <x_hat_b, p_hat_{y_b}>
+  const int64_t* labels;    // [B]
+  int64_t rows;             // B
   T alpha;
   T margin;
-  T* class_lse;            // [B] out: l+ of class y_b (the same for all its samples)
-  T* is_first;             // [B] out: 1 where b is the first sample of its class, else 0
+  IsaClassParams<T> isa;
+  T* class_lse;             // [B] out: l+ of class y_b (the same for all its samples)
+  T* is_first;              // [B] out: 1 where b is the first sample of its class, else 0
+  T* weight;                // [B] out: M_b of the positive pair (b, y_b)
+  T* class_mean_weight;     // [B] out: mean of M over the positives of class y_b
 };
 
-// One thread per sample b: l+_{y_b} = LSE0({-alpha (s_j - margin) : y_j = y_b}), recomputed by
-// every sample of the class in the same order (deterministic, no atomics), and whether b is the
-// class's first sample (the one that counts the class in |P+|).
+// One thread per sample b: l+_{y_b} = LSE0({-alpha M_j (s_j - margin) : y_j = y_b}), recomputed
+// by every sample of the class in the same order (deterministic, no atomics), the class's mean M,
+// and whether b is the class's first sample (the one that counts the class in the normalizer).
 template <typename T>
 DMLFAST_HD void anchor_positive_thread(int64_t block, int64_t thread, int64_t block_dim,
                                        const AnchorPositiveArgs<T>& a) {
   const int64_t b = block * block_dim + thread;
   if (b >= a.rows) return;
   const int64_t cls = a.labels[b];
-  T shift = 0;
+  T shift = 0, weight_sum = 0;
+  int64_t count = 0;
   for (int64_t j = 0; j < a.rows; ++j) {
-    if (a.labels[j] == cls) shift = math::max(shift, -a.alpha * (a.pos_sim[j] - a.margin));
+    if (a.labels[j] != cls) continue;
+    const T weight = a.isa.positive(cls, a.pos_sim[j]);
+    shift = math::max(shift, -a.alpha * weight * (a.pos_sim[j] - a.margin));
+    weight_sum += weight;
+    ++count;
   }
   T sum = 0;
   for (int64_t j = 0; j < a.rows; ++j) {
-    if (a.labels[j] == cls) sum += math::exp(-a.alpha * (a.pos_sim[j] - a.margin) - shift);
+    if (a.labels[j] != cls) continue;
+    const T weight = a.isa.positive(cls, a.pos_sim[j]);
+    sum += math::exp(-a.alpha * weight * (a.pos_sim[j] - a.margin) - shift);
   }
   a.class_lse[b] = lse0_from_shifted(shift, sum);
   a.is_first[b] = first_of_its_class(a.labels, b) ? T(1) : T(0);
+  a.weight[b] = a.isa.positive(cls, a.pos_sim[b]);
+  a.class_mean_weight[b] = weight_sum / T(count);
 }
 
 template <typename T>
@@ -203,7 +250,7 @@ DMLFAST_HD void positive_scatter_thread(int64_t block, int64_t thread, int64_t b
 struct SoftmaxRowState {
   double* lse_max;       // [B] running log-sum-exp over the denominator's classes: max ...
   double* lse_sum;       // [B] ... and sum of e^{z - max}
-  double* logit_sum;     // [B] sum over all classes of z_bc
+  double* logit_sum;     // [B] sum over all classes of z_bc; null when not needed (no smoothing)
   double* target_logit;  // [B] z_{b, y_b}
 };
 
@@ -232,9 +279,10 @@ DMLFAST_HD void softmax_row_reduce_thread(int64_t block, int64_t thread, int64_t
   bool any = false;
   T tile_max = 0;
   double logit_sum = 0;
+  const bool sum_logits = a.state.logit_sum != nullptr;
   for (int64_t c = 0; c < a.cols; ++c) {
     const T z = a.scale * a.tile.at(b, c);
-    logit_sum += z;
+    if (sum_logits) logit_sum += z;
     if (c == target) {
       a.state.target_logit[b] = z;
       if (a.exclude_positive) continue;
@@ -242,7 +290,7 @@ DMLFAST_HD void softmax_row_reduce_thread(int64_t block, int64_t thread, int64_t
     tile_max = any ? math::max(tile_max, z) : z;
     any = true;
   }
-  a.state.logit_sum[b] += logit_sum;
+  if (sum_logits) a.state.logit_sum[b] += logit_sum;
   double tile_sum = 0;
   for (int64_t c = 0; c < a.cols; ++c) {
     T& entry = a.tile.at(b, c);

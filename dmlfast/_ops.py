@@ -60,7 +60,7 @@ def _fake_outputs(embeddings, proxies):
 
 
 @torch.library.register_fake("dmlfast::proxy_anchor_loss")
-def _proxy_anchor_loss_fake(embeddings, proxies, labels, margin, alpha):
+def _proxy_anchor_loss_fake(embeddings, proxies, labels, margin, alpha, isa_class_params=None, isa_filter_positives=False):
     return _fake_outputs(embeddings, proxies)
 
 

@@ -74,3 +74,55 @@ def proxy_nca_loss(embeddings, proxies, labels, scale=18.0, smoothing=0.0, exclu
     if not isinstance(exclude_positive, bool):
         raise TypeError(f"{op}: exclude_positive must be a bool, got {type(exclude_positive).__name__}")
     return torch.ops.dmlfast.proxy_nca_loss(embeddings, proxies, labels, scale, smoothing, exclude_positive)[0]
+
+
+def proxy_isa_loss(
+    embeddings,
+    proxies,
+    labels,
+    class_center,
+    class_threshold,
+    class_weight,
+    easy_negative_weight,
+    filter_positives=True,
+    margin=0.1,
+    alpha=32.0,
+):
+    """Proxy-ISA loss (Li et al., MMAsia 2022; SPEC §3.1, §3.3), the fused Proxy-Anchor kernel with
+    a multiplier M in every exponent: u = α M (δ - S) for positives, v = α M (S + δ) for negatives,
+
+    L = Σ_c LSE0(u_{·c}) / W⁺ + Σ_c LSE0(v_{·c}) / W⁻,
+
+    W⁺ (W⁻) = the sum over classes with positives (negatives) of the class's mean M over them.
+    Per class c (each argument a (num_classes,) tensor), with s̄ = ``class_center``,
+    θ = ``class_threshold``, w = ``class_weight``:
+
+    - positives, when ``filter_positives``: M = 1 + w inside [θ, s̄] (informative), w outside
+      (easy above s̄, outlier below θ); otherwise M = 1;
+    - negatives: M = ``easy_negative_weight`` (1/max(1, n_c)) below θ (easy), 1 otherwise.
+
+    M takes no gradient. As in the published code, the official schedule of s̄, θ, w and n lives
+    outside the loss (the per-class state of the ISA module). Embeddings are normalized inside,
+    which changes nothing for the unit-norm embeddings the published model emits.
+    """
+    op = "proxy_isa_loss"
+    _require_tensors(op, embeddings=embeddings, proxies=proxies, labels=labels)
+    vectors = {
+        "class_center": class_center,
+        "class_threshold": class_threshold,
+        "class_weight": class_weight,
+        "easy_negative_weight": easy_negative_weight,
+    }
+    for name, value in vectors.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+        if value.shape != (proxies.shape[0],):
+            raise ValueError(f"{op}: {name} must have shape (num_classes,) = ({proxies.shape[0]},), got {tuple(value.shape)}")
+        if value.device != proxies.device:
+            raise ValueError(f"{op}: {name} must be on {proxies.device}, got {value.device}")
+    if not isinstance(filter_positives, bool):
+        raise TypeError(f"{op}: filter_positives must be a bool, got {type(filter_positives).__name__}")
+    margin = _require_number(op, "margin", margin)
+    alpha = _require_number(op, "alpha", alpha, low=0.0, low_inclusive=False)
+    params = torch.stack([v.detach().to(torch.float64 if proxies.dtype == torch.float64 else torch.float32) for v in vectors.values()])
+    return torch.ops.dmlfast.proxy_anchor_loss(embeddings, proxies, labels, margin, alpha, params, filter_positives)[0]

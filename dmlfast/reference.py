@@ -52,3 +52,28 @@ def proxy_nca_loss(embeddings, proxies, labels, scale=18.0, smoothing=0.0, exclu
     other_weight = smoothing / (num_classes - 1) if num_classes > 1 else 0.0
     weights = torch.full_like(logits, other_weight).masked_fill(target, 1.0 - smoothing)
     return -(weights * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def proxy_isa_loss(embeddings, proxies, labels, class_center, class_threshold, class_weight, easy_negative_weight,
+                   filter_positives=True, margin=0.1, alpha=32.0):
+    """SPEC §3.1 and §3.3: Proxy-Anchor with detached multipliers M from per-class bands.
+
+    Positives: M = 1 + w in [θ, s̄], w outside (when ``filter_positives``, else 1); negatives:
+    M = easy_negative_weight below θ, else 1. Normalizers: sums over classes of the mean M of their
+    positives (W⁺) and of their negatives (W⁻).
+    """
+    sim = cosine(embeddings, proxies)
+    positive = F.one_hot(labels, proxies.shape[0]).bool()
+    with torch.no_grad():
+        informative = (sim >= class_threshold) & (sim <= class_center)
+        pos_weight = torch.where(informative, 1 + class_weight, class_weight) if filter_positives else torch.ones_like(sim)
+        neg_weight = torch.where(sim < class_threshold, easy_negative_weight, torch.ones_like(sim))
+        weight = torch.where(positive, pos_weight, neg_weight)
+        pos_count, neg_count = positive.sum(0), (~positive).sum(0)
+        pos_normalizer = ((weight * positive).sum(0)[pos_count > 0] / pos_count[pos_count > 0]).sum()
+        neg_normalizer = ((weight * ~positive).sum(0)[neg_count > 0] / neg_count[neg_count > 0]).sum()
+    pos_terms = lse0(-alpha * weight * (sim - margin), positive, dim=0)
+    neg_terms = lse0(alpha * weight * (sim + margin), ~positive, dim=0)
+    # A batch without any negative (one class, C = 1) has W⁻ = 0 and an empty sum: its term is 0.
+    tiny = torch.finfo(sim.dtype).tiny
+    return pos_terms.sum() / pos_normalizer.clamp_min(tiny) + neg_terms.sum() / neg_normalizer.clamp_min(tiny)
