@@ -7,7 +7,10 @@ For each loss and class count (B = 256, D = 512 unless given) it times, side by 
 - ``dmlfast``: the fused op;
 - ``eager``: the float32 eager reference (dmlfast.reference, the official formulas);
 - ``compiled``: torch.compile of that reference;
-- ``pml``: pytorch-metric-learning's loss (pinned 2.9.0), when installed.
+- ``pml``: pytorch-metric-learning's loss (pinned 2.9.0), when installed (it has no Proxy-ISA).
+
+``proxy_isa`` uses per-class bands typical of a trained run (s̄ = 0.1, θ = -0.3, w = 0.18,
+easy-negative weight 0.01, positive filter on), so every band of SPEC §3.3 is exercised.
 
 Each (implementation, loss, C) runs in a fresh subprocess so its peak memory is its own. Time is
 the median of ``--repeats`` runs after warm-up; memory is the peak beyond the inputs and their two
@@ -30,13 +33,22 @@ import time
 
 CASES = {"CUB": 100, "In-shop": 3_997, "SOP": 11_318, "100k": 100_000, "1M": 1_000_000}
 IMPLEMENTATIONS = ("gemm3", "dmlfast", "eager", "compiled", "pml")
-LOSSES = ("proxy_anchor", "proxy_nca")
+LOSSES = ("proxy_anchor", "proxy_nca", "proxy_isa")
 NCA_SCALE = 18.0  # pml's softmax_scale = scale / 2
 
 
 def current_rss_bytes():
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def isa_bands(proxies):
+    """Per-class Proxy-ISA inputs of a trained run (SPEC §3.2 at saturation), as keyword arguments."""
+    import torch
+
+    full = lambda value: torch.full((proxies.shape[0],), value, device=proxies.device)  # noqa: E731
+    return {"class_center": full(0.1), "class_threshold": full(-0.3), "class_weight": full(0.18),
+            "easy_negative_weight": full(0.01)}
 
 
 def build_step(implementation, loss, x, p, labels):
@@ -59,6 +71,9 @@ def build_step(implementation, loss, x, p, labels):
     if implementation == "pml":
         from pytorch_metric_learning import losses as pml
 
+        if loss == "proxy_isa":
+            raise SystemExit("pytorch-metric-learning has no Proxy-ISA")
+
         if loss == "proxy_anchor":
             module = pml.ProxyAnchorLoss(p.shape[0], p.shape[1])
         else:
@@ -68,7 +83,7 @@ def build_step(implementation, loss, x, p, labels):
             module.proxies.copy_(p)
         fn = lambda: module(x, labels)  # noqa: E731
     else:
-        kwargs = {} if loss == "proxy_anchor" else {"scale": NCA_SCALE}
+        kwargs = {"proxy_anchor": {}, "proxy_nca": {"scale": NCA_SCALE}, "proxy_isa": isa_bands(p)}[loss]
         if implementation == "dmlfast":
             base = getattr(dmlfast.functional, f"{loss}_loss")
         else:
