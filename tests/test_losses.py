@@ -181,3 +181,13 @@ def test_repeated_backward_through_one_graph_gives_the_same_gradients():
     second = torch.autograd.grad(3.0 * loss, (x, p))
     torch.testing.assert_close(second[0], 3.0 * first[0])
     torch.testing.assert_close(second[1], 3.0 * first[1])
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_random_shapes_match_reference(seed):
+    gen = torch.Generator().manual_seed(100 + seed)
+    batch, num_classes, dim = (int(torch.randint(low, high, (1,), generator=gen)) for low, high in ((1, 97), (1, 400), (2, 70)))
+    x, p, labels = make_inputs(batch, num_classes, dim, "random", seed=seed)
+    for name in LOSSES:
+        if applicable(name, num_classes):
+            check_against_reference(name, x, p, labels, tol=1e-6)
