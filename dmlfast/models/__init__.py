@@ -1,0 +1,261 @@
+"""Backbones and the embedding head of dmlfast's training (``build_model``).
+
+Backbones (``BACKBONES``): ``resnet50``, ``resnet18``, ``googlenet`` (torchvision), ``bn_inception``
+(written here, :mod:`dmlfast.models.bn_inception`) and ``smallcnn``, a 4-layer CNN for small images
+that trains from scratch in minutes on a CPU (the glyph default).
+
+Pretrained weights (``weights=``):
+
+* ``"imagenet"``: torchvision's download/cache (``~/.cache/torch/hub/checkpoints``). ResNet-50 uses
+  ``IMAGENET1K_V1``, the weights the metric-learning papers used (not torchvision's V2 default).
+  BN-Inception's weights are not in torchvision: download ``bn_inception-52deb4733.pth`` from
+  https://github.com/Cadene/pretrained-models.pytorch (``bninception``) and pass its path.
+* a path: a local state dict (a ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper and a
+  ``module.`` prefix are accepted; classifier keys such as ``fc.*``/``last_linear.*`` are ignored).
+* ``"none"``: random initialisation.
+
+When ImageNet weights are asked for and cannot be had, ``WeightsUnavailableError`` says so and how to
+pass a local file; the model never falls back to random weights silently.
+
+Head (``EmbeddingModel``): backbone feature map -> pooling (``"avg+max"``: global average + global
+max, summed; or ``"avg"``/``"max"``) -> optional LayerNorm without affine -> Linear (kaiming_normal
+fan_out, zero bias) -> L2-normalised embedding. ``freeze_bn=True`` keeps every BatchNorm in eval mode
+with its affine parameters frozen.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .bn_inception import BNInception
+
+BACKBONES = ("resnet50", "resnet18", "googlenet", "bn_inception", "smallcnn")
+POOLINGS = ("avg+max", "avg", "max")
+
+#: torchvision weight enum member used for ``weights="imagenet"``.
+_TORCHVISION_WEIGHTS = {"resnet50": "ResNet50_Weights.IMAGENET1K_V1", "resnet18": "ResNet18_Weights.IMAGENET1K_V1",
+                        "googlenet": "GoogLeNet_Weights.IMAGENET1K_V1"}
+#: input normalisation each backbone's weights expect (``make_loader(normalization=...)``).
+NORMALIZATION = {"resnet50": "imagenet", "resnet18": "imagenet", "googlenet": "imagenet",
+                 "bn_inception": "bn_inception", "smallcnn": "imagenet"}
+BN_INCEPTION_WEIGHTS_HINT = ("BN-Inception's ImageNet weights are not in torchvision: download bn_inception-52deb4733.pth "
+                             "(Cadene's pretrained-models.pytorch, 'bninception') and pass --weights PATH")
+_CLASSIFIER_PREFIXES = ("fc.", "last_linear.", "aux1.", "aux2.", "classifier.")
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights were asked for and cannot be had (offline, no cache, bad file)."""
+
+
+class SmallCNN(nn.Module):
+    """A stride-2 3x3 conv stem, then three 3x3 conv-BN-ReLU layers of ``width``, 2x, 4x channels with
+    2x2 max pooling between them: ``forward(x [N,3,H,W]) -> [N, 4*width, H/8, W/8]``.
+
+    About 5 MFLOPs per 32 px image, so it trains from scratch in minutes on a CPU; ``out_channels``
+    is ``4 * width``."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"SmallCNN: width must be a positive int, got {width!r}")
+        layers = [nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        cin = width
+        for stage, cout in enumerate((width, 2 * width, 4 * width)):
+            if stage:
+                layers.append(nn.MaxPool2d(2))
+            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self.out_channels = cin
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        return self.features(x)
+
+
+class _TorchvisionFeatures(nn.Module):
+    """A torchvision classifier cut before its global pooling: returns the last feature map."""
+
+    def __init__(self, net: nn.Module, names, out_channels: int, transform_input: bool = False):
+        super().__init__()
+        self.net = net
+        self.names = list(names)
+        self.out_channels = out_channels
+        self.transform_input = transform_input
+
+    def forward(self, x):
+        if self.transform_input:
+            x = self.net._transform_input(x)
+        for name in self.names:
+            x = getattr(self.net, name)(x)
+        return x
+
+
+def _torchvision_backbone(name: str) -> nn.Module:
+    import torchvision
+
+    if name in ("resnet50", "resnet18"):
+        net = getattr(torchvision.models, name)(weights=None)
+        net.fc = nn.Identity()
+        names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+        return _TorchvisionFeatures(net, names, 2048 if name == "resnet50" else 512)
+    net = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True, transform_input=False)
+    net.fc = nn.Identity()
+    names = ("conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a", "inception3b", "maxpool3",
+             "inception4a", "inception4b", "inception4c", "inception4d", "inception4e", "maxpool4", "inception5a", "inception5b")
+    return _TorchvisionFeatures(net, names, 1024)
+
+
+def make_backbone(name: str) -> nn.Module:
+    """A randomly initialised backbone ``name`` (one of ``BACKBONES``) with an ``out_channels`` attribute."""
+    if name not in BACKBONES:
+        raise ValueError(f"make_backbone: unknown model {name!r}; choose one of {', '.join(BACKBONES)}")
+    if name == "bn_inception":
+        return BNInception()
+    if name == "smallcnn":
+        return SmallCNN()
+    return _torchvision_backbone(name)
+
+
+def _backbone_state_target(name: str, backbone: nn.Module) -> nn.Module:
+    return backbone.net if isinstance(backbone, _TorchvisionFeatures) else backbone
+
+
+def _imagenet_state_dict(name: str) -> Dict[str, torch.Tensor]:
+    if name not in _TORCHVISION_WEIGHTS:
+        hint = BN_INCEPTION_WEIGHTS_HINT if name == "bn_inception" else "use --weights none (it trains from scratch) or --weights PATH"
+        raise WeightsUnavailableError(f"--weights imagenet: there are no ImageNet weights for {name!r} in torchvision; {hint}")
+    import torchvision
+
+    enum_name, member = _TORCHVISION_WEIGHTS[name].split(".")
+    weights = getattr(getattr(torchvision.models, enum_name), member)
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    try:
+        return weights.get_state_dict(progress=True, check_hash=False)
+    except Exception as error:  # urllib/http/ssl/socket errors differ by platform and Python version
+        raise WeightsUnavailableError(
+            f"--weights imagenet: cannot get {name} ImageNet weights ({_TORCHVISION_WEIGHTS[name]}): the download of "
+            f"{weights.url} failed ({type(error).__name__}: {error}) and there is no cached copy at {cache}; download "
+            f"that file on a machine with internet access and pass --weights PATH (or copy it to {cache})"
+        ) from error
+
+
+def _local_state_dict(path: Path) -> Dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise WeightsUnavailableError(f"--weights: no such file: {path} (give 'imagenet', 'none' or the path of a state dict)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises several types for a file that is not a checkpoint
+        raise WeightsUnavailableError(f"--weights: cannot read {path} as a torch state dict ({type(error).__name__}: {error})") from error
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsUnavailableError(f"--weights: {path} does not hold a state dict (a mapping of names to tensors)")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def load_backbone_weights(name: str, backbone: nn.Module, weights) -> None:
+    """Load ``weights`` (``"imagenet"``, ``"none"`` or a path) into ``backbone`` (from ``make_backbone(name)``).
+
+    Raises ``WeightsUnavailableError`` when the weights cannot be had or do not fit the backbone."""
+    if name not in BACKBONES:
+        raise ValueError(f"load_backbone_weights: unknown model {name!r}; choose one of {', '.join(BACKBONES)}")
+    if weights is None or weights == "none":
+        return
+    if not isinstance(weights, (str, Path)):
+        raise ValueError(f"load_backbone_weights: weights must be 'imagenet', 'none' or a path, got {weights!r}")
+    state = _imagenet_state_dict(name) if weights == "imagenet" else _local_state_dict(Path(weights))
+    state = {k: v for k, v in state.items() if not k.startswith(_CLASSIFIER_PREFIXES)}
+    target = _backbone_state_target(name, backbone)
+    expected = {k for k in target.state_dict() if not k.startswith(_CLASSIFIER_PREFIXES)}
+    missing = sorted(k for k in expected - set(state) if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise WeightsUnavailableError(
+            f"--weights {weights}: the state dict does not fit {name}: {len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+    try:
+        target.load_state_dict(state, strict=False)
+    except RuntimeError as error:
+        raise WeightsUnavailableError(f"--weights {weights}: the tensors do not fit {name}: {error}") from error
+
+
+class EmbeddingModel(nn.Module):
+    """``backbone`` + pooling + optional LayerNorm + Linear embedding, L2-normalised output.
+
+    ``forward(images [N,3,H,W]) -> [N, embedding_size]`` unit vectors (in the autocast dtype under
+    autocast). ``backbone_parameters()`` and ``embedding_parameters()`` split the parameters for the
+    optimizer groups. With ``freeze_bn`` every BatchNorm stays in eval mode (``train()`` included)
+    and its affine parameters do not train."""
+
+    def __init__(self, backbone: nn.Module, embedding_size: int, pooling: str = "avg+max", layer_norm: bool = False,
+                 freeze_bn: bool = False):
+        super().__init__()
+        if isinstance(embedding_size, bool) or not isinstance(embedding_size, int) or embedding_size < 1:
+            raise ValueError(f"EmbeddingModel: embedding_size must be a positive int, got {embedding_size!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"EmbeddingModel: pooling must be one of {POOLINGS}, got {pooling!r}")
+        features = getattr(backbone, "out_channels", None)
+        if not isinstance(features, int):
+            raise ValueError("EmbeddingModel: backbone must have an int out_channels attribute")
+        self.backbone = backbone
+        self.pooling = pooling
+        self.freeze_bn = bool(freeze_bn)
+        self.layer_norm = nn.LayerNorm(features, elementwise_affine=False) if layer_norm else None
+        self.embedding = nn.Linear(features, embedding_size)
+        nn.init.kaiming_normal_(self.embedding.weight, mode="fan_out")
+        nn.init.zeros_(self.embedding.bias)
+        if self.freeze_bn:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    for p in m.parameters():
+                        p.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_bn:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def backbone_parameters(self):
+        """Trainable backbone parameters (frozen BatchNorm affine parameters excluded)."""
+        return [p for p in self.backbone.parameters() if p.requires_grad]
+
+    def embedding_parameters(self):
+        """The embedding Linear's weight and bias."""
+        return list(self.embedding.parameters())
+
+    def forward(self, images):
+        x = self.backbone(images)
+        if self.pooling == "avg+max":
+            x = F.adaptive_avg_pool2d(x, 1) + F.adaptive_max_pool2d(x, 1)
+        elif self.pooling == "avg":
+            x = F.adaptive_avg_pool2d(x, 1)
+        else:
+            x = F.adaptive_max_pool2d(x, 1)
+        x = x.flatten(1)
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        return F.normalize(self.embedding(x), dim=1)
+
+
+def build_model(name: str, embedding_size: int, *, weights="none", pooling: str = "avg+max", layer_norm: bool = False,
+                freeze_bn: bool = False) -> EmbeddingModel:
+    """Backbone ``name`` with ``weights`` (see the module docstring) under the embedding head."""
+    backbone = make_backbone(name)
+    load_backbone_weights(name, backbone, weights)
+    return EmbeddingModel(backbone, embedding_size, pooling=pooling, layer_norm=layer_norm, freeze_bn=freeze_bn)
+
+
+__all__ = ["BACKBONES", "BN_INCEPTION_WEIGHTS_HINT", "NORMALIZATION", "POOLINGS", "BNInception", "EmbeddingModel",
+           "SmallCNN", "WeightsUnavailableError", "build_model", "load_backbone_weights", "make_backbone"]
