@@ -1,0 +1,137 @@
+"""The training recipes: one table (``RULES``) per dataset x loss x backbone, and ``resolve_recipe``.
+
+A recipe is built by applying, in order, every rule of ``RULES`` whose dataset, loss and model
+patterns match (``"*"`` matches anything; later rules override earlier ones), on top of
+``Recipe()``'s defaults. The model comes first: the one given (``--model``) or the ``model`` that the
+matching rules name for the dataset and loss. Command-line flags then override the result
+(``dmlfast.train``). Sources: SPEC-losses.md §1.2 (Proxy-Anchor, official train.py and README),
+§2.3 (ProxyNCA++), §4.4 (Norm-SoftMax, Proxy Synthesis recipe). The glyph and Omniglot rows are
+dmlfast's own: a small CNN trained from scratch, sized to finish in minutes on a CPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+LOSSES = ("ProxyAnchor", "ProxyNCA", "NormSoftmax")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every hyper-parameter of a training run (CLI flags of the same name override them).
+
+    ``proxy_lr_mult``/``embedding_lr_mult``: learning-rate multipliers of the proxies' and the
+    embedding Linear's parameter groups. ``warmup_epochs``: first epochs in which only the embedding
+    and the proxies train. ``lr_step``/``lr_gamma``: StepLR per epoch (``lr_step=0``: constant lr).
+    ``grad_clip``: ``clip_grad_value_`` bound (0: off), applied to the proxies too when
+    ``clip_proxies``. ``image_size``/``resize_size``: ``None`` takes the dataset's loader defaults.
+    ``loss_kwargs``: passed to the loss constructor."""
+
+    model: str = "bn_inception"
+    weights: str = "imagenet"
+    embedding_size: int = 512
+    pooling: str = "avg+max"
+    layer_norm: bool = False
+    freeze_bn: bool = True
+    batch_size: int = 180
+    samples_per_class: Optional[int] = None
+    epochs: int = 60
+    optimizer: str = "adamw"
+    lr: float = 1e-4
+    embedding_lr_mult: float = 1.0
+    proxy_lr_mult: float = 100.0
+    weight_decay: float = 1e-4
+    adam_eps: float = 1e-8
+    warmup_epochs: int = 1
+    lr_step: int = 10
+    lr_gamma: float = 0.5
+    grad_clip: float = 10.0
+    clip_proxies: bool = True
+    image_size: Optional[int] = None
+    resize_size: Optional[int] = None
+    loss_kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    def replace(self, **changes) -> "Recipe":
+        """A copy with ``changes`` applied (unknown names raise ``ValueError``)."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"Recipe.replace: unknown fields {unknown}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# (dataset pattern, loss pattern, model pattern, overrides), applied in order. A pattern is "*", a
+# name, or a tuple of names.
+RULES: Tuple[Tuple[Any, Any, Any, Dict[str, Any]], ...] = (
+    # Proxy-Anchor, official train.py defaults + README (SPEC §1.2).
+    ("*", "ProxyAnchor", "*", dict(model="bn_inception", embedding_size=512, batch_size=180, epochs=60, optimizer="adamw",
+                                    lr=1e-4, proxy_lr_mult=100.0, weight_decay=1e-4, warmup_epochs=1, freeze_bn=True,
+                                    lr_step=10, lr_gamma=0.5, grad_clip=10.0, pooling="avg+max",
+                                    loss_kwargs=dict(margin=0.1, alpha=32.0))),
+    ("*", "ProxyAnchor", "resnet50", dict(batch_size=120, warmup_epochs=5)),
+    ("*", "ProxyAnchor", ("googlenet", "resnet18"), dict(batch_size=150)),
+    (("SOP", "In-shop"), "ProxyAnchor", "*", dict(lr=6e-4, lr_step=20, lr_gamma=0.25, freeze_bn=False)),
+    ("Cars196", "ProxyAnchor", "bn_inception", dict(lr_step=20)),
+    ("CUB", "ProxyAnchor", "resnet50", dict(lr_step=5)),
+    ("Cars196", "ProxyAnchor", "resnet50", dict(lr_step=10)),
+    # ProxyNCA++ (SPEC §2.3). Its LR schedule (ReduceLROnPlateau on a validation split, then
+    # MultiStepLR at the recorded milestones) is not reproduced: constant lr.
+    ("*", "ProxyNCA", "*", dict(model="resnet50", embedding_size=2048, pooling="max", layer_norm=True, freeze_bn=True,
+                                 optimizer="adam", adam_eps=1.0, weight_decay=0.0, lr=4e-3, proxy_lr_mult=1e5,
+                                 batch_size=32, samples_per_class=4, warmup_epochs=5, epochs=40, lr_step=0,
+                                 grad_clip=10.0, clip_proxies=False, image_size=256, resize_size=288,
+                                 loss_kwargs=dict(scale=18.0))),
+    (("SOP", "In-shop"), "ProxyNCA", "*", dict(lr=2.4e-2, batch_size=192, samples_per_class=3, epochs=80)),
+    ("SOP", "ProxyNCA", "*", dict(proxy_lr_mult=1e4)),
+    # Norm-SoftMax with the Proxy Synthesis repository's recipe (SPEC §4.4).
+    ("*", "NormSoftmax", "*", dict(model="bn_inception", embedding_size=512, pooling="avg", freeze_bn=True,
+                                    optimizer="adam", adam_eps=0.01, lr=1e-4, proxy_lr_mult=100.0, weight_decay=1e-4,
+                                    batch_size=128, epochs=130, lr_step=50, lr_gamma=0.1, warmup_epochs=0,
+                                    grad_clip=10.0, image_size=224, loss_kwargs=dict(scale=23.0))),
+    # dmlfast's small-image rows: a small CNN from scratch, any loss (its own loss_kwargs kept).
+    (("glyphs", "Omniglot"), "*", "*", dict(model="smallcnn", weights="none", embedding_size=128, pooling="avg+max",
+                                              layer_norm=False, freeze_bn=False, optimizer="adamw", adam_eps=1e-8,
+                                              lr=2e-3, proxy_lr_mult=100.0, weight_decay=1e-4, warmup_epochs=0,
+                                              batch_size=128, samples_per_class=None, epochs=8, lr_step=4, lr_gamma=0.3,
+                                              grad_clip=10.0, clip_proxies=True, image_size=None, resize_size=None)),
+    ("Omniglot", "*", "*", dict(epochs=10, lr_step=5, image_size=32, resize_size=32)),
+    # Small-image runs with an ImageNet backbone: its weights, the dataset's own image size.
+    (("glyphs", "Omniglot"), "*", ("resnet50", "resnet18", "googlenet", "bn_inception"), dict(weights="imagenet", lr=1e-4, warmup_epochs=1)),
+)
+
+
+def _matches(pattern, value) -> bool:
+    return pattern == "*" or value == pattern or (isinstance(pattern, tuple) and value in pattern)
+
+
+def default_model(dataset: str, loss: str) -> str:
+    """The backbone the recipe table names for ``dataset`` and ``loss``."""
+    return resolve_recipe(dataset, loss).model
+
+
+def resolve_recipe(dataset: str, loss: str, model: Optional[str] = None) -> Recipe:
+    """The recipe for ``dataset`` x ``loss`` x ``model`` (``model=None``: the table's backbone for them)."""
+    from dmlfast.data import DATASETS
+    from dmlfast.models import BACKBONES
+
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    if model is not None and model not in BACKBONES:
+        raise ValueError(f"unknown model {model!r}; choose one of {', '.join(BACKBONES)}")
+    if model is None:
+        model = _apply(dataset, loss, None).model
+    return _apply(dataset, loss, model).replace(model=model)
+
+
+def _apply(dataset: str, loss: str, model: Optional[str]) -> Recipe:
+    values: Dict[str, Any] = {}
+    for data_pattern, loss_pattern, model_pattern, overrides in RULES:
+        if _matches(data_pattern, dataset) and _matches(loss_pattern, loss) and (model is None and model_pattern == "*" or model is not None and _matches(model_pattern, model)):
+            values.update(overrides)
+    return Recipe(**values)

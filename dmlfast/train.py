@@ -1,0 +1,519 @@
+"""``python -m dmlfast.train``: train an embedding network with a fused proxy loss and a published recipe.
+
+With no arguments it trains a small CNN with Proxy-Anchor on the built-in glyph set (rendered on
+first use, no download) on the CPU or GPU that is there, in a few minutes on a laptop, and prints
+Recall@K and MAP@R on the held-out classes before and after training. ``--dataset`` picks a
+benchmark (``--data-root`` its folder) and the recipe of ``dmlfast.recipes`` for the dataset, the
+loss and the backbone; any flag given overrides the recipe. Run ``python -m dmlfast.train --help``.
+
+Outputs in ``--output``: ``config.json`` (the final configuration), ``last.pt`` (after every epoch;
+``--resume`` continues from it), ``best.pt`` (best Recall@1), ``log.jsonl``, ``curves.png`` and
+TensorBoard events when ``tensorboard`` is installed. User errors (bad flags, missing data, wrong
+checkpoint) print one ``error:`` line and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+PROG = "python -m dmlfast.train"
+USAGE_ERROR = 2
+
+#: Recall@K cut-offs of each dataset's published evaluation.
+DATASET_KS = {"CUB": (1, 2, 4, 8), "Cars196": (1, 2, 4, 8), "SOP": (1, 10, 100, 1000),
+              "In-shop": (1, 10, 20, 30, 40, 50), "Omniglot": (1, 2, 4, 8), "glyphs": (1, 2, 4, 8)}
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+#: Configuration keys that may differ between a checkpoint and the run resuming it.
+RESUMABLE_CHANGES = {"resume", "output", "device", "workers", "data_root", "progress", "loader"}
+
+
+class UsageError(Exception):
+    """A problem with the user's input: printed as one ``error:`` line, exit status 2."""
+
+
+EPILOG = """\
+recipes (dmlfast/recipes.py; every flag below overrides the recipe's value):
+  glyphs, Omniglot   smallcnn from scratch, emb 128, batch 128, AdamW lr 2e-3 (proxies x100), StepLR 4/0.3, 8 epochs
+                     (Omniglot: 32 px, StepLR 5/0.3, 10 epochs)
+  ProxyAnchor        bn_inception, emb 512, batch 180 (resnet50 120), AdamW lr 1e-4, proxies x100, wd 1e-4,
+                     StepLR 10/0.5, warm-up 1 epoch (resnet50 5), frozen BN, 60 epochs, GAP+GMP;
+                     SOP/In-shop lr 6e-4, StepLR 20/0.25, BN trained; Cars bn_inception step 20; resnet50 CUB 5, Cars 10
+  ProxyNCA           ProxyNCA++: resnet50, GMP + LayerNorm, emb 2048, Adam eps 1 wd 0, lr 4e-3, proxies x1e5,
+                     batch 32 (4 per class), warm-up 5, crop 256/resize 288, scale 18, 40 epochs;
+                     SOP/In-shop lr 2.4e-2, batch 192 (3 per class), 80 epochs, SOP proxies x1e4
+  NormSoftmax        bn_inception, GAP, emb 512, Adam eps 0.01, lr 1e-4, proxies x100, wd 1e-4, StepLR 50/0.1,
+                     batch 128, 130 epochs, frozen BN, scale 23
+  all                gradient values clipped at 10
+
+weights: --weights imagenet uses torchvision's download/cache (ResNet-50: IMAGENET1K_V1, as in the papers);
+  BN-Inception's weights are not in torchvision: download bn_inception-52deb4733.pth from
+  https://github.com/Cadene/pretrained-models.pytorch and pass --weights PATH.
+
+examples:
+  python -m dmlfast.train                                   # glyphs, CPU or GPU, a few minutes
+  python -m dmlfast.train --dataset CUB --data-root ~/data/CUB --weights ~/bn_inception-52deb4733.pth
+  python -m dmlfast.train --dataset SOP --data-root ~/data/SOP --model resnet50 --loss ProxyAnchor
+  python -m dmlfast.train --output runs/glyphs --resume     # continue a killed run
+  python -m dmlfast.evaluate --checkpoint runs/glyphs/best.pt
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; options left out (``None``) take the recipe's value."""
+    from dmlfast.data import DATASETS
+    from dmlfast.models import BACKBONES, POOLINGS
+    from dmlfast.recipes import LOSSES, OPTIMIZERS
+
+    p = argparse.ArgumentParser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+                                description="Train an embedding network with a fused proxy loss; evaluates Recall@K and "
+                                            "MAP@R on the held-out classes before training and every --eval-every epochs.")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="glyphs", choices=list(DATASETS), metavar="NAME",
+                   help=f"one of {', '.join(DATASETS)} (default: glyphs, built in)")
+    g.add_argument("--data-root", type=Path, metavar="DIR", help="the dataset's folder (glyphs: where to render it, default ~/.cache/dmlfast)")
+    g.add_argument("--loader", choices=("auto", "dali", "torch"), default="auto",
+                   help="image loader: NVIDIA DALI or torchvision; auto = DALI on CUDA when installed, else torchvision "
+                        "(on a CPU, DALI's threads compete with the training for the cores)")
+    g.add_argument("--workers", type=int, default=2, metavar="N", help="loader worker processes / DALI threads (default: 2; 0 = load in the main process)")
+    g.add_argument("--image-size", type=int, metavar="PX", help="training/evaluation crop size (recipe: the dataset's default)")
+    g.add_argument("--samples-per-class", type=int, metavar="M", help="class-balanced batches with M images per class (recipe; 0 = random batches)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=BACKBONES, metavar="NAME", help=f"backbone: {', '.join(BACKBONES)} (recipe)")
+    g.add_argument("--weights", metavar="imagenet|none|PATH", help="backbone initialisation: torchvision ImageNet weights, random, or a local state dict (recipe)")
+    g.add_argument("--embedding-size", type=int, metavar="D", help="embedding dimension (recipe)")
+    g.add_argument("--pooling", choices=POOLINGS, help="global pooling of the feature map (recipe)")
+    g.add_argument("--freeze-bn", choices=("on", "off"), help="keep BatchNorm statistics and affine parameters frozen (recipe)")
+    g = p.add_argument_group("loss and optimisation")
+    g.add_argument("--loss", default="ProxyAnchor", choices=LOSSES, metavar="NAME", help=f"{', '.join(LOSSES)} (default: ProxyAnchor)")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, help="optimizer (recipe)")
+    g.add_argument("--lr", type=float, help="backbone learning rate (recipe)")
+    g.add_argument("--proxy-lr-mult", type=float, metavar="X", help="proxies' learning rate = X * lr (recipe)")
+    g.add_argument("--weight-decay", type=float, metavar="WD", help="weight decay of every group (recipe)")
+    g.add_argument("--batch-size", type=int, metavar="B", help="images per training batch (recipe)")
+    g.add_argument("--epochs", type=int, metavar="E", help="training epochs (recipe)")
+    g.add_argument("--warmup-epochs", type=int, metavar="W", help="first epochs training only the embedding and proxies (recipe)")
+    g.add_argument("--lr-step", type=int, metavar="S", help="StepLR period in epochs, 0 = constant (recipe)")
+    g.add_argument("--lr-gamma", type=float, metavar="G", help="StepLR factor (recipe)")
+    g.add_argument("--grad-clip", type=float, metavar="V", help="clip gradient values at +-V, 0 = off (recipe: 10)")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    g.add_argument("--amp", choices=AMP_MODES, default="auto", help="autocast dtype: bf16, fp16 (with GradScaler) or off; auto = bf16 on CUDA, off on CPU")
+    g.add_argument("--eval-every", type=int, default=1, metavar="N", help="evaluate every N epochs and after the last (default: 1)")
+    g.add_argument("--output", type=Path, default=Path("runs/train"), metavar="DIR", help="folder for checkpoints, config and logs (default: runs/train)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --output from its last.pt (starts afresh when there is none)")
+    g.add_argument("--seed", type=int, default=1, help="seed of initialisation, batches and augmentation (default: 1, as Proxy-Anchor)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return p
+
+
+def make_config(args: argparse.Namespace) -> Dict[str, Any]:
+    """The final configuration: the recipe for (dataset, loss, model) with the given flags applied."""
+    from dmlfast.recipes import resolve_recipe
+
+    try:
+        recipe = resolve_recipe(args.dataset, args.loss, args.model)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    overrides = {name: getattr(args, name) for name in ("weights", "embedding_size", "pooling", "optimizer", "lr", "proxy_lr_mult",
+                                                         "weight_decay", "batch_size", "epochs", "warmup_epochs", "lr_step",
+                                                         "lr_gamma", "grad_clip", "image_size", "samples_per_class")}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.freeze_bn is not None:
+        overrides["freeze_bn"] = args.freeze_bn == "on"
+    if overrides.get("samples_per_class") == 0:
+        overrides["samples_per_class"] = None
+    if "image_size" in overrides:
+        overrides["resize_size"] = None
+    config = recipe.replace(**overrides).to_dict()
+    config.update(dataset=args.dataset, data_root=None if args.data_root is None else str(args.data_root), loss=args.loss,
+                  device=args.device, amp=args.amp, loader=args.loader, workers=args.workers, eval_every=args.eval_every,
+                  output=str(args.output), resume=args.resume, seed=args.seed, progress=args.progress,
+                  ks=list(DATASET_KS[args.dataset]))
+    _check_config(config)
+    return config
+
+
+def _check_config(c: Dict[str, Any]) -> None:
+    positive = ("embedding_size", "batch_size", "epochs", "eval_every")
+    for name in positive:
+        if c[name] < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {c[name]}")
+    for name in ("warmup_epochs", "lr_step", "workers"):
+        if c[name] < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {c[name]}")
+    for name in ("lr", "proxy_lr_mult", "lr_gamma"):
+        if not (c[name] > 0 and math.isfinite(c[name])):
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive number, got {c[name]}")
+    for name in ("weight_decay", "grad_clip"):
+        if not (c[name] >= 0 and math.isfinite(c[name])):
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {c[name]}")
+    if c["image_size"] is not None and c["image_size"] < 8:
+        raise UsageError(f"--image-size must be at least 8, got {c['image_size']}")
+    m = c["samples_per_class"]
+    if m is not None and (m < 1 or c["batch_size"] % m):
+        raise UsageError(f"--samples-per-class must be >= 1 and divide --batch-size ({c['batch_size']}), got {m}")
+    if c["dataset"] != "glyphs" and c["data_root"] is None:
+        raise UsageError(f"--dataset {c['dataset']} needs --data-root DIR, the folder holding it")
+    if c["data_root"] is not None and c["dataset"] != "glyphs" and not Path(c["data_root"]).is_dir():
+        raise UsageError(f"--data-root: no such folder: {c['data_root']}")
+
+
+def resolve_device(name: Optional[str]):
+    """``torch.device`` for ``--device`` (default: cuda when available); ``UsageError`` when it cannot be used."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UsageError(f"--device: {error}") from error
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine (no GPU, or torch without CUDA); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return device
+
+
+def resolve_loader(name: str, device) -> str:
+    """``"dali"`` or ``"torch"`` for ``--loader name``; ``UsageError`` when DALI is asked for and missing."""
+    from dmlfast.data import DALI_INSTALL_HINT, dali_available
+
+    if name not in ("auto", "dali", "torch"):
+        raise UsageError(f"--loader must be auto, dali or torch, got {name!r}")
+    if name == "dali" and not dali_available():
+        raise UsageError(f"--loader dali: NVIDIA DALI is not installed ({DALI_INSTALL_HINT}); or use --loader torch")
+    if name == "auto":
+        return "dali" if device.type == "cuda" and dali_available() else "torch"
+    return name
+
+
+def amp_dtype(mode: str, device) -> Optional["torch.dtype"]:
+    """The autocast dtype of ``--amp mode`` on ``device`` (``None``: float32)."""
+    import torch
+
+    if mode not in AMP_MODES:
+        raise ValueError(f"amp_dtype: mode must be one of {AMP_MODES}, got {mode!r}")
+    if mode == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
+
+
+def load_splits(config: Dict[str, Any]):
+    """The dataset's splits; missing data becomes a one-line ``UsageError`` with the fix."""
+    from dmlfast.data import DatasetLayoutError, load_dataset
+
+    try:
+        return load_dataset(config["dataset"], config["data_root"])
+    except DatasetLayoutError as error:
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        source = next((line for line in lines if "published at" in line), "")
+        hint = f"; {source}" if source else ""
+        raise UsageError(f"{lines[0]}{hint}; pass --data-root DIR with the layout given in `python -m dmlfast.data` docs "
+                         f"(help(dmlfast.data))") from error
+
+
+def make_loss(config: Dict[str, Any], num_classes: int):
+    """The loss module named by ``config['loss']`` with its proxies for ``num_classes`` classes."""
+    import dmlfast
+
+    classes = {"ProxyAnchor": dmlfast.ProxyAnchorLoss, "ProxyNCA": dmlfast.ProxyNCALoss, "NormSoftmax": dmlfast.NormSoftmaxLoss}
+    if config["loss"] not in classes:
+        raise UsageError(f"unknown loss {config['loss']!r}; choose one of {', '.join(classes)}")
+    return classes[config["loss"]](num_classes, config["embedding_size"], **config["loss_kwargs"])
+
+
+def make_model(config: Dict[str, Any]):
+    """The embedding model of ``config`` (weights loaded as ``config['weights']`` says)."""
+    from dmlfast.models import WeightsUnavailableError, build_model
+
+    try:
+        return build_model(config["model"], config["embedding_size"], weights=config["weights"], pooling=config["pooling"],
+                           layer_norm=config["layer_norm"], freeze_bn=config["freeze_bn"])
+    except WeightsUnavailableError as error:
+        raise UsageError(str(error)) from error
+
+
+def make_eval_loaders(config: Dict[str, Any], splits, device):
+    """``(query loader, reference loader or None)``: the test split against itself, or In-shop's query vs gallery."""
+    from dmlfast.data import make_loader
+    from dmlfast.models import NORMALIZATION
+
+    kw = dict(train=False, batch_size=max(256, config["batch_size"]), device=device, loader=config["loader"],
+              image_size=config["image_size"], normalization=NORMALIZATION[config["model"]], num_workers=config["workers"])
+    if config["image_size"] is not None and config["resize_size"] is not None:
+        kw["resize_size"] = config["resize_size"]
+    if splits.test is not None:
+        return make_loader(splits.test, **kw), None
+    return make_loader(splits.query, **kw), make_loader(splits.gallery, **kw)
+
+
+def embed(model, loader, device, dtype, progress: bool, desc: str):
+    """Embeddings (float32, on ``device``) and labels of every image of ``loader``, in order."""
+    import torch
+    from tqdm import tqdm
+
+    model.eval()
+    embeddings, labels = [], []
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        for images, y in tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch"):
+            if device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            embeddings.append(model(images).float())
+            labels.append(y)
+    return torch.cat(embeddings), torch.cat(labels)
+
+
+def evaluate_model(model, loaders, config: Dict[str, Any], device, dtype, progress: bool) -> Dict[str, float]:
+    """Recall@K (the dataset's Ks), MAP@R and R-Precision of ``model`` on the held-out classes."""
+    from dmlfast.evaluation import retrieval_metrics
+
+    query_loader, reference_loader = loaders
+    q, ql = embed(model, query_loader, device, dtype, progress, "embed test")
+    reference = reference_labels = None
+    if reference_loader is not None:
+        reference, reference_labels = embed(model, reference_loader, device, dtype, progress, "embed gallery")
+    count = len(reference_labels) if reference_labels is not None else len(ql) - 1
+    ks = tuple(k for k in config["ks"] if k <= count)
+    metrics = retrieval_metrics(q, ql.cpu().numpy(), ks=ks, reference=reference,
+                                reference_labels=None if reference_labels is None else reference_labels.cpu().numpy(),
+                                metrics=("recall", "map@r", "r_precision"), progress=False)
+    return {k: float(v) for k, v in metrics.items() if k.startswith(("recall@", "map@r", "r_precision"))}
+
+
+def _param_groups(model, loss_fn, config):
+    return [
+        {"name": "backbone", "params": model.backbone_parameters(), "lr": config["lr"]},
+        {"name": "embedding", "params": model.embedding_parameters(), "lr": config["lr"] * config["embedding_lr_mult"]},
+        {"name": "proxies", "params": list(loss_fn.parameters()), "lr": config["lr"] * config["proxy_lr_mult"]},
+    ]
+
+
+def make_optimizer(model, loss_fn, config):
+    """AdamW / Adam / SGD (momentum 0.9, Nesterov) over the backbone, embedding and proxy groups."""
+    import torch
+
+    groups = _param_groups(model, loss_fn, config)
+    wd = config["weight_decay"]
+    if config["optimizer"] == "adamw":
+        return torch.optim.AdamW(groups, lr=config["lr"], weight_decay=wd, eps=config["adam_eps"])
+    if config["optimizer"] == "adam":
+        return torch.optim.Adam(groups, lr=config["lr"], weight_decay=wd, eps=config["adam_eps"])
+    if config["optimizer"] == "sgd":
+        return torch.optim.SGD(groups, lr=config["lr"], weight_decay=wd, momentum=0.9, nesterov=True)
+    raise UsageError(f"unknown optimizer {config['optimizer']!r}")
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch ``epoch`` of a run seeded ``seed`` (torch, numpy and random are reseeded with it)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _compare_configs(saved: Dict[str, Any], current: Dict[str, Any], path: Path) -> None:
+    differ = sorted(k for k in set(saved) | set(current) if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} in the checkpoint vs {current.get(k)!r} now" for k in differ[:4])
+        raise UsageError(f"--resume: {path} is from another configuration ({shown}); use the same flags or another --output")
+
+
+def format_summary(before: Dict[str, float], after: Dict[str, float], best: Dict[str, Any], seconds: float,
+                   images_per_s: float) -> str:
+    """The end-of-run table: each metric before and after training, the best epoch, time and speed."""
+    names = [k for k in before if k.startswith("recall@")] + ["map@r"]
+    lines = [f"{'metric':<12}{'before':>9}{'after':>9}{'change':>9}", "-" * 39]
+    for name in names:
+        b, a = before.get(name, float("nan")), after.get(name, float("nan"))
+        lines.append(f"{name:<12}{100 * b:>9.2f}{100 * a:>9.2f}{100 * (a - b):>+9.2f}")
+    lines.append("-" * 39)
+    lines.append(f"best Recall@1 {100 * best['recall@1']:.2f} at epoch {best['epoch']}")
+    lines.append(f"time {seconds:.1f} s, training {images_per_s:.0f} images/s")
+    return "\n".join(lines)
+
+
+def train(config: Dict[str, Any]) -> Dict[str, Any]:
+    """Run (or resume) the training ``config`` describes; returns ``{"before", "after", "best", "history", ...}``."""
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from dmlfast.data import make_loader
+    from dmlfast.models import NORMALIZATION
+    from dmlfast.training import CheckpointError, RunLogger, load_checkpoint, plot_curves, rng_state, save_checkpoint, set_rng_state
+
+    start_time = time.perf_counter()
+    device = resolve_device(config["device"])
+    dtype = amp_dtype(config["amp"], device)
+    config = dict(config, loader=resolve_loader(config["loader"], device))
+    out = Path(config["output"])
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    state = None
+    if config["resume"] and last_path.is_file():
+        try:
+            state = load_checkpoint(last_path)
+        except CheckpointError as error:
+            raise UsageError(f"--resume: {error}") from error
+        _compare_configs(state["config"], config, last_path)
+    elif not config["resume"] and last_path.is_file():
+        raise UsageError(f"--output {out} already holds a run (last.pt); pass --resume to continue it or choose another --output")
+    progress = config["progress"]
+
+    splits = load_splits(config)
+    _seed_everything(config["seed"])
+    model = make_model(config).to(device)
+    loss_fn = make_loss(config, splits.train.num_classes).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, loss_fn, config)
+    step_size = config["lr_step"] if config["lr_step"] > 0 else 10**9
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=config["lr_gamma"])
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+
+    train_loader = make_loader(splits.train, train=True, batch_size=config["batch_size"], device=device, loader=config["loader"],
+                               image_size=config["image_size"], resize_size=config["resize_size"] if config["image_size"] else None,
+                               normalization=NORMALIZATION[config["model"]], samples_per_class=config["samples_per_class"],
+                               seed=config["seed"], num_workers=config["workers"])
+    if len(train_loader) == 0:
+        raise UsageError(f"--batch-size {config['batch_size']} is larger than the training set ({len(splits.train)} images)")
+    eval_loaders = make_eval_loaders(config, splits, device)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    print("configuration:\n" + "\n".join(f"  {k}: {v}" for k, v in config.items()), flush=True)
+    print(f"device {device}, autocast {dtype or 'off'}, loader {train_loader.backend}, train {splits.train!r}", flush=True)
+    logger = RunLogger(out)
+
+    if state is not None:
+        model.load_state_dict(state["model"])
+        loss_fn.load_state_dict(state["loss"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        history, best, start_epoch = state["history"], state["best"], state["epoch"]
+        print(f"resumed from {last_path} after epoch {start_epoch}", flush=True)
+    else:
+        before = evaluate_model(model, eval_loaders, config, device, dtype, progress)
+        history = [{"epoch": 0, "loss": None, **before}]
+        best = {"epoch": 0, "recall@1": before["recall@1"]}
+        start_epoch = 0
+        logger.log("eval", 0, epoch=0, **before)
+        print(f"before training: Recall@1 {100 * before['recall@1']:.2f}, MAP@R {100 * before['map@r']:.2f}", flush=True)
+
+    def checkpoint(epoch: int) -> Dict[str, Any]:
+        return {"config": config, "epoch": epoch, "model": model.state_dict(), "loss": loss_fn.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": None if scaler is None else scaler.state_dict(), "rng": rng_state(), "history": history, "best": best}
+
+    if state is None:
+        save_checkpoint(checkpoint(0), last_path)
+        save_checkpoint(checkpoint(0), best_path)
+    step = start_epoch * len(train_loader)
+    images_seen, train_seconds = 0, 0.0
+    params = [p for p in model.parameters() if p.requires_grad]
+    for epoch in range(start_epoch + 1, config["epochs"] + 1):
+        _seed_everything(epoch_seed(config["seed"], epoch))
+        train_loader.set_epoch(epoch)
+        warm = epoch <= config["warmup_epochs"]
+        for p in model.backbone_parameters():
+            p.requires_grad_(not warm)
+        model.train()
+        losses = []
+        epoch_start = time.perf_counter()
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{config['epochs']}" + (" (warm-up)" if warm else ""),
+                   disable=not progress, unit="batch", dynamic_ncols=True)
+        for images, labels in bar:
+            if device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                embeddings = model(images)
+            loss = loss_fn(embeddings, labels)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if config["grad_clip"] > 0:
+                torch.nn.utils.clip_grad_value_(params, config["grad_clip"])
+                if config["clip_proxies"]:
+                    torch.nn.utils.clip_grad_value_(loss_fn.parameters(), config["grad_clip"])
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"the loss became {value} at epoch {epoch}, step {step}; lower --lr or use --amp off")
+            losses.append(value)
+            step += 1
+            images_seen += len(labels)
+            rate = len(losses) * config["batch_size"] / max(time.perf_counter() - epoch_start, 1e-9)
+            bar.set_postfix(loss=f"{value:.4f}", img_s=f"{rate:.0f}")
+            logger.log("step", step, epoch=epoch, loss=value, lr=optimizer.param_groups[0]["lr"], images_per_s=rate)
+        train_seconds += time.perf_counter() - epoch_start
+        scheduler.step()
+        record = {"epoch": epoch, "loss": float(np.mean(losses))}
+        if epoch % config["eval_every"] == 0 or epoch == config["epochs"]:
+            metrics = evaluate_model(model, eval_loaders, config, device, dtype, progress)
+            record.update(metrics)
+            print(f"epoch {epoch}: loss {record['loss']:.4f}, Recall@1 {100 * metrics['recall@1']:.2f}, "
+                  f"MAP@R {100 * metrics['map@r']:.2f}", flush=True)
+        else:
+            print(f"epoch {epoch}: loss {record['loss']:.4f}", flush=True)
+        history.append(record)
+        logger.log("epoch", step, **record)
+        improved = record.get("recall@1", -1.0) > best["recall@1"]
+        if improved:
+            best = {"epoch": epoch, "recall@1": record["recall@1"]}
+        state_now = checkpoint(epoch)
+        if improved:
+            save_checkpoint(state_now, best_path)
+        save_checkpoint(state_now, last_path)
+    logger.close()
+    plot_curves(history, out / "curves.png")
+    evaluated = [h for h in history if "recall@1" in h]
+    before, after = evaluated[0], evaluated[-1]
+    seconds = time.perf_counter() - start_time
+    images_per_s = images_seen / train_seconds if train_seconds > 0 else float("nan")
+    summary = {"before": before, "after": after, "best": best, "history": history, "seconds": seconds, "images_per_s": images_per_s}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print(format_summary(before, after, best, seconds, images_per_s), flush=True)
+    return summary
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line; returns the exit status (0, or 2 for user errors, printed as one line)."""
+    args = build_parser().parse_args(argv)
+    try:
+        config = make_config(args)
+        train(config)
+    except UsageError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
