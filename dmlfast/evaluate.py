@@ -1,4 +1,9 @@
-"""Command line retrieval evaluation: ``python -m dmlfast.evaluate --embeddings E.npy --labels L.npy``.
+"""Command line retrieval evaluation of saved embeddings or of a training checkpoint.
+
+``python -m dmlfast.evaluate --embeddings E.npy --labels L.npy`` evaluates arrays;
+``python -m dmlfast.evaluate --checkpoint runs/train/best.pt [--dataset NAME --data-root DIR]``
+rebuilds the model of a ``python -m dmlfast.train`` checkpoint, embeds the held-out split of its
+dataset (or of ``--dataset``; In-shop: query against gallery) and evaluates it with that dataset's Ks.
 
 Prints a table of the metrics of :func:`dmlfast.evaluation.retrieval_metrics`; ``--json PATH``
 also writes them as JSON (a NaN metric, when no query has a match, as null). Input errors
@@ -28,11 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     from dmlfast.evaluation import METRICS
 
     parser = argparse.ArgumentParser(prog=PROG, description="Exact retrieval metrics (Recall@K, MAP@R, R-Precision, NMI) of saved embeddings.")
-    parser.add_argument("--embeddings", required=True, type=Path, help="query embeddings, .npy of shape [N, D]")
-    parser.add_argument("--labels", required=True, type=Path, help="query labels, .npy of shape [N]")
+    parser.add_argument("--embeddings", type=Path, help="query embeddings, .npy of shape [N, D] (or give --checkpoint)")
+    parser.add_argument("--labels", type=Path, help="query labels, .npy of shape [N]")
     parser.add_argument("--reference", type=Path, help="gallery embeddings, .npy [M, D] (default: queries against each other)")
     parser.add_argument("--reference-labels", type=Path, help="gallery labels, .npy [M]")
-    parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8], help="K values of Recall@K (default: 1 2 4 8)")
+    parser.add_argument("--ks", type=int, nargs="+", help="K values of Recall@K (default: 1 2 4 8; with --checkpoint the dataset's)")
     parser.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS), help="metrics to compute (default: all)")
     parser.add_argument("--backend", choices=("auto", "faiss", "torch"), default="auto", help="k-NN backend (default: auto)")
     parser.add_argument("--device", default="cpu", help="torch device to evaluate on, e.g. cuda (default: cpu)")
@@ -40,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="k-means seed for NMI (default: 0)")
     parser.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    ckpt = parser.add_argument_group("checkpoint evaluation (instead of --embeddings/--labels)")
+    ckpt.add_argument("--checkpoint", type=Path, help="a last.pt/best.pt of python -m dmlfast.train: embed the dataset's held-out split with it")
+    ckpt.add_argument("--dataset", help="dataset to embed (default: the checkpoint's)")
+    ckpt.add_argument("--data-root", type=Path, help="the dataset's folder (default: the checkpoint's)")
+    ckpt.add_argument("--loader", choices=("auto", "dali", "torch"), default="auto", help="image loader (default: auto)")
+    ckpt.add_argument("--workers", type=int, default=2, help="loader workers / DALI threads (default: 2)")
     return parser
 
 
@@ -63,12 +74,61 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def evaluate_checkpoint(args: argparse.Namespace) -> dict:
+    """Rebuild the model saved in ``args.checkpoint`` and compute its metrics on the held-out split."""
+
+    from dmlfast import train
+    from dmlfast.data import DATASETS
+    from dmlfast.training import CheckpointError, load_checkpoint
+
+    if args.embeddings is not None or args.labels is not None or args.reference is not None:
+        raise InputError("--checkpoint cannot be combined with --embeddings/--labels/--reference")
+    try:
+        state = load_checkpoint(args.checkpoint)
+    except CheckpointError as error:
+        raise InputError(f"--checkpoint: {error}") from error
+    config = dict(state["config"])
+    if args.dataset is not None:
+        if args.dataset not in DATASETS:
+            raise InputError(f"--dataset: unknown dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
+        config["dataset"] = args.dataset
+        config["data_root"] = None
+    if args.data_root is not None:
+        config["data_root"] = str(args.data_root)
+    if config["dataset"] != "glyphs" and config["data_root"] is None:
+        raise InputError(f"--dataset {config['dataset']} needs --data-root DIR, the folder holding it")
+    if args.workers < 0:
+        raise InputError(f"--workers must be >= 0, got {args.workers}")
+    config.update(workers=args.workers, weights="none",
+                  ks=list(args.ks) if args.ks else list(train.DATASET_KS[config["dataset"]]))
+    try:
+        device = train.resolve_device(args.device)
+        config["loader"] = train.resolve_loader(args.loader, device)
+        splits = train.load_splits(config)
+        model = train.make_model(config)
+    except train.UsageError as error:
+        raise InputError(str(error)) from error
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise InputError(f"--checkpoint: the model state does not fit the configuration saved with it ({error})") from error
+    model.to(device)
+    dtype = train.amp_dtype(config["amp"], device)
+    loaders = train.make_eval_loaders(config, splits, device)
+    try:
+        return train.evaluate_model(model, loaders, config, device, dtype, progress=not args.no_progress)
+    except (ValueError, TypeError) as error:
+        raise InputError(str(error)) from error
+
+
 def evaluate(args: argparse.Namespace) -> dict:
     """Load the arrays named in ``args`` and compute their metrics."""
     import torch
 
     from dmlfast.evaluation import retrieval_metrics
 
+    if args.embeddings is None or args.labels is None:
+        raise InputError("give --embeddings and --labels (saved arrays) or --checkpoint (a training checkpoint)")
     if (args.reference is None) != (args.reference_labels is None):
         raise InputError("--reference and --reference-labels must be given together")
     try:
@@ -86,7 +146,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         return retrieval_metrics(
             embeddings,
             labels,
-            ks=tuple(args.ks),
+            ks=tuple(args.ks or (1, 2, 4, 8)),
             reference=reference,
             reference_labels=reference_labels,
             metrics=tuple(args.metrics),
@@ -103,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (0, or 2 for input errors)."""
     args = build_parser().parse_args(argv)
     try:
-        metrics = evaluate(args)
+        metrics = evaluate_checkpoint(args) if args.checkpoint is not None else evaluate(args)
         if args.json is not None:
             try:
                 json_ready = {name: None if value != value else value for name, value in metrics.items()}
