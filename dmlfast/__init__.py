@@ -11,6 +11,7 @@ _LAZY = {
     "ProxyAnchorLoss": "dmlfast.losses",
     "ProxyNCALoss": "dmlfast.losses",
     "NormSoftmaxLoss": "dmlfast.losses",
+    "ProxyISALoss": "dmlfast.losses",
     "build_info": "dmlfast._ops",
     "functional": "dmlfast.functional",
     "reference": "dmlfast.reference",

@@ -15,9 +15,10 @@ from torch import nn
 from . import functional
 
 
-def _positive_int(owner, name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}")
+def _positive_int(owner, name, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{owner}: {name} must be {kind}, got {value!r}")
     return int(value)
 
 
@@ -104,3 +105,113 @@ class NormSoftmaxLoss(_ProxyLoss):
 
     def extra_repr(self):
         return f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, scale={self.scale}"
+
+
+class ProxyISALoss(_ProxyLoss):
+    """Proxy-ISA (Li et al., MMAsia 2022; SPEC §3): Proxy-Anchor whose exponents are scaled by
+    per-pair multipliers M from a per-class schedule, computed inside the fused anchor kernel
+    (:func:`dmlfast.functional.proxy_isa_loss`).
+
+    Per-class state (buffers, so they move with ``.to()`` and live in ``state_dict()``), as in the
+    published code (rioyokotalab/ProxyISA):
+
+    - ``counter`` c: samples of the class seen (outliers excluded); effective number
+      n = (1 - βᶜ)/(1 - β), β = (V - 1)/V; w_base = 1/(1 + log(1 + n));
+      w = 1 + (1 + e^{-τ})(w_base - 1)/(1 + e^{V - τ - n}), a gate that stays ≈ 1 until n ≈ V - 5;
+    - ``learned_sim`` s̄ (1 until the memory starts), then h · mean over the class's memory
+      entries of ⟨p̂_c, f_m⟩; band η = (1 + k(1 - s̄)) w_base + λ and threshold θ = s̄ - η;
+    - a cross-batch FIFO memory of ``memory_size`` detached unit embeddings and labels, used only
+      to estimate s̄. As published, a batch that does not fit before the end is written into the
+      last slots and the write position restarts at 0 (not a true ring buffer).
+
+    Positives: M = 1 + w inside [θ, s̄], w outside (from ``filter_start_epoch`` on; M = 1 before);
+    a positive below θ is an outlier and is neither counted nor stored. Negatives (always): M =
+    1/max(1, n) below θ, else 1. Each training-mode forward updates the state after computing the
+    loss (mask from the old state → loss → store → count, SPEC §3.4); call :meth:`set_epoch` at
+    the start of every epoch. The state update has data-dependent shapes, so a training step with
+    this loss compiles with graph breaks, not with fullgraph=True. The defaults are the loss class's (k = 1.0 there; the published
+    train.py uses k = 0.9, Cars 0.4, In-shop 0.1); h = 0.15 and τ = 1.5 are not on its CLI.
+    """
+
+    def __init__(self, num_classes, embedding_size, margin=0.1, alpha=32.0, k=1.0, V=100, lam=0.1,
+                 memory_size=55000, memory_start_epoch=2, filter_start_epoch=3, hardness_scale=0.15, tau=1.5):
+        super().__init__(num_classes, embedding_size)
+        owner = type(self).__name__
+        number = functional._require_number
+        self.margin = number(owner, "margin", margin)
+        self.alpha = number(owner, "alpha", alpha, low=0.0, low_inclusive=False)
+        self.k = number(owner, "k", k, low=0.0)
+        self.V = number(owner, "V", V, low=1.0, low_inclusive=False)
+        self.lam = number(owner, "lam", lam)
+        self.hardness_scale = number(owner, "hardness_scale", hardness_scale)
+        self.tau = number(owner, "tau", tau)
+        self.memory_start_epoch = _positive_int(owner, "memory_start_epoch", memory_start_epoch, minimum=0)
+        self.filter_start_epoch = _positive_int(owner, "filter_start_epoch", filter_start_epoch, minimum=0)
+        memory_size = _positive_int(owner, "memory_size", memory_size)
+        nn.init.kaiming_normal_(self.proxies, mode="fan_out")
+        self.register_buffer("counter", torch.zeros(num_classes, dtype=torch.float64))
+        self.register_buffer("learned_sim", torch.ones(num_classes))
+        self.register_buffer("memory_embeddings", torch.zeros(memory_size, embedding_size))
+        self.register_buffer("memory_labels", torch.full((memory_size,), -1, dtype=torch.long))
+        self.register_buffer("memory_position", torch.zeros((), dtype=torch.long))
+        self.register_buffer("epoch", torch.zeros((), dtype=torch.long))
+
+    def set_epoch(self, epoch):
+        """Tell the loss the (0-indexed) epoch: the memory and the positive filter start by it."""
+        self.epoch.fill_(_positive_int(f"{type(self).__name__}.set_epoch", "epoch", epoch, minimum=0))
+
+    def class_schedule(self):
+        """The per-class vectors (s̄, θ, w, easy-negative weight) the next step uses, float32."""
+        beta = (self.V - 1) / self.V
+        effective = (1 - beta ** self.counter) / (1 - beta)
+        base = 1 / (1 + torch.log1p(effective))
+        gate = 1 + torch.exp(self.V - self.tau - effective)
+        weight = 1 + (1 + math.exp(-self.tau)) * (base - 1) / gate
+        center = self.learned_sim.double()
+        threshold = center - ((1 + self.k * (1 - center)) * base + self.lam)
+        easy_negative = 1 / effective.clamp_min(1)
+        return tuple(v.float() for v in (center, threshold, weight, easy_negative))
+
+    def forward(self, embeddings, labels):
+        center, threshold, weight, easy_negative = self.class_schedule()
+        filter_positives = int(self.epoch) >= self.filter_start_epoch
+        loss = functional.proxy_isa_loss(
+            embeddings, self.proxies, labels, center, threshold, weight, easy_negative,
+            filter_positives=filter_positives, margin=self.margin, alpha=self.alpha,
+        )
+        if self.training:
+            self._update_state(embeddings.detach(), labels, threshold, filter_positives)
+        return loss
+
+    @torch.no_grad()
+    def _update_state(self, embeddings, labels, threshold, filter_positives):
+        """After the loss: drop outliers, count the rest, store them, re-estimate s̄ (SPEC §3.4)."""
+        unit = torch.nn.functional.normalize(embeddings.float(), dim=1)
+        proxies = torch.nn.functional.normalize(self.proxies.detach().float(), dim=1)
+        keep = torch.ones_like(labels, dtype=torch.bool)
+        if filter_positives:
+            keep = (unit * proxies[labels]).sum(1) >= threshold[labels]
+        unit, kept_labels = unit[keep], labels[keep]
+        self.counter.index_add_(0, kept_labels, torch.ones_like(kept_labels, dtype=torch.float64))
+        if int(self.epoch) < self.memory_start_epoch or len(kept_labels) == 0:
+            return
+        size, position = self.memory_labels.shape[0], int(self.memory_position)
+        count = min(len(kept_labels), size)
+        unit, kept_labels = unit[-count:], kept_labels[-count:]
+        start = position if position + count <= size else size - count
+        self.memory_embeddings[start:start + count] = unit
+        self.memory_labels[start:start + count] = kept_labels
+        self.memory_position.fill_(0 if position + count > size else position + count)
+        classes = torch.unique(kept_labels)
+        stored = torch.isin(self.memory_labels, classes)
+        sums = torch.zeros(len(classes), unit.shape[1], device=unit.device)
+        slot_class = torch.searchsorted(classes, self.memory_labels[stored])
+        sums.index_add_(0, slot_class, self.memory_embeddings[stored])
+        counts = torch.bincount(slot_class, minlength=len(classes)).clamp_min(1)
+        self.learned_sim[classes] = self.hardness_scale * (proxies[classes] * sums).sum(1) / counts
+
+    def extra_repr(self):
+        return (
+            f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, margin={self.margin}, "
+            f"alpha={self.alpha}, k={self.k}, V={self.V}, lam={self.lam}, memory_size={self.memory_labels.shape[0]}"
+        )
