@@ -12,6 +12,8 @@ _LAZY = {
     "ProxyNCALoss": "dmlfast.losses",
     "NormSoftmaxLoss": "dmlfast.losses",
     "ProxyISALoss": "dmlfast.losses",
+    "ProxySynthesis": "dmlfast.losses",
+    "MovingProxyLoss": "dmlfast.losses",
     "build_info": "dmlfast._ops",
     "functional": "dmlfast.functional",
     "reference": "dmlfast.reference",

@@ -25,7 +25,7 @@ def _require_tensors(op, **tensors):
         raise ValueError(f"{op}: embeddings, proxies and labels must be on one device, got {listed}")
 
 
-def _require_number(op, name, value, *, low=-math.inf, low_inclusive=True, high=math.inf):
+def _require_number(op, name, value, *, low=-math.inf, low_inclusive=True, high=math.inf, high_inclusive=False):
     """``value`` as a float after checking it is a real number in range.
 
     While torch.compile traces, hyperparameters may be symbolic floats; they are passed through
@@ -37,10 +37,14 @@ def _require_number(op, name, value, *, low=-math.inf, low_inclusive=True, high=
         raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__}")
     value = float(value)
     above_low = value >= low if low_inclusive else value > low
-    if not (math.isfinite(value) and above_low and value < high):
-        bound = f"{'>=' if low_inclusive else '>'} {low}" if low > -math.inf else "finite"
+    below_high = value <= high if high_inclusive else value < high
+    if not (math.isfinite(value) and above_low and below_high):
         if high < math.inf:
-            bound = f"in [{low}, {high})"
+            bound = f"in {'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
+        elif low > -math.inf:
+            bound = f"{'>=' if low_inclusive else '>'} {low}"
+        else:
+            bound = "finite"
         raise ValueError(f"{op}: {name} must be {bound}, got {value}")
     return value
 

@@ -30,6 +30,13 @@ class _ProxyLoss(nn.Module):
         embedding_size = _positive_int(owner, "embedding_size", embedding_size)
         self.proxies = nn.Parameter(torch.empty(num_classes, embedding_size, dtype=torch.float32))
 
+    def forward(self, embeddings, labels):
+        return self.loss_with_proxies(embeddings, self.proxies, labels)
+
+    def loss_with_proxies(self, embeddings, proxies, labels):
+        """This loss with its hyperparameters on other proxies (Proxy Synthesis extends the set)."""
+        raise NotImplementedError
+
     @property
     def num_classes(self):
         return self.proxies.shape[0]
@@ -52,8 +59,8 @@ class ProxyAnchorLoss(_ProxyLoss):
         self.alpha = functional._require_number(type(self).__name__, "alpha", alpha, low=0.0, low_inclusive=False)
         nn.init.kaiming_normal_(self.proxies, mode="fan_out")
 
-    def forward(self, embeddings, labels):
-        return functional.proxy_anchor_loss(embeddings, self.proxies, labels, self.margin, self.alpha)
+    def loss_with_proxies(self, embeddings, proxies, labels):
+        return functional.proxy_anchor_loss(embeddings, proxies, labels, self.margin, self.alpha)
 
     def extra_repr(self):
         return f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, margin={self.margin}, alpha={self.alpha}"
@@ -77,10 +84,8 @@ class ProxyNCALoss(_ProxyLoss):
         with torch.no_grad():
             self.proxies.normal_().div_(8.0)
 
-    def forward(self, embeddings, labels):
-        return functional.proxy_nca_loss(
-            embeddings, self.proxies, labels, self.scale, self.smoothing, self.exclude_positive
-        )
+    def loss_with_proxies(self, embeddings, proxies, labels):
+        return functional.proxy_nca_loss(embeddings, proxies, labels, self.scale, self.smoothing, self.exclude_positive)
 
     def extra_repr(self):
         return (
@@ -100,8 +105,8 @@ class NormSoftmaxLoss(_ProxyLoss):
         self.scale = functional._require_number(type(self).__name__, "scale", scale, low=0.0, low_inclusive=False)
         nn.init.kaiming_uniform_(self.proxies, a=math.sqrt(5))
 
-    def forward(self, embeddings, labels):
-        return functional.proxy_nca_loss(embeddings, self.proxies, labels, self.scale)
+    def loss_with_proxies(self, embeddings, proxies, labels):
+        return functional.proxy_nca_loss(embeddings, proxies, labels, self.scale)
 
     def extra_repr(self):
         return f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, scale={self.scale}"
@@ -214,4 +219,98 @@ class ProxyISALoss(_ProxyLoss):
         return (
             f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, margin={self.margin}, "
             f"alpha={self.alpha}, k={self.k}, V={self.V}, lam={self.lam}, memory_size={self.memory_labels.shape[0]}"
+        )
+
+
+class ProxySynthesis(nn.Module):
+    """Proxy Synthesis (Gu, Ko, Kim, AAAI 2021; SPEC §4) around a proxy loss module.
+
+    Per batch one λ ~ Beta(alpha, alpha) (drawn from torch's generator, so ``torch.manual_seed``
+    makes runs reproducible); synthetic embeddings x̃_b = λ x̂_b + (1-λ) x̂_{b-1} (b-1 cyclic) and
+    synthetic proxies p̃_b = λ p̂_{y_b} + (1-λ) p̂_{y_{b-1}}, one new class C + b each, of which the
+    first ⌊mu·B⌋ are appended to the batch and to the proxies; the base loss (which re-normalizes)
+    runs on the extended set, and gradients flow through the mixing into embeddings and proxies.
+    With Proxy-Anchor (no official code, SPEC §4.3) the normalizers simply count the synthetic
+    classes: |P⁺| + ⌊mu·B⌋ and C + ⌊mu·B⌋. ``mu = 0`` is the base loss. The published recipe uses
+    alpha = 0.4, mu = 1.0; the proxies stay ``base_loss.proxies``.
+    """
+
+    def __init__(self, base_loss, alpha=0.4, mu=1.0):
+        super().__init__()
+        owner = type(self).__name__
+        if not isinstance(base_loss, _ProxyLoss) or isinstance(base_loss, ProxyISALoss):
+            raise TypeError(f"{owner}: base_loss must be a ProxyAnchorLoss, ProxyNCALoss or NormSoftmaxLoss, got {type(base_loss).__name__}")
+        self.base_loss = base_loss
+        self.alpha = functional._require_number(owner, "alpha", alpha, low=0.0, low_inclusive=False)
+        self.mu = functional._require_number(owner, "mu", mu, low=0.0, high=1.0, high_inclusive=True)
+
+    @property
+    def proxies(self):
+        return self.base_loss.proxies
+
+    def forward(self, embeddings, labels):
+        count = int(self.mu * embeddings.shape[0])
+        if count == 0:
+            return self.base_loss(embeddings, labels)
+        mix = torch.distributions.Beta(self.alpha, self.alpha).sample().to(embeddings.device)
+        unit = torch.nn.functional.normalize(embeddings, dim=1)
+        unit_proxies = torch.nn.functional.normalize(self.proxies, dim=1)
+        label_proxies = unit_proxies[labels]
+        mixed = (mix * unit + (1 - mix) * torch.roll(unit, 1, dims=0))[:count]
+        mixed_proxies = (mix * label_proxies + (1 - mix) * torch.roll(label_proxies, 1, dims=0))[:count]
+        new_labels = torch.arange(self.base_loss.num_classes, self.base_loss.num_classes + count, device=labels.device)
+        return self.base_loss.loss_with_proxies(
+            torch.cat([unit, mixed.to(unit.dtype)]),
+            torch.cat([unit_proxies, mixed_proxies]),
+            torch.cat([labels, new_labels]),
+        )
+
+
+class MovingProxyLoss(nn.Module):
+    """Asymptotic ("moving") proxies (leftthomas/ProxyAnchor @4137a7d; SPEC §5).
+
+    Cross-entropy of softmax(cos(x, w) / temperature) through the fused softmax kernel. The proxies
+    are a buffer (randn init) that gets no gradient; after each optimizer step the trainer calls
+    :meth:`update_proxies` with the step's (unit) embeddings, which sets, for every class y in the
+    batch, W_y ← (1 - m) ŵ_y + m Σ_{b: y_b = y} f_b — the *sum* of the class's embeddings, with m
+    weighting the new features (the opposite of the MoCo convention), as published.
+    ``learnable=True`` is the toy script's variant: the proxies are a Parameter trained by the
+    optimizer and ``update_proxies`` is not used. Published: temperature 0.03 (0.05 for SOP /
+    In-shop), momentum 0.5 (0.95 for SOP / In-shop).
+    """
+
+    def __init__(self, num_classes, embedding_size, temperature=0.03, momentum=0.5, learnable=False):
+        super().__init__()
+        owner = type(self).__name__
+        num_classes = _positive_int(owner, "num_classes", num_classes)
+        embedding_size = _positive_int(owner, "embedding_size", embedding_size)
+        self.temperature = functional._require_number(owner, "temperature", temperature, low=0.0, low_inclusive=False)
+        self.momentum = functional._require_number(owner, "momentum", momentum, low=0.0, high=1.0, high_inclusive=True)
+        if not isinstance(learnable, bool):
+            raise TypeError(f"{owner}: learnable must be a bool, got {type(learnable).__name__}")
+        self.learnable = learnable
+        proxies = torch.randn(num_classes, embedding_size)
+        if learnable:
+            self.proxies = nn.Parameter(proxies)
+        else:
+            self.register_buffer("proxies", proxies)
+
+    def forward(self, embeddings, labels):
+        return functional.proxy_nca_loss(embeddings, self.proxies, labels, scale=1.0 / self.temperature)
+
+    @torch.no_grad()
+    def update_proxies(self, embeddings, labels):
+        """The moving update for the classes of this batch (call after the optimizer step)."""
+        if self.learnable:
+            raise RuntimeError(f"{type(self).__name__}: learnable proxies are trained by the optimizer, not moved")
+        classes, slot = torch.unique(labels, return_inverse=True)
+        sums = torch.zeros(len(classes), self.proxies.shape[1], device=self.proxies.device)
+        sums.index_add_(0, slot, embeddings.detach().float())
+        current = torch.nn.functional.normalize(self.proxies[classes], dim=1)
+        self.proxies[classes] = (1 - self.momentum) * current + self.momentum * sums
+
+    def extra_repr(self):
+        return (
+            f"num_classes={self.proxies.shape[0]}, embedding_size={self.proxies.shape[1]}, "
+            f"temperature={self.temperature}, momentum={self.momentum}, learnable={self.learnable}"
         )

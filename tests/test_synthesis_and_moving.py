@@ -1,0 +1,90 @@
+"""Proxy Synthesis (SPEC §4) and moving proxies (SPEC §5) against direct float64 computations."""
+import pytest
+import torch
+
+import dmlfast
+from dmlfast import reference
+
+BASES = {
+    "NormSoftmaxLoss": (lambda: dmlfast.NormSoftmaxLoss(12, 16), lambda x, p, y: reference.proxy_nca_loss(x, p, y, scale=23.0)),
+    "ProxyNCALoss": (lambda: dmlfast.ProxyNCALoss(12, 16, scale=24.0), lambda x, p, y: reference.proxy_nca_loss(x, p, y, scale=24.0)),
+    "ProxyAnchorLoss": (lambda: dmlfast.ProxyAnchorLoss(12, 16), reference.proxy_anchor_loss),
+}
+
+
+@pytest.mark.parametrize("name", list(BASES))
+def test_mu_zero_is_the_base_loss(name):
+    torch.manual_seed(0)
+    base = BASES[name][0]()
+    x, y = torch.randn(20, 16), torch.randint(0, 12, (20,))
+    assert torch.equal(dmlfast.ProxySynthesis(base, alpha=0.4, mu=0.0)(x, y), base(x, y))
+
+
+@pytest.mark.parametrize("mu", [0.5, 1.0])
+@pytest.mark.parametrize("name", list(BASES))
+def test_synthesis_matches_a_float64_construction(name, mu):
+    torch.manual_seed(0)
+    make, ref = BASES[name]
+    base = make()
+    x = torch.randn(20, 16, requires_grad=True)
+    y = torch.randint(0, 12, (20,))
+    torch.manual_seed(7)
+    loss = dmlfast.ProxySynthesis(base, alpha=0.4, mu=mu)(x, y)
+    grads = torch.autograd.grad(loss, (x, base.proxies))
+    torch.manual_seed(7)
+    lam = torch.distributions.Beta(0.4, 0.4).sample().double()
+    x64, p64 = x.detach().double().requires_grad_(), base.proxies.detach().double().requires_grad_()
+    unit, unit_p = reference.normalize(x64), reference.normalize(p64)
+    count = int(mu * 20)
+    mixed = (lam * unit + (1 - lam) * unit.roll(1, 0))[:count]
+    mixed_p = (lam * unit_p[y] + (1 - lam) * unit_p[y].roll(1, 0))[:count]
+    expected = ref(torch.cat([unit, mixed]), torch.cat([unit_p, mixed_p]), torch.cat([y, 12 + torch.arange(count)]))
+    expected_grads = torch.autograd.grad(expected, (x64, p64))
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_synthesis_is_reproducible_under_a_seed():
+    base = dmlfast.NormSoftmaxLoss(12, 16)
+    x, y = torch.randn(20, 16), torch.randint(0, 12, (20,))
+    synthesis = dmlfast.ProxySynthesis(base)
+    torch.manual_seed(3)
+    first = synthesis(x, y)
+    torch.manual_seed(3)
+    assert torch.equal(synthesis(x, y), first)
+
+
+def test_synthesis_rejects_other_bases():
+    with pytest.raises(TypeError, match="base_loss must be a ProxyAnchorLoss, ProxyNCALoss or NormSoftmaxLoss"):
+        dmlfast.ProxySynthesis(torch.nn.MSELoss())
+    with pytest.raises(ValueError, match=r"mu must be in \[0.0, 1.0\]"):
+        dmlfast.ProxySynthesis(dmlfast.NormSoftmaxLoss(3, 4), mu=1.5)
+
+
+def test_moving_proxy_loss_and_update():
+    torch.manual_seed(0)
+    loss_fn = dmlfast.MovingProxyLoss(num_classes=6, embedding_size=8, temperature=0.05, momentum=0.5)
+    assert "proxies" in dict(loss_fn.named_buffers()) and not list(loss_fn.parameters())
+    x = torch.nn.functional.normalize(torch.randn(5, 8), dim=1).requires_grad_()
+    y = torch.tensor([1, 1, 3, 4, 1])
+    loss = loss_fn(x, y)
+    expected = reference.proxy_nca_loss(x.detach().double(), loss_fn.proxies.double(), y, scale=20.0)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=0)
+    loss.backward()
+    assert x.grad.abs().sum() > 0
+    before = loss_fn.proxies.clone()
+    loss_fn.update_proxies(x.detach(), y)
+    unit = torch.nn.functional.normalize(before, dim=1)
+    torch.testing.assert_close(loss_fn.proxies[1], 0.5 * unit[1] + 0.5 * (x[0] + x[1] + x[4]).detach())
+    torch.testing.assert_close(loss_fn.proxies[3], 0.5 * unit[3] + 0.5 * x[2].detach())
+    assert torch.equal(loss_fn.proxies[0], before[0]) and torch.equal(loss_fn.proxies[5], before[5])
+
+
+def test_learnable_moving_proxies_are_trained_not_moved():
+    loss_fn = dmlfast.MovingProxyLoss(num_classes=6, embedding_size=8, learnable=True)
+    x = torch.randn(5, 8)
+    loss_fn(x, torch.tensor([0, 1, 2, 3, 4])).backward()
+    assert loss_fn.proxies.grad is not None and loss_fn.proxies.grad.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="not moved"):
+        loss_fn.update_proxies(x, torch.tensor([0, 1, 2, 3, 4]))
