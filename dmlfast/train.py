@@ -431,11 +431,12 @@ def train(config: Dict[str, Any]) -> Dict[str, Any]:
     step = start_epoch * len(train_loader)
     images_seen, train_seconds = 0, 0.0
     params = [p for p in model.parameters() if p.requires_grad]
+    backbone_params = model.backbone_parameters()  # fixed now: warm-up toggles requires_grad on them
     for epoch in range(start_epoch + 1, config["epochs"] + 1):
         _seed_everything(epoch_seed(config["seed"], epoch))
         train_loader.set_epoch(epoch)
         warm = epoch <= config["warmup_epochs"]
-        for p in model.backbone_parameters():
+        for p in backbone_params:
             p.requires_grad_(not warm)
         model.train()
         losses = []

@@ -141,6 +141,24 @@ def test_amp_bf16_on_cpu_runs(tiny_root, tmp_path):
     assert state["loss"]["proxies"].dtype == torch.float32
 
 
+def test_warmup_trains_only_embedding_and_proxies_then_everything(tiny_root, tmp_path):
+    def conv_weights(out):
+        state = torch.load(out / "last.pt", weights_only=False)["model"]
+        return {k: v for k, v in state.items() if k.startswith("backbone.") and v.dim() == 4}
+
+    torch.manual_seed(1)  # the run's --seed default, used before the model is built
+    model = train.make_model({**resolve_recipe("Omniglot", "ProxyAnchor").to_dict(), "embedding_size": 16})
+    initial = {f"backbone.{k}": v for k, v in model.backbone.state_dict().items() if v.dim() == 4}
+    for epochs, expect_changed in ((1, False), (2, True)):
+        out = tmp_path / f"warm{epochs}"
+        assert train.main([*TINY, "--data-root", str(tiny_root), "--output", str(out), "--epochs", str(epochs),
+                           "--warmup-epochs", "1", "--eval-every", "5"]) == 0
+        weights = conv_weights(out)
+        assert weights.keys() == initial.keys()
+        changed = [k for k, v in weights.items() if not torch.equal(v, initial[k])]
+        assert changed == (list(initial) if expect_changed else []), changed
+
+
 def _runner(args):
     code = ("import sys, torch; torch.set_num_threads(1); from dmlfast.train import main; "
             f"sys.exit(main({args!r}))")
