@@ -166,7 +166,7 @@ def _runner(args):
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tiny_root, tmp_path):
-    args = [*TINY, "--data-root", str(tiny_root), "--epochs", "3", "--batch-size", "4", "--resume"]
+    args = [*TINY, "--data-root", str(tiny_root), "--epochs", "3", "--batch-size", "2", "--resume"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run(_runner([*args, "--output", str(full)]), check=True, cwd=REPO, env=env, capture_output=True)
@@ -182,7 +182,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_root, tmp_path):
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert torch.load(killed / "last.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(killed / "last.pt", weights_only=False)["epoch"] in (1, 2)  # 1 unless epoch 2 ended before the kill
     subprocess.run(_runner([*args, "--output", str(killed)]), check=True, cwd=REPO, env=env, capture_output=True)
 
     a, b = (torch.load(d / "last.pt", weights_only=False) for d in (full, killed))
