@@ -218,8 +218,7 @@ def load_splits(config: Dict[str, Any]):
         lines = [line for line in str(error).splitlines() if line.strip()]
         source = next((line for line in lines if "published at" in line), "")
         hint = f"; {source}" if source else ""
-        raise UsageError(f"{lines[0]}{hint}; pass --data-root DIR with the layout given in `python -m dmlfast.data` docs "
-                         f"(help(dmlfast.data))") from error
+        raise UsageError(f"{lines[0]}{hint}; point --data-root at the extracted dataset (layouts: help(dmlfast.data))") from error
 
 
 def make_loss(config: Dict[str, Any], num_classes: int):
