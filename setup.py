@@ -4,6 +4,7 @@ The CPU kernels are always compiled; the CUDA kernels whenever nvcc and a CUDA b
 are present, even with no GPU visible. Environment knobs:
 
 - ``DMLFAST_CUDA=0|1``: skip or require the CUDA kernels (default: build them when possible).
+- ``CUDA_HOME``: the CUDA toolkit (default: found from nvcc on PATH or /usr/local/cuda).
 - ``TORCH_CUDA_ARCH_LIST``: GPU architectures, e.g. ``"9.0"``. Default: the visible GPUs, or
   ``"8.0;9.0"`` when none can be queried.
 - ``MAX_JOBS``: parallel compile jobs (ninja).
@@ -14,6 +15,7 @@ instead of letting pip install a second, possibly different one (see README, "Bu
 """
 import glob
 import os
+import shutil
 import sys
 import sysconfig
 
@@ -44,13 +46,31 @@ def import_target_torch():
     return torch
 
 
+def find_cuda_home():
+    """The CUDA toolkit to build with: the first of $CUDA_HOME, $CUDA_PATH, the folder above the
+    nvcc on PATH and /usr/local/cuda that has both bin/nvcc and include/cuda_runtime.h.
+
+    torch guesses the folder above nvcc, which is wrong when nvcc on PATH is a wrapper script
+    (e.g. /usr/local/bin/nvcc calling /usr/local/cuda-13.0/bin/nvcc); exporting the checked
+    folder as CUDA_HOME before torch.utils.cpp_extension is imported fixes its guess.
+    """
+    nvcc = shutil.which("nvcc")
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+                  os.path.dirname(os.path.dirname(nvcc)) if nvcc else None, "/usr/local/cuda"]
+    for home in filter(None, candidates):
+        if os.path.isfile(os.path.join(home, "bin", "nvcc")) and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = home
+            return home
+    return None
+
+
 def want_cuda(torch, cuda_home):
     choice = os.environ.get("DMLFAST_CUDA", "").strip()
     if choice not in ("", "0", "1"):
         sys.exit(f"DMLFAST_CUDA must be 0 or 1, got {choice!r}")
     possible = torch.version.cuda is not None and cuda_home is not None
     if choice == "1" and not possible:
-        reason = "torch is a CPU-only build" if torch.version.cuda is None else "nvcc was not found (set CUDA_HOME)"
+        reason = "torch is a CPU-only build" if torch.version.cuda is None else "no CUDA toolkit with nvcc and headers was found (set CUDA_HOME)"
         sys.exit(f"DMLFAST_CUDA=1 but the CUDA kernels cannot be built: {reason}.")
     return possible if choice == "" else choice == "1"
 
@@ -77,9 +97,10 @@ def sources(with_cuda):
 
 def extensions():
     torch = import_target_torch()
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    cuda_home = find_cuda_home()
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    with_cuda = want_cuda(torch, CUDA_HOME)
+    with_cuda = want_cuda(torch, cuda_home)
     arch_list = cuda_arch_list(torch) if with_cuda else ""
     defines = [
         f'-DDMLFAST_TORCH_VERSION="{torch.__version__}"',
