@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
-LOSSES = ("ProxyAnchor", "ProxyNCA", "NormSoftmax")
+LOSSES = ("ProxyAnchor", "ProxyNCA", "NormSoftmax", "ProxyISA", "Moving")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
@@ -27,7 +27,8 @@ class Recipe:
     and the proxies train. ``lr_step``/``lr_gamma``: StepLR per epoch (``lr_step=0``: constant lr).
     ``grad_clip``: ``clip_grad_value_`` bound (0: off), applied to the proxies too when
     ``clip_proxies``. ``image_size``/``resize_size``: ``None`` takes the dataset's loader defaults.
-    ``loss_kwargs``: passed to the loss constructor."""
+    ``loss_kwargs``: passed to the loss constructor. ``proxy_synthesis``: (alpha, mu) of Proxy
+    Synthesis around the loss, ``None`` for none."""
 
     model: str = "bn_inception"
     weights: str = "imagenet"
@@ -52,6 +53,7 @@ class Recipe:
     image_size: Optional[int] = None
     resize_size: Optional[int] = None
     loss_kwargs: Dict[str, Any] = field(default_factory=dict)
+    proxy_synthesis: Optional[Tuple[float, float]] = None
 
     def replace(self, **changes) -> "Recipe":
         """A copy with ``changes`` applied (unknown names raise ``ValueError``)."""
@@ -92,6 +94,25 @@ RULES: Tuple[Tuple[Any, Any, Any, Dict[str, Any]], ...] = (
                                     optimizer="adam", adam_eps=0.01, lr=1e-4, proxy_lr_mult=100.0, weight_decay=1e-4,
                                     batch_size=128, epochs=130, lr_step=50, lr_gamma=0.1, warmup_epochs=0,
                                     grad_clip=10.0, image_size=224, loss_kwargs=dict(scale=23.0))),
+    # Proxy-ISA, the published train.py + README (SPEC §3.5); the backbone is Proxy-Anchor's.
+    ("*", "ProxyISA", "*", dict(model="bn_inception", embedding_size=512, batch_size=128, epochs=100, optimizer="adam",
+                                 lr=1e-4, proxy_lr_mult=100.0, weight_decay=1e-4, warmup_epochs=1, freeze_bn=True,
+                                 lr_step=10, lr_gamma=0.5, grad_clip=10.0, pooling="avg+max",
+                                 loss_kwargs=dict(margin=0.1, alpha=32.0, k=0.9, V=100, lam=0.1, memory_size=55000,
+                                                  memory_start_epoch=2, filter_start_epoch=3))),
+    (("CUB", "Cars196"), "ProxyISA", "*", dict(warmup_epochs=0)),
+    ("Cars196", "ProxyISA", "*", dict(loss_kwargs=dict(margin=0.1, alpha=32.0, k=0.4, V=100, lam=0.1, memory_size=55000,
+                                                         memory_start_epoch=2, filter_start_epoch=3))),
+    (("SOP", "In-shop"), "ProxyISA", "*", dict(optimizer="adamw", lr=6e-4)),
+    ("In-shop", "ProxyISA", "*", dict(loss_kwargs=dict(margin=0.1, alpha=32.0, k=0.1, V=100, lam=0.1, memory_size=55000,
+                                                         memory_start_epoch=2, filter_start_epoch=3))),
+    # Asymptotic moving proxies (SPEC §5): GMP + LayerNorm, proxies moved, not trained. The
+    # published model's backbone is not in the spec; ResNet-50 here. StepLR at half the epochs.
+    ("*", "Moving", "*", dict(model="resnet50", embedding_size=512, pooling="max", layer_norm=True, freeze_bn=True,
+                               optimizer="adam", lr=1e-4, weight_decay=0.0, warmup_epochs=0, batch_size=128, epochs=30,
+                               lr_step=15, lr_gamma=0.1, grad_clip=0.0, image_size=256, resize_size=292,
+                               loss_kwargs=dict(temperature=0.03, momentum=0.5))),
+    (("SOP", "In-shop"), "Moving", "*", dict(lr=4e-5, loss_kwargs=dict(temperature=0.05, momentum=0.95))),
     # dmlfast's small-image rows: a small CNN from scratch, any loss (its own loss_kwargs kept).
     (("glyphs", "Omniglot"), "*", "*", dict(model="smallcnn", weights="none", embedding_size=128, pooling="avg+max",
                                               layer_norm=False, freeze_bn=False, optimizer="adamw", adam_eps=1e-8,

@@ -49,7 +49,14 @@ recipes (dmlfast/recipes.py; every flag below overrides the recipe's value):
                      SOP/In-shop lr 2.4e-2, batch 192 (3 per class), 80 epochs, SOP proxies x1e4
   NormSoftmax        bn_inception, GAP, emb 512, Adam eps 0.01, lr 1e-4, proxies x100, wd 1e-4, StepLR 50/0.1,
                      batch 128, 130 epochs, frozen BN, scale 23
-  all                gradient values clipped at 10
+  ProxyISA           Proxy-Anchor's backbone and head, Adam lr 1e-4 (SOP/In-shop AdamW 6e-4), proxies x100, wd 1e-4,
+                     StepLR 10/0.5, batch 128, 100 epochs, warm-up 1 (CUB/Cars 0); k 0.9 (Cars 0.4, In-shop 0.1),
+                     V 100, lam 0.1, memory 55,000, memory from epoch 2, outlier filter from epoch 3 (0-indexed)
+  Moving             asymptotic proxies: resnet50, GMP + LayerNorm, emb 512, Adam lr 1e-4 wd 0, StepLR at half the
+                     30 epochs (x0.1), batch 128, frozen BN, crop 256/resize 292, temperature 0.03, momentum 0.5
+                     (SOP/In-shop lr 4e-5, temperature 0.05, momentum 0.95); proxies moved, not trained, not clipped
+  --proxy-synthesis  wraps ProxyAnchor, ProxyNCA or NormSoftmax (published with NormSoftmax: 0.4,1.0)
+  all                gradient values clipped at 10 (Moving: not clipped)
 
 weights: --weights imagenet uses torchvision's download/cache (ResNet-50: IMAGENET1K_V1, as in the papers);
   BN-Inception's weights are not in torchvision: download bn_inception-52deb4733.pth from
@@ -59,9 +66,22 @@ examples:
   python -m dmlfast.train                                   # glyphs, CPU or GPU, a few minutes
   python -m dmlfast.train --dataset CUB --data-root ~/data/CUB --weights ~/bn_inception-52deb4733.pth
   python -m dmlfast.train --dataset SOP --data-root ~/data/SOP --model resnet50 --loss ProxyAnchor
+  python -m dmlfast.train --dataset Cars196 --data-root ~/data/Cars --loss ProxyISA --k 0.4
+  python -m dmlfast.train --loss NormSoftmax --proxy-synthesis 0.4,1.0 --binary-eval
   python -m dmlfast.train --output runs/glyphs --resume     # continue a killed run
   python -m dmlfast.evaluate --checkpoint runs/glyphs/best.pt
 """
+
+
+def _alpha_mu(text: str):
+    """``"ALPHA,MU"`` -> (alpha, mu) for --proxy-synthesis."""
+    try:
+        alpha, mu = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ALPHA,MU such as 0.4,1.0, got {text!r}") from None
+    if not (alpha > 0 and 0 <= mu <= 1):
+        raise argparse.ArgumentTypeError(f"ALPHA must be > 0 and MU in [0, 1], got {text!r}")
+    return alpha, mu
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--freeze-bn", choices=("on", "off"), help="keep BatchNorm statistics and affine parameters frozen (recipe)")
     g = p.add_argument_group("loss and optimisation")
     g.add_argument("--loss", default="ProxyAnchor", choices=LOSSES, metavar="NAME", help=f"{', '.join(LOSSES)} (default: ProxyAnchor)")
+    g.add_argument("--k", type=float, help="ProxyISA: width of the informative band (recipe: 0.9; Cars196 0.4, In-shop 0.1)")
+    g.add_argument("--temperature", type=float, help="Moving: softmax temperature (recipe: 0.03; SOP/In-shop 0.05)")
+    g.add_argument("--momentum", type=float, help="Moving: weight of the batch's class sums in the proxy update (recipe: 0.5; SOP/In-shop 0.95)")
+    g.add_argument("--proxy-synthesis", metavar="ALPHA,MU", type=_alpha_mu,
+                   help="wrap the loss in Proxy Synthesis with lambda ~ Beta(ALPHA, ALPHA) and MU*B synthetic classes per batch (published: 0.4,1.0)")
+    g.add_argument("--binary-eval", action="store_true", help="also report the metrics of sign-binarised embeddings")
     g.add_argument("--optimizer", choices=OPTIMIZERS, help="optimizer (recipe)")
     g.add_argument("--lr", type=float, help="backbone learning rate (recipe)")
     g.add_argument("--proxy-lr-mult", type=float, metavar="X", help="proxies' learning rate = X * lr (recipe)")
@@ -130,11 +156,20 @@ def make_config(args: argparse.Namespace) -> Dict[str, Any]:
         overrides["samples_per_class"] = None
     if "image_size" in overrides:
         overrides["resize_size"] = None
+    if args.proxy_synthesis is not None:
+        overrides["proxy_synthesis"] = args.proxy_synthesis
+    loss_flags = {"k": args.k, "temperature": args.temperature, "momentum": args.momentum}
+    for name, value in loss_flags.items():
+        if value is None:
+            continue
+        if name not in recipe.loss_kwargs:
+            raise UsageError(f"--{name} does not apply to --loss {args.loss}")
+        overrides.setdefault("loss_kwargs", dict(recipe.loss_kwargs))[name] = value
     config = recipe.replace(**overrides).to_dict()
     config.update(dataset=args.dataset, data_root=None if args.data_root is None else str(args.data_root), loss=args.loss,
                   device=args.device, amp=args.amp, loader=args.loader, workers=args.workers, eval_every=args.eval_every,
                   output=str(args.output), resume=args.resume, seed=args.seed, progress=args.progress,
-                  ks=list(DATASET_KS[args.dataset]))
+                  ks=list(DATASET_KS[args.dataset]), binary_eval=args.binary_eval)
     _check_config(config)
     return config
 
@@ -225,10 +260,20 @@ def make_loss(config: Dict[str, Any], num_classes: int):
     """The loss module named by ``config['loss']`` with its proxies for ``num_classes`` classes."""
     import dmlfast
 
-    classes = {"ProxyAnchor": dmlfast.ProxyAnchorLoss, "ProxyNCA": dmlfast.ProxyNCALoss, "NormSoftmax": dmlfast.NormSoftmaxLoss}
+    classes = {"ProxyAnchor": dmlfast.ProxyAnchorLoss, "ProxyNCA": dmlfast.ProxyNCALoss, "NormSoftmax": dmlfast.NormSoftmaxLoss,
+               "ProxyISA": dmlfast.ProxyISALoss, "Moving": dmlfast.MovingProxyLoss}
     if config["loss"] not in classes:
         raise UsageError(f"unknown loss {config['loss']!r}; choose one of {', '.join(classes)}")
-    return classes[config["loss"]](num_classes, config["embedding_size"], **config["loss_kwargs"])
+    try:
+        loss_fn = classes[config["loss"]](num_classes, config["embedding_size"], **config["loss_kwargs"])
+    except (ValueError, TypeError) as error:
+        raise UsageError(f"--loss {config['loss']}: {error}") from error
+    if config["proxy_synthesis"] is not None:
+        if config["loss"] not in ("ProxyAnchor", "ProxyNCA", "NormSoftmax"):
+            raise UsageError(f"--proxy-synthesis wraps ProxyAnchor, ProxyNCA or NormSoftmax, not {config['loss']}")
+        alpha, mu = config["proxy_synthesis"]
+        loss_fn = dmlfast.ProxySynthesis(loss_fn, alpha=alpha, mu=mu)
+    return loss_fn
 
 
 def make_model(config: Dict[str, Any]):
@@ -283,18 +328,25 @@ def evaluate_model(model, loaders, config: Dict[str, Any], device, dtype, progre
         reference, reference_labels = embed(model, reference_loader, device, dtype, progress, "embed gallery")
     count = len(reference_labels) if reference_labels is not None else len(ql) - 1
     ks = tuple(k for k in config["ks"] if k <= count)
-    metrics = retrieval_metrics(q, ql.cpu().numpy(), ks=ks, reference=reference,
-                                reference_labels=None if reference_labels is None else reference_labels.cpu().numpy(),
+    labels = None if reference_labels is None else reference_labels.cpu().numpy()
+    keys = ("recall@", "map@r", "r_precision")
+    metrics = retrieval_metrics(q, ql.cpu().numpy(), ks=ks, reference=reference, reference_labels=labels,
                                 metrics=("recall", "map@r", "r_precision"), progress=False)
-    return {k: float(v) for k, v in metrics.items() if k.startswith(("recall@", "map@r", "r_precision"))}
+    result = {k: float(v) for k, v in metrics.items() if k.startswith(keys)}
+    if config.get("binary_eval"):
+        binary = retrieval_metrics(q, ql.cpu().numpy(), ks=ks, reference=reference, reference_labels=labels,
+                                   metrics=("recall", "map@r", "r_precision"), binary=True, progress=False)
+        result.update({f"binary_{k}": float(v) for k, v in binary.items() if k.startswith(keys)})
+    return result
 
 
 def _param_groups(model, loss_fn, config):
-    return [
+    groups = [
         {"name": "backbone", "params": model.backbone_parameters(), "lr": config["lr"]},
         {"name": "embedding", "params": model.embedding_parameters(), "lr": config["lr"] * config["embedding_lr_mult"]},
         {"name": "proxies", "params": list(loss_fn.parameters()), "lr": config["lr"] * config["proxy_lr_mult"]},
     ]
+    return [group for group in groups if group["params"]]  # moving proxies are a buffer: no group
 
 
 def make_optimizer(model, loss_fn, config):
@@ -339,11 +391,12 @@ def format_summary(before: Dict[str, float], after: Dict[str, float], best: Dict
                    images_per_s: float) -> str:
     """The end-of-run table: each metric before and after training, the best epoch, time and speed."""
     names = [k for k in before if k.startswith("recall@")] + ["map@r"]
-    lines = [f"{'metric':<12}{'before':>9}{'after':>9}{'change':>9}", "-" * 39]
+    names += [k for k in before if k.startswith("binary_recall@")] + [k for k in before if k == "binary_map@r"]
+    lines = [f"{'metric':<18}{'before':>9}{'after':>9}{'change':>9}", "-" * 45]
     for name in names:
         b, a = before.get(name, float("nan")), after.get(name, float("nan"))
-        lines.append(f"{name:<12}{100 * b:>9.2f}{100 * a:>9.2f}{100 * (a - b):>+9.2f}")
-    lines.append("-" * 39)
+        lines.append(f"{name:<18}{100 * b:>9.2f}{100 * a:>9.2f}{100 * (a - b):>+9.2f}")
+    lines.append("-" * 45)
     lines.append(f"best Recall@1 {100 * best['recall@1']:.2f} at epoch {best['epoch']}")
     lines.append(f"time {seconds:.1f} s, training {images_per_s:.0f} images/s")
     return "\n".join(lines)
@@ -430,10 +483,13 @@ def train(config: Dict[str, Any]) -> Dict[str, Any]:
     step = start_epoch * len(train_loader)
     images_seen, train_seconds = 0, 0.0
     params = [p for p in model.parameters() if p.requires_grad]
+    proxy_params = list(loss_fn.parameters())  # empty for moving proxies (a buffer)
     backbone_params = model.backbone_parameters()  # fixed now: warm-up toggles requires_grad on them
     for epoch in range(start_epoch + 1, config["epochs"] + 1):
         _seed_everything(epoch_seed(config["seed"], epoch))
         train_loader.set_epoch(epoch)
+        if hasattr(loss_fn, "set_epoch"):
+            loss_fn.set_epoch(epoch - 1)  # the losses count epochs from 0
         warm = epoch <= config["warmup_epochs"]
         for p in backbone_params:
             p.requires_grad_(not warm)
@@ -456,13 +512,15 @@ def train(config: Dict[str, Any]) -> Dict[str, Any]:
                 loss.backward()
             if config["grad_clip"] > 0:
                 torch.nn.utils.clip_grad_value_(params, config["grad_clip"])
-                if config["clip_proxies"]:
-                    torch.nn.utils.clip_grad_value_(loss_fn.parameters(), config["grad_clip"])
+                if config["clip_proxies"] and proxy_params:
+                    torch.nn.utils.clip_grad_value_(proxy_params, config["grad_clip"])
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
             else:
                 optimizer.step()
+            if hasattr(loss_fn, "update_proxies"):
+                loss_fn.update_proxies(embeddings.detach(), labels)
             value = loss.item()
             if not math.isfinite(value):
                 raise FloatingPointError(f"the loss became {value} at epoch {epoch}, step {step}; lower --lr or use --amp off")
