@@ -301,8 +301,17 @@ class MovingProxyLoss(nn.Module):
     @torch.no_grad()
     def update_proxies(self, embeddings, labels):
         """The moving update for the classes of this batch (call after the optimizer step)."""
+        owner = f"{type(self).__name__}.update_proxies"
         if self.learnable:
-            raise RuntimeError(f"{type(self).__name__}: learnable proxies are trained by the optimizer, not moved")
+            raise RuntimeError(f"{owner}: learnable proxies are trained by the optimizer, not moved")
+        num_classes, dim = self.proxies.shape
+        if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2 or embeddings.shape[1] != dim:
+            raise ValueError(f"{owner}: embeddings must be a (batch, {dim}) tensor, got {getattr(embeddings, 'shape', type(embeddings).__name__)}")
+        if not isinstance(labels, torch.Tensor) or labels.dtype != torch.long or labels.shape != (embeddings.shape[0],):
+            raise ValueError(f"{owner}: labels must be an int64 tensor of shape ({embeddings.shape[0]},), got "
+                             f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise ValueError(f"{owner}: labels must be in [0, {num_classes}), got min {int(labels.min())} and max {int(labels.max())}")
         classes, slot = torch.unique(labels, return_inverse=True)
         sums = torch.zeros(len(classes), self.proxies.shape[1], device=self.proxies.device)
         sums.index_add_(0, slot, embeddings.detach().float())

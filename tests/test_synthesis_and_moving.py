@@ -88,3 +88,17 @@ def test_learnable_moving_proxies_are_trained_not_moved():
     assert loss_fn.proxies.grad is not None and loss_fn.proxies.grad.abs().sum() > 0
     with pytest.raises(RuntimeError, match="not moved"):
         loss_fn.update_proxies(x, torch.tensor([0, 1, 2, 3, 4]))
+
+
+@pytest.mark.parametrize(
+    "embeddings, labels, pattern",
+    [
+        (torch.randn(5, 7), torch.zeros(5, dtype=torch.long), r"embeddings must be a \(batch, 8\) tensor"),
+        (torch.randn(5, 8), torch.zeros(4, dtype=torch.long), r"labels must be an int64 tensor of shape \(5,\)"),
+        (torch.randn(5, 8), torch.zeros(5, dtype=torch.int32), r"labels must be an int64 tensor"),
+        (torch.randn(5, 8), torch.full((5,), 6), r"labels must be in \[0, 6\), got min 6 and max 6"),
+    ],
+)
+def test_moving_update_validates_its_inputs(embeddings, labels, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        dmlfast.MovingProxyLoss(num_classes=6, embedding_size=8).update_proxies(embeddings, labels)
