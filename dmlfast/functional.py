@@ -128,5 +128,8 @@ def proxy_isa_loss(
         raise TypeError(f"{op}: filter_positives must be a bool, got {type(filter_positives).__name__}")
     margin = _require_number(op, "margin", margin)
     alpha = _require_number(op, "alpha", alpha, low=0.0, low_inclusive=False)
-    params = torch.stack([v.detach().to(torch.float64 if proxies.dtype == torch.float64 else torch.float32) for v in vectors.values()])
+    # The op accumulates in float64 when either input is float64 (float32 otherwise): hand it the
+    # class vectors in that dtype, so none is rounded on the way.
+    wide = torch.float64 in (embeddings.dtype, proxies.dtype)
+    params = torch.stack([v.detach().to(torch.float64 if wide else torch.float32) for v in vectors.values()])
     return torch.ops.dmlfast.proxy_anchor_loss(embeddings, proxies, labels, margin, alpha, params, filter_positives)[0]
