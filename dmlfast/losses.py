@@ -15,7 +15,7 @@ from torch import nn
 from . import functional
 
 
-def _positive_int(owner, name, value, minimum=1):
+def _require_int(owner, name, value, minimum=1):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ValueError(f"{owner}: {name} must be {kind}, got {value!r}")
@@ -26,8 +26,8 @@ class _ProxyLoss(nn.Module):
     def __init__(self, num_classes, embedding_size):
         super().__init__()
         owner = type(self).__name__
-        num_classes = _positive_int(owner, "num_classes", num_classes)
-        embedding_size = _positive_int(owner, "embedding_size", embedding_size)
+        num_classes = _require_int(owner, "num_classes", num_classes)
+        embedding_size = _require_int(owner, "embedding_size", embedding_size)
         self.proxies = nn.Parameter(torch.empty(num_classes, embedding_size, dtype=torch.float32))
 
     def forward(self, embeddings, labels):
@@ -150,9 +150,9 @@ class ProxyISALoss(_ProxyLoss):
         self.lam = number(owner, "lam", lam)
         self.hardness_scale = number(owner, "hardness_scale", hardness_scale)
         self.tau = number(owner, "tau", tau)
-        self.memory_start_epoch = _positive_int(owner, "memory_start_epoch", memory_start_epoch, minimum=0)
-        self.filter_start_epoch = _positive_int(owner, "filter_start_epoch", filter_start_epoch, minimum=0)
-        memory_size = _positive_int(owner, "memory_size", memory_size)
+        self.memory_start_epoch = _require_int(owner, "memory_start_epoch", memory_start_epoch, minimum=0)
+        self.filter_start_epoch = _require_int(owner, "filter_start_epoch", filter_start_epoch, minimum=0)
+        memory_size = _require_int(owner, "memory_size", memory_size)
         nn.init.kaiming_normal_(self.proxies, mode="fan_out")
         self.register_buffer("counter", torch.zeros(num_classes, dtype=torch.float64))
         self.register_buffer("learned_sim", torch.ones(num_classes))
@@ -163,7 +163,7 @@ class ProxyISALoss(_ProxyLoss):
 
     def set_epoch(self, epoch):
         """Tell the loss the (0-indexed) epoch: the memory and the positive filter start by it."""
-        self.epoch.fill_(_positive_int(f"{type(self).__name__}.set_epoch", "epoch", epoch, minimum=0))
+        self.epoch.fill_(_require_int(f"{type(self).__name__}.set_epoch", "epoch", epoch, minimum=0))
 
     def class_schedule(self):
         """The per-class vectors (s̄, θ, w, easy-negative weight) the next step uses, float32."""
@@ -282,8 +282,8 @@ class MovingProxyLoss(nn.Module):
     def __init__(self, num_classes, embedding_size, temperature=0.03, momentum=0.5, learnable=False):
         super().__init__()
         owner = type(self).__name__
-        num_classes = _positive_int(owner, "num_classes", num_classes)
-        embedding_size = _positive_int(owner, "embedding_size", embedding_size)
+        num_classes = _require_int(owner, "num_classes", num_classes)
+        embedding_size = _require_int(owner, "embedding_size", embedding_size)
         self.temperature = functional._require_number(owner, "temperature", temperature, low=0.0, low_inclusive=False)
         self.momentum = functional._require_number(owner, "momentum", momentum, low=0.0, high=1.0, high_inclusive=True)
         if not isinstance(learnable, bool):
