@@ -191,11 +191,11 @@ class ProxyISALoss(_ProxyLoss):
     @torch.no_grad()
     def _update_state(self, embeddings, labels, threshold, filter_positives):
         """After the loss: drop outliers, count the rest, store them, re-estimate s̄ (SPEC §3.4)."""
-        unit = torch.nn.functional.normalize(embeddings.float(), dim=1)
-        proxies = torch.nn.functional.normalize(self.proxies.detach().float(), dim=1)
+        normalize = torch.nn.functional.normalize
+        unit = normalize(embeddings.float(), dim=1)
         keep = torch.ones_like(labels, dtype=torch.bool)
         if filter_positives:
-            keep = (unit * proxies[labels]).sum(1) >= threshold[labels]
+            keep = (unit * normalize(self.proxies.detach()[labels].float(), dim=1)).sum(1) >= threshold[labels]
         unit, kept_labels = unit[keep], labels[keep]
         self.counter.index_add_(0, kept_labels, torch.ones_like(kept_labels, dtype=torch.float64))
         if int(self.epoch) < self.memory_start_epoch or len(kept_labels) == 0:
@@ -213,7 +213,8 @@ class ProxyISALoss(_ProxyLoss):
         slot_class = torch.searchsorted(classes, self.memory_labels[stored])
         sums.index_add_(0, slot_class, self.memory_embeddings[stored])
         counts = torch.bincount(slot_class, minlength=len(classes)).clamp_min(1)
-        self.learned_sim[classes] = self.hardness_scale * (proxies[classes] * sums).sum(1) / counts
+        class_proxies = normalize(self.proxies.detach()[classes].float(), dim=1)
+        self.learned_sim[classes] = self.hardness_scale * (class_proxies * sums).sum(1) / counts
 
     def extra_repr(self):
         return (
