@@ -137,9 +137,10 @@ LossAndGrads proxy_anchor_impl(const at::Tensor& x, const at::Tensor& p, const a
   const int64_t B = x.size(0), D = x.size(1), C = p.size(0);
   const auto acc = x.options().dtype(c10::CppTypeToScalarType<T>::value);
   ValueChecks checks(labels, C, op);
-  const at::Tensor labels_c = labels.contiguous();
-  const at::Tensor safe_labels = labels_c.clamp(0, C - 1);  // gathers stay in bounds until checked
-  const int64_t* label_ptr = labels_c.const_data_ptr<int64_t>();
+  // Out-of-range labels are clamped for the computation, so every gather and per-class lookup
+  // stays in bounds until the checks raise (their results are never returned).
+  const at::Tensor safe_labels = labels.clamp(0, C - 1).contiguous();
+  const int64_t* label_ptr = safe_labels.const_data_ptr<int64_t>();
   const bool is_isa = isa_params.defined();
   const at::Tensor isa = is_isa ? isa_params.to(acc.dtype()).contiguous() : at::Tensor();
   const IsaClassParams<T> isa_view =
