@@ -108,7 +108,7 @@ def retrieval_metrics(
 
     result: dict = {}
     relevant_counts = _relevant_counts(query_codes, reference_codes, self_reference)
-    has_match = relevant_counts > 0
+    has_match = (relevant_counts > 0).cpu()  # solve() returns its per-query figures on the CPU
     num_matched = int(has_match.sum())
     if requested & {"recall", "map@r", "r_precision"}:
         problem = _RankingProblem(
