@@ -80,3 +80,58 @@ def test_cuda_compile_training_step():
     expected = functional.proxy_anchor_loss(model(inputs).detach(), loss_fn.proxies.detach(), targets)
     torch.testing.assert_close(loss.detach(), expected)
     assert loss_fn.proxies.grad is not None and model.weight.grad is not None
+
+
+def isa_class_vectors(num_classes, generator, device):
+    """Per-class s̄, θ, w, easy-negative weight in the ranges a trained Proxy-ISA run produces."""
+    center = 0.1 + 0.2 * torch.rand(num_classes, generator=generator)
+    threshold = center - 0.4 * torch.rand(num_classes, generator=generator)
+    weight = 0.1 + 0.2 * torch.rand(num_classes, generator=generator)
+    easy = 1.0 / torch.randint(1, 50, (num_classes,), generator=generator).double()
+    return [v.to(device) for v in (center, threshold, weight, easy)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_isa_matches_cpu(dtype):
+    gen = torch.Generator().manual_seed(1)
+    x, p = torch.randn(128, 64, generator=gen, dtype=dtype), torch.randn(3_000, 64, generator=gen, dtype=dtype)
+    labels = torch.randint(0, 3_000, (128,), generator=gen)
+    params = isa_class_vectors(3_000, gen, "cpu")
+    on_cpu = run(functional.proxy_isa_loss, x, p, labels, dict(zip(("class_center", "class_threshold", "class_weight", "easy_negative_weight"), params)))
+    gpu_params = dict(zip(("class_center", "class_threshold", "class_weight", "easy_negative_weight"), [v.cuda() for v in params]))
+    on_gpu = run(functional.proxy_isa_loss, x.cuda(), p.cuda(), labels.cuda(), gpu_params)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5}[dtype]
+    for cpu_value, gpu_value in zip(on_cpu, on_gpu):
+        assert relative_error(gpu_value.cpu(), cpu_value) <= tol
+
+
+def test_cuda_runs_under_deterministic_algorithms():
+    gen = torch.Generator().manual_seed(2)
+    x, p = torch.randn(64, 32, generator=gen).cuda(), torch.randn(500, 32, generator=gen).cuda()
+    labels = torch.randint(0, 500, (64,), generator=gen).cuda()
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for fn, kwargs in CASES:
+            first, second = run(fn, x, p, labels, kwargs), run(fn, x, p, labels, kwargs)
+            assert all(torch.equal(a, b) for a, b in zip(first, second))
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.parametrize("gallery", [False, True], ids=["self", "query-gallery"])
+def test_cuda_evaluation_matches_cpu(gallery):
+    from dmlfast.evaluation import retrieval_metrics
+
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 40, (600,), generator=gen)
+    embeddings = torch.randn(40, 16, generator=gen)[labels] + 0.8 * torch.randn(600, 16, generator=gen)
+    kwargs = dict(ks=(1, 4, 16), backend="torch", metrics=("recall", "map@r", "r_precision"))
+    if gallery:
+        kwargs.update(reference=embeddings[300:], reference_labels=labels[300:])
+        embeddings, labels = embeddings[:300], labels[:300]
+    on_cpu = retrieval_metrics(embeddings, labels, **kwargs)
+    if gallery:
+        kwargs.update(reference=kwargs["reference"].cuda())
+    on_gpu = retrieval_metrics(embeddings.cuda(), labels, **kwargs)
+    assert on_gpu == on_cpu
