@@ -77,6 +77,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--noise", type=float, default=2.3, help="within-class noise scale of the synthetic set")
     parser.add_argument("--skip-nmi", action="store_true", help="do not time NMI (k-means with 11,316 clusters)")
+    parser.add_argument("--backends", nargs="+", help="backends to time (default: every available one, "
+                        "and each again on the GPU as cuda:NAME when there is one)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--backend", default="torch", help=argparse.SUPPRESS)
     parser.add_argument("--metrics", nargs="+", default=["recall", "map@r", "r_precision"], help=argparse.SUPPRESS)
@@ -92,6 +94,11 @@ def main() -> None:
     backends = list(available_backends())
     if torch.cuda.is_available():
         backends += [f"cuda:{name}" for name in backends]
+    if args.backends:
+        unknown = sorted(set(args.backends) - set(backends))
+        if unknown:
+            parser.error(f"--backends: {', '.join(unknown)} not available here; choose from {', '.join(backends)}")
+        backends = args.backends
     embeddings, labels = synthetic_sop(NUM_SAMPLES, NUM_CLASSES, DIM, args.noise)
     print(f"synthetic SOP: {embeddings.shape[0]} x {embeddings.shape[1]}, {NUM_CLASSES} classes, noise {args.noise}")
     print(f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
