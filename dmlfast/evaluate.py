@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ks", type=int, nargs="+", help="K values of Recall@K (default: 1 2 4 8; with --checkpoint the dataset's)")
     parser.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS), help="metrics to compute (default: all)")
     parser.add_argument("--backend", choices=("auto", "faiss", "torch"), default="auto", help="k-NN backend (default: auto)")
-    parser.add_argument("--device", default="cpu", help="torch device to evaluate on, e.g. cuda (default: cpu)")
+    parser.add_argument("--device", help="torch device to evaluate on: cpu, cuda or cuda:N (default: cuda when available, "
+                        "else cpu, as in training)")
     parser.add_argument("--binary", action="store_true", help="evaluate sign-binarised embeddings")
     parser.add_argument("--seed", type=int, default=0, help="k-means seed for NMI (default: 0)")
     parser.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
@@ -131,11 +132,12 @@ def evaluate(args: argparse.Namespace) -> dict:
         raise InputError("give --embeddings and --labels (saved arrays) or --checkpoint (a training checkpoint)")
     if (args.reference is None) != (args.reference_labels is None):
         raise InputError("--reference and --reference-labels must be given together")
+    from dmlfast import train
+
     try:
-        device = torch.device(args.device)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as error:
-        raise InputError(f"--device: cannot use device {args.device!r} ({error})") from error
+        device = train.resolve_device(args.device)
+    except train.UsageError as error:
+        raise InputError(str(error)) from error
     embeddings = torch.from_numpy(load_array(args.embeddings, "--embeddings")).to(device)
     labels = load_array(args.labels, "--labels")
     reference = reference_labels = None
