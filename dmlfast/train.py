@@ -197,6 +197,8 @@ def _check_config(c: Dict[str, Any]) -> None:
         raise UsageError(f"--dataset {c['dataset']} needs --data-root DIR, the folder holding it")
     if c["data_root"] is not None and c["dataset"] != "glyphs" and not Path(c["data_root"]).is_dir():
         raise UsageError(f"--data-root: no such folder: {c['data_root']}")
+    if c["weights"] not in ("imagenet", "none") and not Path(c["weights"]).is_file():  # before any data is prepared
+        raise UsageError(f"--weights: no such file: {c['weights']} (give 'imagenet', 'none' or the path of a state dict)")
 
 
 def resolve_device(name: Optional[str]):
