@@ -143,7 +143,7 @@ def test_amp_bf16_on_cpu_runs(tiny_root, tmp_path):
 
 def test_warmup_trains_only_embedding_and_proxies_then_everything(tiny_root, tmp_path):
     def conv_weights(out):
-        state = torch.load(out / "last.pt", weights_only=False)["model"]
+        state = torch.load(out / "last.pt", weights_only=False, map_location="cpu")["model"]
         return {k: v for k, v in state.items() if k.startswith("backbone.") and v.dim() == 4}
 
     torch.manual_seed(1)  # the run's --seed default, used before the model is built
