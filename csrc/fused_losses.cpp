@@ -219,6 +219,13 @@ LossAndGrads proxy_anchor_impl(const at::Tensor& x, const at::Tensor& p, const a
 // Beyond this budget the tiles are recomputed, so memory stays bounded for any number of classes.
 constexpr int64_t kSoftmaxReuseBytes = int64_t{64} << 20;
 
+// Columns per softmax thread. One thread per row would leave a 256-row batch with 256 threads
+// (an H100 holds ~270k; that design measured 6-21x slower than eager there), so rows are cut
+// into chunks: 32 columns on the GPU, coalesced across neighbouring rows; 256 contiguous columns
+// on the CPU, long enough for SIMD and enough chunks for several cores.
+constexpr int64_t kSoftmaxChunkColumnsCuda = 32;
+constexpr int64_t kSoftmaxChunkColumnsCpu = 256;
+
 template <typename T>
 LossAndGrads proxy_softmax_impl(const at::Tensor& x, const at::Tensor& p, const at::Tensor& labels,
                                 double scale, double smoothing, bool exclude_positive) {
@@ -239,8 +246,14 @@ LossAndGrads proxy_softmax_impl(const at::Tensor& x, const at::Tensor& p, const 
   const SoftmaxRowState state{lse_max.data_ptr<double>(), lse_sum.data_ptr<double>(),
                               smoothing > 0 ? logit_sum.data_ptr<double>() : nullptr,
                               target_logit.data_ptr<double>()};
-  const bool column_contiguous = x.is_cuda();  // one thread per row walks the columns
+  const bool column_contiguous = x.is_cuda();  // neighbouring threads own neighbouring rows
   const int64_t tile = tile_columns(x, C);
+  const int64_t chunk_cols = x.is_cuda() ? kSoftmaxChunkColumnsCuda : kSoftmaxChunkColumnsCpu;
+  const int64_t max_chunks = blocks_for(tile, chunk_cols);
+  const at::Tensor partial_buffer = at::empty({3, max_chunks * B}, wide);
+  const SoftmaxChunkPartials partials{partial_buffer[0].data_ptr<double>(),
+                                      partial_buffer[1].data_ptr<double>(),
+                                      partial_buffer[2].data_ptr<double>()};
   const int64_t bytes_per_class = (B + x.size(1)) * static_cast<int64_t>(sizeof(T));
   const bool reuse_tiles = C * bytes_per_class <= std::max(kSoftmaxReuseBytes, tile * bytes_per_class);
   // A kept tile holds pass 1's exponentials e^{z - shift} and the per-row shifts (shift defined).
@@ -256,17 +269,19 @@ LossAndGrads proxy_softmax_impl(const at::Tensor& x, const at::Tensor& p, const 
     return Tile{std::move(ps), std::move(sim), at::Tensor()};
   };
   auto tile_args = [&](const Tile& t, int64_t first, int64_t cols) {
-    return SoftmaxTileArgs<T>{view_of<T>(t.sim), label_ptr, B, cols, first, T(scale),
-                              exclude_positive, state,
+    return SoftmaxTileArgs<T>{view_of<T>(t.sim), label_ptr, B, cols, chunk_cols, first, T(scale),
+                              exclude_positive, state, partials,
                               t.shift.defined() ? t.shift.template data_ptr<T>() : nullptr};
   };
 
   for (int64_t first = 0; first < C; first += tile) {
     const int64_t cols = std::min(tile, C - first);
+    const int64_t chunks = blocks_for(cols, chunk_cols);
     Tile t = compute_tile(first, cols);
-    if (reuse_tiles) t.shift = at::empty({B}, acc);
+    if (reuse_tiles) t.shift = at::empty({chunks * B}, acc);
     checks.add_norms(t.proxies.norm, /*embeddings=*/false);
-    launch(x, B, tile_args(t, first, cols));
+    launch(x, chunks * B, tile_args(t, first, cols));
+    launch(x, B, SoftmaxCombineArgs{partials, B, chunks, state});
     if (reuse_tiles) kept.push_back(std::move(t));
   }
 
@@ -284,7 +299,7 @@ LossAndGrads proxy_softmax_impl(const at::Tensor& x, const at::Tensor& p, const 
   for (int64_t first = 0, index = 0; first < C; first += tile, ++index) {
     const int64_t cols = std::min(tile, C - first);
     const Tile t = reuse_tiles ? kept[index] : compute_tile(first, cols);
-    launch(x, B,
+    launch(x, blocks_for(cols, chunk_cols) * B,
            SoftmaxGradArgs<T>{tile_args(t, first, cols), row_lse.const_data_ptr<T>(),
                               T(target_weight), T(other_weight), T(scale / B)});
     grad_x_acc.addmm_(t.sim, t.proxies.unit);

@@ -11,15 +11,17 @@
 
 namespace dmlfast {
 
-// (argument struct, thread function) of every kernel, for float and double accumulation.
+// (argument struct, thread function) of every kernel, for float and double accumulation where
+// the math depends on it.
 #define DMLFAST_FOR_EACH_KERNEL_T(X, T)                     \
   X(AnchorNegativeArgs<T>, anchor_negative_column_thread<T>) \
   X(AnchorPositiveArgs<T>, anchor_positive_thread<T>)        \
   X(PositiveScatterArgs<T>, positive_scatter_thread<T>)      \
-  X(SoftmaxTileArgs<T>, softmax_row_reduce_thread<T>)        \
-  X(SoftmaxGradArgs<T>, softmax_row_grad_thread<T>)
-#define DMLFAST_FOR_EACH_KERNEL(X) \
-  DMLFAST_FOR_EACH_KERNEL_T(X, float) DMLFAST_FOR_EACH_KERNEL_T(X, double)
+  X(SoftmaxTileArgs<T>, softmax_chunk_reduce_thread<T>)      \
+  X(SoftmaxGradArgs<T>, softmax_chunk_grad_thread<T>)
+#define DMLFAST_FOR_EACH_KERNEL(X)                                          \
+  DMLFAST_FOR_EACH_KERNEL_T(X, float) DMLFAST_FOR_EACH_KERNEL_T(X, double) \
+  X(SoftmaxCombineArgs, softmax_row_combine_thread)
 
 #define DMLFAST_DECLARE_LAUNCHERS(Args, fn)             \
   void launch_cpu(int64_t threads, const Args& args); \

@@ -244,8 +244,10 @@ DMLFAST_HD void positive_scatter_thread(int64_t block, int64_t thread, int64_t b
 // Softmax family (ProxyNCA, ProxyNCA++, Norm-SoftMax; SPEC §2 and §7.3): logits z = scale * S.
 //
 // Pass 1 walks the class tiles and keeps, per row, the running log-sum-exp over the classes of
-// the denominator, the sum of all logits (label smoothing needs it) and the target logit.
-// Pass 2 turns each tile of S into G = (scale / B)(softmax - T).
+// the denominator, the sum of all logits (label smoothing needs it) and the target logit. Each
+// tile row is cut into chunks of `chunk_cols` columns, one thread per (row, chunk), so that a
+// batch of a few hundred rows still fills a GPU; a per-row thread then folds the chunks' partial
+// results into the running state. Pass 2 turns each tile of S into G = (scale / B)(softmax - T).
 
 // Row sums run over up to millions of classes, so the running state is kept in double whatever T
 // is: a float sum over 10^5 terms would lose ~1e-5 of the loss.
@@ -256,58 +258,112 @@ struct SoftmaxRowState {
   double* target_logit;  // [B] z_{b, y_b}
 };
 
+// Per (chunk, row) results of pass 1 over one tile, each [chunks * B] with slot chunk * B + b.
+struct SoftmaxChunkPartials {
+  double* max;        // the chunk's largest denominator logit
+  double* sum;        // sum of e^{z - max} over the chunk's denominator logits; 0 if it has none
+  double* logit_sum;  // sum of all the chunk's logits
+};
+
 template <typename T>
 struct SoftmaxTileArgs {
   TileView<T> tile;        // [B, cols]: S in; see the passes for what is written back
   const int64_t* labels;   // [B]
   int64_t rows;
   int64_t cols;
+  int64_t chunk_cols;      // columns per thread; the tile has blocks_for(cols, chunk_cols) chunks
   int64_t first_class;
   T scale;
   bool exclude_positive;   // the paper's classic form: the target is not in the denominator
   SoftmaxRowState state;
-  // [B] or null. When set, pass 1 overwrites the tile with e^{z - shift_b} (0 for an excluded
-  // target) and records shift_b here, so that pass 2 needs one exponential per row, not per entry.
+  SoftmaxChunkPartials partials;
+  // [chunks * B] or null. When set, pass 1 overwrites the tile with e^{z - shift} (0 for an
+  // excluded target), shift being the chunk's max, recorded here, so that pass 2 needs one
+  // exponential per (row, chunk), not per entry.
   T* tile_shift;
 };
 
-// Pass 1, one thread per row b: fold this tile's logits into the row's running state.
+// The (row, chunk) a softmax thread owns, and its columns [first, last); false past the tile.
+struct SoftmaxSlot {
+  int64_t row, slot, first, last;
+};
+DMLFAST_HD bool softmax_slot(int64_t index, int64_t rows, int64_t cols, int64_t chunk_cols,
+                             SoftmaxSlot& out) {
+  const int64_t chunk = index / rows;
+  out.row = index % rows;
+  out.slot = index;  // chunk * rows + row
+  out.first = chunk * chunk_cols;
+  out.last = out.first + chunk_cols < cols ? out.first + chunk_cols : cols;
+  return out.first < cols;
+}
+
+// Pass 1, one thread per (row b, chunk): the chunk's max, sum of exponentials and sum of logits.
 template <typename T>
-DMLFAST_HD void softmax_row_reduce_thread(int64_t block, int64_t thread, int64_t block_dim,
-                                          const SoftmaxTileArgs<T>& a) {
-  const int64_t b = block * block_dim + thread;
-  if (b >= a.rows) return;
+DMLFAST_HD void softmax_chunk_reduce_thread(int64_t block, int64_t thread, int64_t block_dim,
+                                            const SoftmaxTileArgs<T>& a) {
+  SoftmaxSlot s;
+  if (!softmax_slot(block * block_dim + thread, a.rows, a.cols, a.chunk_cols, s)) return;
+  const int64_t b = s.row;
   const int64_t target = a.labels[b] - a.first_class;
   bool any = false;
-  T tile_max = 0;
+  T chunk_max = 0;
   double logit_sum = 0;
-  const bool sum_logits = a.state.logit_sum != nullptr;
-  for (int64_t c = 0; c < a.cols; ++c) {
+  for (int64_t c = s.first; c < s.last; ++c) {
     const T z = a.scale * a.tile.at(b, c);
-    if (sum_logits) logit_sum += z;
+    logit_sum += z;
     if (c == target) {
       a.state.target_logit[b] = z;
       if (a.exclude_positive) continue;
     }
-    tile_max = any ? math::max(tile_max, z) : z;
+    chunk_max = any ? math::max(chunk_max, z) : z;
     any = true;
   }
-  if (sum_logits) a.state.logit_sum[b] += logit_sum;
-  double tile_sum = 0;
-  for (int64_t c = 0; c < a.cols; ++c) {
+  double chunk_sum = 0;
+  for (int64_t c = s.first; c < s.last; ++c) {
     T& entry = a.tile.at(b, c);
-    const T e = (c == target && a.exclude_positive) ? T(0) : math::exp(a.scale * entry - tile_max);
+    const T e = (c == target && a.exclude_positive) ? T(0) : math::exp(a.scale * entry - chunk_max);
     if (a.tile_shift != nullptr) entry = e;
-    tile_sum += e;
+    chunk_sum += e;
   }
-  if (a.tile_shift != nullptr) a.tile_shift[b] = tile_max;
-  if (!any) return;  // the tile held only the excluded target
-  const double old_sum = a.state.lse_sum[b];
-  const double old_max = a.state.lse_max[b];
-  const double new_max = old_sum > 0 ? math::max(old_max, double(tile_max)) : double(tile_max);
-  const double carried = old_sum > 0 ? old_sum * math::exp(old_max - new_max) : 0.0;
-  a.state.lse_max[b] = new_max;
-  a.state.lse_sum[b] = carried + tile_sum * math::exp(double(tile_max) - new_max);
+  if (a.tile_shift != nullptr) a.tile_shift[s.slot] = chunk_max;
+  a.partials.max[s.slot] = chunk_max;
+  a.partials.sum[s.slot] = any ? chunk_sum : 0.0;
+  a.partials.logit_sum[s.slot] = logit_sum;
+}
+
+struct SoftmaxCombineArgs {
+  SoftmaxChunkPartials partials;
+  int64_t rows;
+  int64_t chunks;
+  SoftmaxRowState state;
+};
+
+// Pass 1, then one thread per row b: fold the tile's chunks into the row's running state.
+DMLFAST_HD void softmax_row_combine_thread(int64_t block, int64_t thread, int64_t block_dim,
+                                           const SoftmaxCombineArgs& a) {
+  const int64_t b = block * block_dim + thread;
+  if (b >= a.rows) return;
+  double lse_max = a.state.lse_max[b];
+  double lse_sum = a.state.lse_sum[b];
+  double logit_sum = 0;
+  for (int64_t chunk = 0; chunk < a.chunks; ++chunk) {
+    const int64_t slot = chunk * a.rows + b;
+    logit_sum += a.partials.logit_sum[slot];
+    const double sum = a.partials.sum[slot];
+    if (sum == 0) continue;  // the chunk held only the excluded target
+    const double max = a.partials.max[slot];
+    if (lse_sum > 0) {
+      const double new_max = math::max(lse_max, max);
+      lse_sum = lse_sum * math::exp(lse_max - new_max) + sum * math::exp(max - new_max);
+      lse_max = new_max;
+    } else {
+      lse_max = max;
+      lse_sum = sum;
+    }
+  }
+  a.state.lse_max[b] = lse_max;
+  a.state.lse_sum[b] = lse_sum;
+  if (a.state.logit_sum != nullptr) a.state.logit_sum[b] += logit_sum;
 }
 
 template <typename T>
@@ -319,19 +375,20 @@ struct SoftmaxGradArgs {
   T grad_scale;             // scale / B
 };
 
-// Pass 2, one thread per row b: G_bc = (scale/B) (p_bc - T_bc), where p_bc = e^{z_bc - lse_b}
-// (and p_{b,y_b} = 0 when the target is excluded from the denominator).
+// Pass 2, one thread per (row b, chunk): G_bc = (scale/B) (p_bc - T_bc), where p_bc =
+// e^{z_bc - lse_b} (and p_{b,y_b} = 0 when the target is excluded from the denominator).
 template <typename T>
-DMLFAST_HD void softmax_row_grad_thread(int64_t block, int64_t thread, int64_t block_dim,
-                                        const SoftmaxGradArgs<T>& a) {
+DMLFAST_HD void softmax_chunk_grad_thread(int64_t block, int64_t thread, int64_t block_dim,
+                                          const SoftmaxGradArgs<T>& a) {
   const SoftmaxTileArgs<T>& t = a.tile;
-  const int64_t b = block * block_dim + thread;
-  if (b >= t.rows) return;
+  SoftmaxSlot s;
+  if (!softmax_slot(block * block_dim + thread, t.rows, t.cols, t.chunk_cols, s)) return;
+  const int64_t b = s.row;
   const int64_t target = t.labels[b] - t.first_class;
   const T lse = a.row_lse[b];
   const bool stored = t.tile_shift != nullptr;
-  const T rescale = stored ? math::exp(t.tile_shift[b] - lse) : T(0);
-  for (int64_t c = 0; c < t.cols; ++c) {
+  const T rescale = stored ? math::exp(t.tile_shift[s.slot] - lse) : T(0);
+  for (int64_t c = s.first; c < s.last; ++c) {
     T& entry = t.tile.at(b, c);
     const bool is_target = c == target;
     T prob;

@@ -160,6 +160,16 @@ def test_softmax_without_tile_reuse_matches_reference():
         check_against_reference(name, x, p, labels, tol=1e-6)
 
 
+@pytest.mark.parametrize("num_classes", [255, 256, 257, 513, 700])
+@pytest.mark.parametrize("name", ["nca", "nca_smoothing", "nca_classic"])
+def test_softmax_chunk_edges_match_reference(name, num_classes):
+    """Softmax rows are reduced in chunks of columns (256 on the CPU): a last chunk of one
+    column, chunk and tile boundaries, and targets on them, the excluded target alone in its chunk."""
+    x, p, labels = make_inputs(20, num_classes, 9, "random", seed=num_classes)
+    labels[:4] = torch.tensor([0, 255, 256, num_classes - 1]).clamp(max=num_classes - 1)
+    check_against_reference(name, x, p, labels, tol=1e-6)
+
+
 def test_proxy_anchor_many_classes_matches_reference():
     x, p, labels = make_inputs(24, 200_000, 64, "random")
     check_against_reference("proxy_anchor", x, p, labels, tol=1e-6)
