@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Build, test and time dmlfast on a GPU machine that has torch, nvcc and ninja but no internet.
 #
-#   bash benchmarks/run_gpu.sh [STAGE ...]      STAGE: build test quicktest losses compiled eval train
-#                                               (default: all but quicktest)
+#   bash benchmarks/run_gpu.sh [STAGE ...]      STAGE: build test quicktest losses compiled profile eval train
+#                                               (default: all but quicktest and profile)
 #
 # Each stage writes its log to $OUT (or benchmarks/out/) and is bounded by its own timeout, so one
-# failing or slow stage does not hide the others. On an H100, "build test eval train" and
-# "losses compiled" (with the built dmlfast/_C*.so carried over) each fit one 10-minute call.
+# failing or slow stage does not hide the others. Seen on an H100 (2026-11-24): build 45-60 s,
+# test 3-4 min (pytest -n 8), eval 15 s, train 30 s, losses over 220 s (1M classes not reached),
+# compiled 65 s (SOP). A 10-minute call fits "build test eval train" or "build quicktest losses".
 # pytorch-metric-learning is timed when importable (carry its wheel; see RESULTS.md).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -53,13 +54,19 @@ for name in "${stages[@]}"; do
     losses)
         comparators="gemm3 dmlfast eager"
         "$py" -c "import pytorch_metric_learning" 2>/dev/null && comparators="$comparators pml"
-        stage losses 220 "$py" benchmarks/bench_losses.py --device cuda --cases CUB SOP 100k 1M --implementations $comparators \
+        stage losses 400 "$py" benchmarks/bench_losses.py --device cuda --cases CUB SOP 100k 1M --implementations $comparators \
             --repeats 50 --warmup 10 --json "$out/losses_gpu.json"
         grep '^|' "$out/losses.log" ;;
     compiled)
         stage compiled 120 "$py" benchmarks/bench_losses.py --device cuda --cases SOP --losses proxy_anchor proxy_nca \
             --implementations gemm3 compiled --repeats 50 --warmup 10 --json "$out/losses_gpu_compiled.json"
         grep '^|' "$out/compiled.log" ;;
+    profile)
+        for classes in 100 11318; do
+            stage "profile_$classes" 120 "$py" benchmarks/profile_gpu.py --loss proxy_anchor --classes "$classes"
+        done
+        stage profile_nca 120 "$py" benchmarks/profile_gpu.py --loss proxy_nca --classes 11318
+        grep -h -A3 "^## " "$out"/profile_*.log ;;
     eval)
         stage eval 150 "$py" benchmarks/bench_eval.py --backends cuda:torch
         tail -14 "$out/eval.log" ;;
@@ -68,7 +75,7 @@ for name in "${stages[@]}"; do
             --batch-size 180 --images 2160 --steps 10 --json "$out/train_gpu.json"
         tail -6 "$out/train.log" ;;
     *)
-        echo "unknown stage: $name (expected build test quicktest losses compiled eval train)" >&2
+        echo "unknown stage: $name (expected build test quicktest losses compiled profile eval train)" >&2
         exit 2 ;;
     esac
 done
