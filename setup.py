@@ -107,16 +107,21 @@ def extensions():
         f'-DDMLFAST_CUDA_ARCH_LIST="{arch_list}"',
     ]
     cxx = ["-O3", "-fopenmp"] + defines
+    # Name the shared libstdc++ (the one torch loads) before the compiler's own -lstdc++. A g++
+    # that links libstdc++ statically (seen: the /opt/gcc of a GPU image) otherwise embeds a
+    # second copy whose locale facets do not match the process's: formatting a number into an
+    # error message then prints nothing or segfaults. With an ordinary g++ this changes nothing.
+    link = ["-fopenmp"] + (["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else [])
     if with_cuda:
         nvcc = ["-O3", "-DDMLFAST_WITH_CUDA"] + defines
         ext = CUDAExtension(
             "dmlfast._C",
             sources(True),
             extra_compile_args={"cxx": cxx + ["-DDMLFAST_WITH_CUDA"], "nvcc": nvcc},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link,
         )
     else:
-        ext = CppExtension("dmlfast._C", sources(False), extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+        ext = CppExtension("dmlfast._C", sources(False), extra_compile_args={"cxx": cxx}, extra_link_args=link)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

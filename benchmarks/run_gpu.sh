@@ -15,12 +15,6 @@ out="${OUT:-benchmarks/out}"
 py="${PYTHON:-python3}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" DMLFAST_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" PYTHONUNBUFFERED=1
-# The lent GPU image builds extensions with /opt/gcc/bin/g++, which links libstdc++ statically:
-# an extension built that way segfaults in the first error message it formats (seen 2026-11-24,
-# also with a minimal load_inline extension). Build and link with the system compiler instead,
-# whose libstdc++ is the one torch loads. The image presets CC/CXX, so these override it; the
-# build stage warns if the result still lacks a dynamic libstdc++ (not yet verified on a GPU).
-export CC=gcc CXX=g++ LDSHARED="gcc -shared" LDCXXSHARED="g++ -shared"
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(build test losses compiled eval train)
 
@@ -41,7 +35,7 @@ for name in "${stages[@]}"; do
         "$py" -c "import dmlfast, torch; print(dmlfast.build_info(), torch.__version__, torch.cuda.get_device_name())" \
             | tee "$out/build_info.txt"
         if command -v readelf > /dev/null && ! readelf -d dmlfast/_C*.so | grep -q 'libstdc++'; then
-            echo "WARNING: dmlfast/_C links libstdc++ statically: its error messages will crash python" >&2
+            echo "WARNING: dmlfast/_C links libstdc++ statically: its error messages will be garbled or crash" >&2
         fi
         cp dmlfast/_C*.so "$out/" ;;
     test)
