@@ -50,9 +50,44 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--checkpoint", type=Path, help="a last.pt/best.pt of python -m dmlfast.train: embed the dataset's held-out split with it")
     ckpt.add_argument("--dataset", help="dataset to embed (default: the checkpoint's)")
     ckpt.add_argument("--data-root", type=Path, help="the dataset's folder (default: the checkpoint's)")
+    add_custom_data_arguments(ckpt)
     ckpt.add_argument("--loader", choices=("auto", "dali", "torch"), default="auto", help="image loader (default: auto)")
     ckpt.add_argument("--workers", type=int, default=2, help="loader workers / DALI threads (default: 2)")
     return parser
+
+
+def add_custom_data_arguments(group) -> None:
+    """``--list`` and ``--test-classes`` of ``--dataset csv|folder`` (default: the checkpoint's)."""
+    from dmlfast.train import _test_classes
+
+    group.add_argument("--list", type=Path, metavar="FILE.csv", help="--dataset csv: its list file (default: the checkpoint's)")
+    group.add_argument("--test-classes", type=_test_classes, metavar="N|FRACTION",
+                       help="--dataset folder/csv: held-out classes, drawn from the checkpoint's seed (default: the checkpoint's)")
+
+
+def apply_dataset_arguments(config: dict, args: argparse.Namespace) -> dict:
+    """``config`` (a checkpoint's) with ``--dataset``, ``--data-root``, ``--list`` and ``--test-classes`` applied; InputError when they do not fit."""
+    from dmlfast import train
+    from dmlfast.data import DATASETS
+
+    config = dict(config)
+    if args.dataset is not None:
+        if args.dataset not in DATASETS:
+            raise InputError(f"--dataset: unknown dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
+        config.update(dataset=args.dataset, data_root=None, data_list=None, test_classes=None)
+    if args.data_root is not None:
+        config["data_root"] = str(args.data_root)
+    if args.list is not None:
+        config["data_list"] = str(args.list)
+    if args.test_classes is not None:
+        config["test_classes"] = args.test_classes
+    if config["dataset"] != "glyphs" and config["data_root"] is None:
+        raise InputError(f"--dataset {config['dataset']} needs --data-root DIR, the folder holding it")
+    try:
+        train.check_dataset_options(config)
+    except train.UsageError as error:
+        raise InputError(str(error)) from error
+    return config
 
 
 def load_array(path: Path, option: str) -> np.ndarray:
@@ -79,7 +114,6 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     """Rebuild the model saved in ``args.checkpoint`` and compute its metrics on the held-out split."""
 
     from dmlfast import train
-    from dmlfast.data import DATASETS
     from dmlfast.training import CheckpointError, load_checkpoint
 
     if args.embeddings is not None or args.labels is not None or args.reference is not None:
@@ -88,16 +122,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         state = load_checkpoint(args.checkpoint)
     except CheckpointError as error:
         raise InputError(f"--checkpoint: {error}") from error
-    config = dict(state["config"])
-    if args.dataset is not None:
-        if args.dataset not in DATASETS:
-            raise InputError(f"--dataset: unknown dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
-        config["dataset"] = args.dataset
-        config["data_root"] = None
-    if args.data_root is not None:
-        config["data_root"] = str(args.data_root)
-    if config["dataset"] != "glyphs" and config["data_root"] is None:
-        raise InputError(f"--dataset {config['dataset']} needs --data-root DIR, the folder holding it")
+    config = apply_dataset_arguments(state["config"], args)
     if args.workers < 0:
         raise InputError(f"--workers must be >= 0, got {args.workers}")
     config.update(workers=args.workers, weights="none",

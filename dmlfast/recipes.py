@@ -6,7 +6,8 @@ patterns match (``"*"`` matches anything; later rules override earlier ones), on
 matching rules name for the dataset and loss. Command-line flags then override the result
 (``dmlfast.train``). Sources: SPEC-losses.md §1.2 (Proxy-Anchor, official train.py and README),
 §2.3 (ProxyNCA++), §4.4 (Norm-SoftMax, Proxy Synthesis recipe). The glyph and Omniglot rows are
-dmlfast's own: a small CNN trained from scratch, sized to finish in minutes on a CPU.
+dmlfast's own: a small CNN trained from scratch, sized to finish in minutes on a CPU. The user's own
+data (``folder``, ``csv``) gets each loss's generic recipe on ResNet-50 (ImageNet weights from torchvision).
 """
 from __future__ import annotations
 
@@ -122,6 +123,10 @@ RULES: Tuple[Tuple[Any, Any, Any, Dict[str, Any]], ...] = (
     ("Omniglot", "*", "*", dict(epochs=10, lr_step=5, image_size=32, resize_size=32)),
     # Small-image runs with an ImageNet backbone: its weights, the dataset's own image size.
     (("glyphs", "Omniglot"), "*", ("resnet50", "resnet18", "googlenet", "bn_inception"), dict(weights="imagenet", lr=1e-4, warmup_epochs=1)),
+    # The user's own data (folder/csv): the loss's recipe on ResNet-50 with torchvision's ImageNet weights
+    # (downloaded on first use; BN-Inception's need a manual download), 224 px crops.
+    (("folder", "csv"), "*", "*", dict(model="resnet50")),
+    (("folder", "csv"), "*", "smallcnn", dict(weights="none", warmup_epochs=0)),  # from scratch: nothing to warm up
 )
 
 

@@ -27,7 +27,8 @@ USAGE_ERROR = 2
 
 #: Recall@K cut-offs of each dataset's published evaluation.
 DATASET_KS = {"CUB": (1, 2, 4, 8), "Cars196": (1, 2, 4, 8), "SOP": (1, 10, 100, 1000),
-              "In-shop": (1, 10, 20, 30, 40, 50), "Omniglot": (1, 2, 4, 8), "glyphs": (1, 2, 4, 8)}
+              "In-shop": (1, 10, 20, 30, 40, 50), "Omniglot": (1, 2, 4, 8), "glyphs": (1, 2, 4, 8),
+              "folder": (1, 2, 4, 8), "csv": (1, 2, 4, 8)}
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 #: Configuration keys that may differ between a checkpoint and the run resuming it.
 RESUMABLE_CHANGES = {"resume", "output", "device", "workers", "data_root", "progress", "loader"}
@@ -57,6 +58,8 @@ recipes (dmlfast/recipes.py; every flag below overrides the recipe's value):
                      (SOP/In-shop lr 4e-5, temperature 0.05, momentum 0.95); proxies moved, not trained, not clipped
   --proxy-synthesis  wraps ProxyAnchor, ProxyNCA or NormSoftmax (published with NormSoftmax: 0.4,1.0)
   all                gradient values clipped at 10 (Moving: not clipped)
+  folder, csv        your own data: the loss's recipe above on resnet50 with torchvision's ImageNet weights
+                     (--model smallcnn: from scratch, no warm-up)
 
 weights: --weights imagenet uses torchvision's download/cache (ResNet-50: IMAGENET1K_V1, as in the papers);
   BN-Inception's weights are not in torchvision: download bn_inception-52deb4733.pth from
@@ -69,6 +72,8 @@ examples:
   python -m dmlfast.train --dataset Cars196 --data-root ~/data/Cars --loss ProxyISA --k 0.4
   python -m dmlfast.train --loss NormSoftmax --proxy-synthesis 0.4,1.0 --binary-eval
   python -m dmlfast.train --output runs/glyphs --resume     # continue a killed run
+  python -m dmlfast.train --dataset folder --data-root ~/photos --test-classes 0.5   # DIR/<class>/<image>
+  python -m dmlfast.train --dataset csv --data-root ~/shop --list ~/shop/list.csv    # path,label[,split] rows
   python -m dmlfast.evaluate --checkpoint runs/glyphs/best.pt
 """
 
@@ -84,6 +89,16 @@ def _alpha_mu(text: str):
     return alpha, mu
 
 
+def _test_classes(text: str):
+    """``--test-classes``: an int N or a fraction in (0, 1)."""
+    from dmlfast.data import parse_test_classes
+
+    try:
+        return parse_test_classes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line; options left out (``None``) take the recipe's value."""
     from dmlfast.data import DATASETS
@@ -97,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", default="glyphs", choices=list(DATASETS), metavar="NAME",
                    help=f"one of {', '.join(DATASETS)} (default: glyphs, built in)")
     g.add_argument("--data-root", type=Path, metavar="DIR", help="the dataset's folder (glyphs: where to render it, default ~/.cache/dmlfast)")
+    g.add_argument("--list", type=Path, metavar="FILE.csv", help="--dataset csv: rows path,label[,split] (paths relative to "
+                   "--data-root; split train|test|query|gallery); looked up as given, else under --data-root")
+    g.add_argument("--test-classes", type=_test_classes, metavar="N|FRACTION",
+                   help="--dataset folder/csv without a train/test split: hold out N classes (or this fraction of them), "
+                        "drawn from --seed")
     g.add_argument("--loader", choices=("auto", "dali", "torch"), default="auto",
                    help="image loader: NVIDIA DALI or torchvision; auto = DALI on CUDA when installed, else torchvision "
                         "(on a CPU, DALI's threads compete with the training for the cores)")
@@ -169,7 +189,8 @@ def make_config(args: argparse.Namespace) -> Dict[str, Any]:
     config.update(dataset=args.dataset, data_root=None if args.data_root is None else str(args.data_root), loss=args.loss,
                   device=args.device, amp=args.amp, loader=args.loader, workers=args.workers, eval_every=args.eval_every,
                   output=str(args.output), resume=args.resume, seed=args.seed, progress=args.progress,
-                  ks=list(DATASET_KS[args.dataset]), binary_eval=args.binary_eval)
+                  ks=list(DATASET_KS[args.dataset]), binary_eval=args.binary_eval,
+                  data_list=None if args.list is None else str(args.list), test_classes=args.test_classes)
     _check_config(config)
     return config
 
@@ -197,8 +218,29 @@ def _check_config(c: Dict[str, Any]) -> None:
         raise UsageError(f"--dataset {c['dataset']} needs --data-root DIR, the folder holding it")
     if c["data_root"] is not None and c["dataset"] != "glyphs" and not Path(c["data_root"]).is_dir():
         raise UsageError(f"--data-root: no such folder: {c['data_root']}")
+    check_dataset_options(c)
     if c["weights"] not in ("imagenet", "none") and not Path(c["weights"]).is_file():  # before any data is prepared
         raise UsageError(f"--weights: no such file: {c['weights']} (give 'imagenet', 'none' or the path of a state dict)")
+
+
+def check_dataset_options(c: Dict[str, Any]) -> None:
+    """``--list`` only and always with ``--dataset csv``; ``--test-classes`` only with folder/csv."""
+    if c["dataset"] == "csv" and c.get("data_list") is None:
+        raise UsageError("--dataset csv needs --list FILE.csv, the rows path,label[,split]")
+    if c["dataset"] != "csv" and c.get("data_list") is not None:
+        raise UsageError(f"--list applies to --dataset csv, not {c['dataset']}")
+    if c["dataset"] not in ("folder", "csv") and c.get("test_classes") is not None:
+        raise UsageError(f"--test-classes applies to --dataset folder or csv, not {c['dataset']}")
+
+
+def dataset_options(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``load_dataset`` options of ``config``: list file, held-out classes and seed for folder/csv."""
+    if config["dataset"] not in ("folder", "csv"):
+        return {}
+    options = {"test_classes": config.get("test_classes"), "seed": config["seed"]}
+    if config["dataset"] == "csv":
+        options["list_file"] = config.get("data_list")
+    return options
 
 
 def resolve_device(name: Optional[str]):
@@ -250,9 +292,11 @@ def load_splits(config: Dict[str, Any]):
     from dmlfast.data import DatasetLayoutError, load_dataset
 
     try:
-        return load_dataset(config["dataset"], config["data_root"])
+        return load_dataset(config["dataset"], config["data_root"], **dataset_options(config))
     except DatasetLayoutError as error:
         lines = [line for line in str(error).splitlines() if line.strip()]
+        if config["dataset"] in ("folder", "csv"):  # the user's own data: the reader's message says what to fix
+            raise UsageError(" ".join(lines)) from error
         source = next((line for line in lines if "published at" in line), "")
         hint = f"; {source}" if source else ""
         raise UsageError(f"{lines[0]}{hint}; point --data-root at the extracted dataset (layouts: help(dmlfast.data))") from error

@@ -13,7 +13,12 @@ SOP         ``Ebay_train.txt``, ``Ebay_test.txt``, ``*/ *.JPG``     train, test
 In-shop     ``Eval/list_eval_partition.txt``, ``img/...``           train, query, gallery
 Omniglot    ``images_background/``, ``images_evaluation/``         train, test (characters)
 glyphs      rendered into ``root`` or ``~/.cache/dmlfast``          train, test (characters)
+folder      ``<class>/<image>``, or ``train/<class>/...`` + ``test/``  train, test (disjoint classes)
+csv         a list file of ``path,label[,split]`` rows               train, test (or query, gallery)
 ==========  =====================================================  ===========================
+
+``folder`` and ``csv`` are the user's own data (``dmlfast.data.custom``): options ``test_classes``
+(N or a fraction of the classes to hold out, drawn with ``seed``) and, for ``csv``, ``list_file``.
 
 ``DatasetSplits`` has ``train``, ``test`` (``None`` for In-shop) and, for In-shop, ``query`` and
 ``gallery`` (one label mapping shared by both). Each split is an ``ImageList`` (``paths``,
@@ -48,6 +53,7 @@ from ._common import (
     remap_labels,
 )
 from .dali_loader import DALI_INSTALL_HINT, dali_available
+from .custom import CUSTOM_DATASETS, parse_test_classes, read_csv_list, read_folder
 from .glyphs import read_glyphs
 from .readers import read_cars196, read_cub, read_inshop, read_omniglot, read_sop
 from .samplers import MPerClassSampler, RandomBatchSampler
@@ -61,30 +67,39 @@ DATASETS: Dict[str, Callable[..., DatasetSplits]] = {
     "In-shop": read_inshop,
     "Omniglot": read_omniglot,
     "glyphs": read_glyphs,
+    "folder": read_folder,
+    "csv": read_csv_list,
 }
+
+#: Keyword options ``load_dataset`` passes on, per dataset (the others take none).
+DATASET_OPTIONS = {"folder": ("test_classes", "seed"), "csv": ("list_file", "test_classes", "seed")}
 
 LOADERS = ("auto", "dali", "torch")
 
 __all__ = [
     "DATASETS", "DATASET_DEFAULTS", "LOADERS", "NORMALIZATIONS", "DALI_INSTALL_HINT",
-    "CorruptImageError", "DataDefaults", "DatasetLayoutError", "DatasetSplits", "ImageList",
+    "CUSTOM_DATASETS", "DATASET_OPTIONS", "CorruptImageError", "DataDefaults", "DatasetLayoutError", "DatasetSplits", "ImageList",
     "MPerClassSampler", "RandomBatchSampler", "TransformConfig",
-    "dali_available", "dataset_defaults", "load_dataset", "make_loader", "make_sampler", "normalize", "remap_labels",
+    "dali_available", "dataset_defaults", "load_dataset", "make_loader", "make_sampler", "normalize", "parse_test_classes", "remap_labels",
 ]
 
 
-def load_dataset(name: str, root=None, strict: bool = False) -> DatasetSplits:
+def load_dataset(name: str, root=None, strict: bool = False, **options) -> DatasetSplits:
     """Read dataset ``name`` (a key of ``DATASETS``) from ``root``.
 
     ``root`` is required for the real datasets; for ``glyphs`` it is the folder the set is rendered
-    into (default ``$XDG_CACHE_HOME/dmlfast`` or ``~/.cache/dmlfast``)."""
+    into (default ``$XDG_CACHE_HOME/dmlfast`` or ``~/.cache/dmlfast``). ``options``: those of
+    ``DATASET_OPTIONS[name]`` (``folder``/``csv``: ``test_classes``, ``seed``; ``csv``: ``list_file``)."""
     if name not in DATASETS:
         raise ValueError(f"load_dataset: unknown dataset {name!r}; choose one of {list(DATASETS)}")
     if root is None and name != "glyphs":
         raise ValueError(f"load_dataset: dataset {name!r} needs root= (the folder holding it)")
     if not isinstance(strict, bool):
         raise ValueError(f"load_dataset: strict must be a bool, got {strict!r}")
-    return DATASETS[name](root, strict=strict)
+    unknown = sorted(set(options) - set(DATASET_OPTIONS.get(name, ())))
+    if unknown:
+        raise ValueError(f"load_dataset: dataset {name!r} takes options {list(DATASET_OPTIONS.get(name, ()))}, got {unknown}")
+    return DATASETS[name](root, strict=strict, **options)
 
 
 def make_sampler(labels, *, train: bool, batch_size: int, samples_per_class: Optional[int] = None, seed: int = 0,

@@ -45,6 +45,8 @@ DATASET_DEFAULTS: Dict[str, DataDefaults] = {
     "Cars196": _REAL,
     "SOP": _REAL,
     "In-shop": _REAL,
+    "folder": _REAL,  # the user's own photos: the real datasets' 224 px crops
+    "csv": _REAL,
     # Characters: no flips (mirrored characters are other characters), mild crops, no border crop.
     "Omniglot": DataDefaults(image_size=64, resize_size=64, crop_scale=(0.7, 1.0), crop_ratio=(0.9, 1.1), hflip=False),
     "glyphs": DataDefaults(image_size=32, resize_size=32, crop_scale=(0.7, 1.0), crop_ratio=(0.9, 1.1), hflip=False),

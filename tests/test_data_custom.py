@@ -1,0 +1,212 @@
+"""The user's own data: ``folder`` and ``csv`` readers on generated trees, and their command-line wiring."""
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import dmlfast.data as D
+from dmlfast import evaluate, train
+from dmlfast.data.custom import parse_test_classes, split_classes
+from dmlfast.recipes import resolve_recipe
+
+
+def _png(path: Path, seed: int, size=(12, 10)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def _tree(root: Path, classes=8, per_class=3) -> Path:
+    for c in range(classes):
+        for i in range(per_class):
+            _png(root / f"class_{c}" / f"{i}.png", c * 100 + i)
+    return root
+
+
+def _quiet(fn, *args, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kw)
+
+
+def test_folder_class_split_is_disjoint_and_deterministic(tmp_path):
+    root = _tree(tmp_path / "data", classes=10)
+    (root / "class_0" / "notes.txt").write_text("not an image")
+    (root / "class_0" / "._0.png").write_bytes(b"mac resource fork")
+    a = D.load_dataset("folder", root, test_classes=0.3, seed=1)
+    b = D.load_dataset("folder", root, test_classes=3, seed=1)
+    c = D.load_dataset("folder", root, test_classes=3, seed=2)
+    assert a.train.num_classes == 7 and a.test.num_classes == 3
+    assert set(a.train.class_ids).isdisjoint(a.test.class_ids)
+    assert sorted(a.train.class_ids + a.test.class_ids) == [f"class_{i}" for i in range(10)]
+    assert a.test.class_ids == b.test.class_ids  # 0.3 of 10 classes = 3, same seed, same classes
+    assert c.test.class_ids != a.test.class_ids  # another seed, another split (fixed for these seeds)
+    assert len(a.train) == 21 and len(a.test) == 9 and not any(p.endswith(".txt") or "._" in p for p in a.train.paths)
+    for lst in (a.train, a.test):
+        assert sorted(set(lst.labels.tolist())) == list(range(lst.num_classes))
+        for path, label in zip(lst.paths, lst.labels):
+            assert Path(path).parent.name == lst.class_ids[label]
+
+
+def test_split_classes_bounds():
+    names = [f"c{i}" for i in range(5)]
+    assert len(split_classes(names, 0.01, 0)[1]) == 1 and len(split_classes(names, 0.99, 0)[1]) == 4
+    with pytest.raises(ValueError, match="leaves no training class"):
+        split_classes(names, 5, 0)
+    assert parse_test_classes("50") == 50 and parse_test_classes("0.25") == 0.25
+    for bad in ("0", "1.0", "-2", "half"):
+        with pytest.raises(ValueError, match="fraction"):
+            parse_test_classes(bad)
+
+
+def test_folder_presplit_single_image_classes_and_corrupt_images(tmp_path):
+    root = tmp_path / "data"
+    _tree(root / "train", classes=3)
+    _tree(root / "test", classes=2)
+    _png(root / "test" / "lonely" / "only.png", 7)
+    (root / "test" / "class_1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    with pytest.warns(UserWarning) as record:
+        splits = D.load_dataset("folder", root)
+    messages = "\n".join(str(w.message) for w in record)
+    assert "1 class(es) have a single image and cannot be queried" in messages and "lonely" in messages
+    assert "skipping 1 corrupt or truncated image(s)" in messages and "broken.png" in messages
+    assert "are in both" in messages and "class_0" in messages  # train/ and test/ share class names
+    assert splits.train.num_classes == 3 and len(splits.test) == 7 and splits.test.num_classes == 3
+    with pytest.raises(D.CorruptImageError, match="broken.png"):
+        _quiet(D.load_dataset, "folder", root, strict=True)
+    with pytest.raises(D.DatasetLayoutError, match="split already"):
+        D.load_dataset("folder", root, test_classes=2)
+
+
+def test_folder_layout_errors(tmp_path):
+    with pytest.raises(D.DatasetLayoutError, match="--test-classes"):
+        D.load_dataset("folder", _tree(tmp_path / "a", classes=3))
+    (tmp_path / "b" / "only").mkdir(parents=True)
+    _png(tmp_path / "b" / "only" / "x.png", 0)
+    with pytest.raises(D.DatasetLayoutError, match="found 1 class folder"):
+        D.load_dataset("folder", tmp_path / "b", test_classes=1)
+    with pytest.raises(ValueError, match="takes options"):
+        D.load_dataset("CUB", tmp_path, test_classes=1)
+    with pytest.raises(ValueError, match="takes options"):
+        D.load_dataset("folder", tmp_path, list_file="x.csv")
+
+
+def _csv_tree(root: Path, rows) -> Path:
+    for path, label, *_ in rows:
+        if path != "path":
+            _png(root / path, zlib.crc32(path.encode()) % 1000)
+    (root / "list.csv").write_text("\n".join(",".join(r) for r in rows) + "\n")
+    return root / "list.csv"
+
+
+def test_csv_with_query_gallery_shares_one_mapping(tmp_path):
+    rows = [("path", "label", "split")]
+    rows += [(f"tr/{c}_{i}.png", f"item{c}", "train") for c in range(3) for i in range(2)]
+    rows += [(f"ev/{c}_q.png", f"sku{c}", "query") for c in range(3)]
+    rows += [(f"ev/{c}_g{i}.png", f"sku{c}", "gallery") for c in range(1, 4) for i in range(2)]
+    listing = _csv_tree(tmp_path / "root", rows)
+    with pytest.warns(UserWarning, match=r"csv query: 1 class\(es\) have no image in the gallery split.*sku0"):
+        splits = D.load_dataset("csv", tmp_path / "root", list_file=listing)
+    assert splits.test is None and splits.train.num_classes == 3
+    assert splits.query.class_ids == splits.gallery.class_ids == ["sku0", "sku1", "sku2", "sku3"]
+    q = dict(zip(splits.query.paths, splits.query.labels))
+    g = dict(zip(splits.gallery.paths, splits.gallery.labels))
+    assert q[str(tmp_path / "root" / "ev/1_q.png")] == g[str(tmp_path / "root" / "ev/1_g0.png")] == 1
+    # the list file may also be given relative to the root
+    assert len(_quiet(D.load_dataset, "csv", tmp_path / "root", list_file="list.csv").gallery) == 6
+
+
+def test_csv_without_split_column_splits_classes(tmp_path):
+    rows = [(f"img/{c}/{i}.png", f"label {c}") for c in range(6) for i in range(2)]
+    listing = _csv_tree(tmp_path, rows)
+    splits = D.load_dataset("csv", tmp_path, list_file=listing, test_classes=2, seed=3)
+    assert splits.test.num_classes == 2 and splits.train.num_classes == 4
+    assert set(splits.train.class_ids).isdisjoint(splits.test.class_ids)
+    with pytest.raises(D.DatasetLayoutError, match="no split column"):
+        D.load_dataset("csv", tmp_path, list_file=listing)
+
+
+def test_csv_bad_rows_are_listed_with_line_numbers(tmp_path):
+    rows = [("path", "label", "split"), ("a.png", "1", "train"), ("b.png", "", "train"), ("c.png", "2", "validation"),
+            ("/abs/d.png", "2", "test"), ("e.png", "3"), ("f.png", "3", "test")]
+    listing = _csv_tree(tmp_path, [r for r in rows if not r[0].startswith("/")])
+    listing.write_text("\n".join(",".join(r) for r in rows) + "\n")
+    with pytest.raises(D.DatasetLayoutError) as info:
+        D.load_dataset("csv", tmp_path, list_file=listing)
+    message = str(info.value)
+    assert "4 bad row(s)" in message and "\n" not in message
+    for expected in ("line 3: empty label", "line 4: split must be one of train|test|query|gallery, got 'validation'",
+                     "line 5: path '/abs/d.png' is absolute", "line 6: has 2 columns where line 2 has 3"):
+        assert expected in message
+
+
+def test_csv_missing_files_first_few_and_count(tmp_path):
+    rows = [(f"{i}.png", str(i % 2), "train" if i < 4 else "test") for i in range(12)]
+    listing = _csv_tree(tmp_path, rows[:4])
+    listing.write_text("\n".join(",".join(r) for r in rows) + "\n")
+    with pytest.raises(D.DatasetLayoutError) as info:
+        D.load_dataset("csv", tmp_path, list_file=listing)
+    message = str(info.value)
+    assert "8 of 12 images listed in" in message and "are missing" in message
+    assert str(tmp_path / "4.png") in message and "and 3 more" in message and str(tmp_path / "11.png") not in message
+
+
+def test_csv_split_values_and_duplicates(tmp_path):
+    listing = _csv_tree(tmp_path, [("a.png", "1", "train"), ("b.png", "1", "query")])
+    with pytest.raises(D.DatasetLayoutError, match="train and test, or train, query and gallery; found query, train"):
+        D.load_dataset("csv", tmp_path, list_file=listing)
+    listing.write_text("a.png,1,train\nb.png,1,test\na.png,2,test\n")
+    with pytest.raises(D.DatasetLayoutError, match="listed twice: line 3: a.png"):
+        D.load_dataset("csv", tmp_path, list_file=listing)
+    with pytest.raises(D.DatasetLayoutError, match="no such list file"):
+        D.load_dataset("csv", tmp_path, list_file="nope.csv")
+
+
+def test_custom_recipe_uses_resnet50_with_torchvision_weights():
+    for dataset in ("folder", "csv"):
+        recipe = resolve_recipe(dataset, "ProxyAnchor")
+        assert recipe.model == "resnet50" and recipe.weights == "imagenet" and recipe.batch_size == 120
+        assert resolve_recipe(dataset, "ProxyAnchor", "smallcnn").model == "smallcnn"
+
+
+def _one_error_line(capsys, prog):
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"python -m dmlfast.{prog}: error: "), err
+    return err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--dataset", "csv", "--data-root", "."], "--dataset csv needs --list FILE.csv"),
+    (["--dataset", "folder", "--data-root", ".", "--list", "x.csv"], "--list applies to --dataset csv"),
+    (["--dataset", "CUB", "--data-root", ".", "--test-classes", "3"], "--test-classes applies to --dataset folder or csv"),
+    (["--dataset", "folder", "--data-root", "DATA", "--model", "smallcnn"], "--test-classes N|FRACTION"),
+    (["--dataset", "csv", "--data-root", "DATA", "--list", "DATA/bad.csv", "--model", "smallcnn"], "line 1: empty label"),
+])
+def test_train_cli_errors_for_custom_data(extra, message, tmp_path, capsys):
+    _tree(tmp_path / "data", classes=3)
+    (tmp_path / "data" / "bad.csv").write_text("class_0/0.png,\n")
+    extra = [a.replace("DATA", str(tmp_path / "data")) for a in extra]
+    assert train.main([*extra, "--output", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert message in _one_error_line(capsys, "train")
+
+
+def test_train_and_evaluate_on_a_folder(tmp_path, capsys):
+    root = _tree(tmp_path / "data", classes=8, per_class=4)
+    out = tmp_path / "run"
+    args = ["--dataset", "folder", "--data-root", str(root), "--test-classes", "0.5", "--model", "smallcnn", "--epochs", "1",
+            "--batch-size", "8", "--image-size", "16", "--embedding-size", "16", "--workers", "0", "--loader", "torch",
+            "--no-progress", "--output", str(out)]
+    assert train.main(args) == 0
+    config = (out / "config.json").read_text()
+    assert '"test_classes": 0.5' in config and '"dataset": "folder"' in config
+    capsys.readouterr()
+    assert evaluate.main(["--checkpoint", str(out / "best.pt"), "--no-progress", "--device", "cpu", "--workers", "0"]) == 0
+    assert "recall@1" in capsys.readouterr().out
+    # the held-out classes of the run are reproduced from its seed: another --test-classes is another split
+    assert evaluate.main(["--checkpoint", str(out / "best.pt"), "--no-progress", "--device", "cpu", "--workers", "0",
+                          "--test-classes", "7"]) == 0
+    assert evaluate.main(["--checkpoint", str(out / "best.pt"), "--dataset", "csv", "--data-root", str(root)]) == 2
+    assert "--list" in _one_error_line(capsys, "evaluate")
