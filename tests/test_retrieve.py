@@ -1,0 +1,126 @@
+"""``python -m dmlfast.retrieve`` on a tiny checkpoint trained on a generated class-folder dataset."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dmlfast import retrieve, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write_blocks(root: Path, classes=8, per_class=4) -> Path:
+    """Each class a random 4x4 colour pattern, its images noisy copies (32 px)."""
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        base = rng.integers(0, 255, (4, 4, 3))
+        for i in range(per_class):
+            image = np.kron(base, np.ones((8, 8, 1))) + rng.normal(0, 20, (32, 32, 3))
+            path = root / f"class_{c}" / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(data root, checkpoint) of a 1-epoch smallcnn run on a 4 + 4 class folder dataset."""
+    base = tmp_path_factory.mktemp("retrieve")
+    root = _write_blocks(base / "data")
+    out = base / "run"
+    assert train.main(["--dataset", "folder", "--data-root", str(root), "--test-classes", "0.5", "--model", "smallcnn",
+                       "--epochs", "1", "--batch-size", "8", "--image-size", "16", "--embedding-size", "16", "--workers", "0",
+                       "--loader", "torch", "--no-progress", "--output", str(out)]) == 0
+    return root, out / "best.pt"
+
+
+def _ranked(stdout: str):
+    """``[(rank, similarity, path)]`` of the printed list."""
+    rows = []
+    for line in stdout.splitlines():
+        parts = line.split()
+        if parts and parts[0].isdigit():
+            rows.append((int(parts[0]), float(parts[1]), parts[-1]))
+    return rows
+
+
+def test_gallery_folder_query_finds_itself_first_and_grid_has_the_documented_size(tiny, tmp_path, capsys):
+    root, checkpoint = tiny
+    query = root / "class_3" / "1.png"
+    out = tmp_path / "grid.png"
+    args = ["--checkpoint", str(checkpoint), "--query", str(query), "--gallery", str(root), "--top", "10", "--out", str(out),
+            "--workers", "0", "--no-progress"]
+    assert retrieve.main(args) == 0
+    text = capsys.readouterr().out
+    ranked = _ranked(text)
+    assert [r[0] for r in ranked] == list(range(1, 11))
+    assert ranked[0][2] == str(query) and ranked[0][1] == pytest.approx(1.0, abs=1e-4)
+    assert all(a[1] >= b[1] for a, b in zip(ranked, ranked[1:]))
+    assert "query: " + str(query) + " (label class_3)" in text and "32 images embedded, cached in" in text
+    with Image.open(out) as image:
+        assert image.format == "PNG"
+        assert image.size == retrieve.grid_size(10) == (9 * retrieve.CELL_WIDTH, 2 * retrieve.CELL_HEIGHT)
+        # the first result is the query itself: framed green; the query is framed blue
+        assert image.getpixel((retrieve.CELL_WIDTH + 2, 2)) == retrieve.COLOURS["correct"]
+        assert image.getpixel((2, 2)) == retrieve.COLOURS["query"]
+    cache = list(checkpoint.parent.glob("best.gallery-*.pt"))
+    assert len(cache) >= 1
+    # second run: the gallery comes from the cache, same ranking
+    assert retrieve.main(args) == 0
+    again = capsys.readouterr().out
+    assert "32 images cached in" in again and _ranked(again) == ranked
+
+
+def test_dataset_split_gallery_and_unknown_query_label(tiny, tmp_path, capsys):
+    root, checkpoint = tiny
+    outside = tmp_path / "photo.png"
+    Image.open(root / "class_0" / "0.png").save(outside)
+    out = tmp_path / "g.png"
+    assert retrieve.main(["--checkpoint", str(checkpoint), "--query", str(outside), "--top", "3", "--out", str(out),
+                          "--workers", "0", "--no-progress", "--no-cache"]) == 0
+    text = capsys.readouterr().out
+    assert "16 images embedded;" in text  # the run's 4 held-out classes x 4 images, not cached
+    assert len(_ranked(text)) == 3 and "(label" not in text
+    with Image.open(out) as image:
+        assert image.size == retrieve.grid_size(3) == (4 * retrieve.CELL_WIDTH, retrieve.CELL_HEIGHT)
+        assert image.getpixel((retrieve.CELL_WIDTH + 2, 2)) == retrieve.COLOURS["unknown"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--query", "MISSING.png"], "--query: no such file"),
+    (["--top", "0"], "--top must be at least 1"),
+    (["--top", "40", "--gallery", "DATA"], "--top 40 is more than the gallery's 32 images"),
+    (["--gallery", "DATA", "--dataset", "glyphs"], "cannot be combined"),
+    (["--gallery", "DATA/nope"], "--gallery: no such folder"),
+    (["--dataset", "csv", "--data-root", "DATA"], "--dataset csv needs --list"),
+    (["--split", "query"], "--split: folder has no query split"),
+])
+def test_input_errors_are_one_line(tiny, extra, message, tmp_path, capsys):
+    root, checkpoint = tiny
+    extra = [a.replace("DATA", str(root)) for a in extra]
+    args = ["--checkpoint", str(checkpoint), "--query", str(root / "class_0" / "0.png"), "--out", str(tmp_path / "x.png"),
+            "--workers", "0", "--no-progress", "--no-cache", *extra]
+    assert retrieve.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("python -m dmlfast.retrieve: error: ") and message in err, err
+
+
+def test_not_a_checkpoint_has_no_traceback(tmp_path):
+    (tmp_path / "x.pt").write_bytes(b"not a checkpoint")
+    Image.new("RGB", (8, 8)).save(tmp_path / "q.png")
+    result = subprocess.run([sys.executable, "-m", "dmlfast.retrieve", "--checkpoint", str(tmp_path / "x.pt"), "--query",
+                             str(tmp_path / "q.png")], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("python -m dmlfast.retrieve: error: --checkpoint: cannot read")
+    assert "Traceback" not in result.stderr and "\n" not in result.stderr.strip()
+
+
+def test_empty_query_image_is_an_input_error(tiny, tmp_path, capsys):
+    _, checkpoint = tiny
+    (tmp_path / "q.png").write_bytes(b"")
+    assert retrieve.main(["--checkpoint", str(checkpoint), "--query", str(tmp_path / "q.png")]) == 2
+    err = capsys.readouterr().err
+    assert "--query: " in err and "empty file" in err
