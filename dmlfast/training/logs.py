@@ -1,5 +1,5 @@
 """Run logs: ``log.jsonl`` (one JSON object per step and per epoch), TensorBoard events when the
-``tensorboard`` package is installed, and ``curves.png`` (loss and Recall@1 per epoch)."""
+``tensorboard`` package is installed, and ``curves.png`` (loss, Recall@1 and MAP@R per epoch)."""
 from __future__ import annotations
 
 import json
@@ -43,9 +43,15 @@ class RunLogger:
             self._tb.close()
 
 
+#: ``(history key, legend)`` of the evaluation curves, drawn when a run recorded them (binary: ``--binary-eval``).
+CURVE_METRICS = (("recall@1", "Recall@1"), ("map@r", "MAP@R"), ("binary_recall@1", "Recall@1, binary"),
+                 ("binary_map@r", "MAP@R, binary"))
+
+
 def plot_curves(history: List[Dict[str, Any]], path) -> Path:
-    """PNG of the mean training loss and Recall@1 per epoch from ``history`` (one dict per evaluation/epoch,
-    with ``epoch`` and optionally ``loss`` and ``recall@1``)."""
+    """PNG of the mean training loss and, per evaluated epoch, Recall@1 and MAP@R (and their binarised
+    versions when recorded) from ``history`` (one dict per evaluation/epoch, with ``epoch`` and
+    optionally ``loss``, ``recall@1``, ``map@r``, ``binary_recall@1``, ``binary_map@r``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -55,13 +61,16 @@ def plot_curves(history: List[Dict[str, Any]], path) -> Path:
         raise ValueError(f"plot_curves: history must be a list of dicts, got {type(history).__name__}")
     fig, (ax_loss, ax_r1) = plt.subplots(1, 2, figsize=(9, 3.5))
     loss = [(h["epoch"], h["loss"]) for h in history if h.get("loss") is not None]
-    r1 = [(h["epoch"], h["recall@1"]) for h in history if h.get("recall@1") is not None]
     if loss:
         ax_loss.plot(*zip(*loss), marker="o")
     ax_loss.set(xlabel="epoch", ylabel="mean training loss", title="loss")
-    if r1:
-        ax_r1.plot(*zip(*r1), marker="o")
-    ax_r1.set(xlabel="epoch (0 = before training)", ylabel="Recall@1", title="Recall@1 on held-out classes")
+    for key, label in CURVE_METRICS:
+        points = [(h["epoch"], h[key]) for h in history if h.get(key) is not None]
+        if points:
+            ax_r1.plot(*zip(*points), marker="o", label=label)
+    if ax_r1.lines:
+        ax_r1.legend(fontsize=8)
+    ax_r1.set(xlabel="epoch (0 = before training)", ylabel="metric", title="held-out classes")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
