@@ -7,9 +7,9 @@ benchmark (``--data-root`` its folder) and the recipe of ``dmlfast.recipes`` for
 loss and the backbone; any flag given overrides the recipe. Run ``python -m dmlfast.train --help``.
 
 Outputs in ``--output``: ``config.json`` (the final configuration), ``last.pt`` (after every epoch;
-``--resume`` continues from it), ``best.pt`` (best Recall@1), ``log.jsonl``, ``curves.png`` and
-TensorBoard events when ``tensorboard`` is installed. User errors (bad flags, missing data, wrong
-checkpoint) print one ``error:`` line and exit with status 2.
+``--resume`` continues from it), ``best.pt`` (best Recall@1), ``log.jsonl``, ``curves.png`` and,
+with ``--tensorboard`` / ``--wandb``, the same scalars as TensorBoard events / an offline W&B run.
+User errors (bad flags, missing data, wrong checkpoint) print one ``error:`` line and exit with status 2.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ DATASET_KS = {"CUB": (1, 2, 4, 8), "Cars196": (1, 2, 4, 8), "SOP": (1, 10, 100, 
               "folder": (1, 2, 4, 8), "csv": (1, 2, 4, 8)}
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 #: Configuration keys that may differ between a checkpoint and the run resuming it.
-RESUMABLE_CHANGES = {"resume", "output", "device", "workers", "data_root", "progress", "loader"}
+RESUMABLE_CHANGES = {"resume", "output", "device", "workers", "data_root", "progress", "loader", "tensorboard", "wandb"}
 
 
 class UsageError(Exception):
@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue the run in --output from its last.pt (starts afresh when there is none)")
     g.add_argument("--seed", type=int, default=1, help="seed of initialisation, batches and augmentation (default: 1, as Proxy-Anchor)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    g.add_argument("--tensorboard", action="store_true", help="mirror log.jsonl's scalars to TensorBoard events in OUTPUT/tensorboard "
+                   "(pip install tensorboard)")
+    g.add_argument("--wandb", action="store_true", help="mirror them to a Weights & Biases run in OUTPUT/wandb, offline unless "
+                   "WANDB_MODE says otherwise (pip install wandb)")
     return p
 
 
@@ -190,7 +194,8 @@ def make_config(args: argparse.Namespace) -> Dict[str, Any]:
                   device=args.device, amp=args.amp, loader=args.loader, workers=args.workers, eval_every=args.eval_every,
                   output=str(args.output), resume=args.resume, seed=args.seed, progress=args.progress,
                   ks=list(DATASET_KS[args.dataset]), binary_eval=args.binary_eval,
-                  data_list=None if args.list is None else str(args.list), test_classes=args.test_classes)
+                  data_list=None if args.list is None else str(args.list), test_classes=args.test_classes,
+                  tensorboard=args.tensorboard, wandb=args.wandb)
     _check_config(config)
     return config
 
@@ -219,6 +224,12 @@ def _check_config(c: Dict[str, Any]) -> None:
     if c["data_root"] is not None and c["dataset"] != "glyphs" and not Path(c["data_root"]).is_dir():
         raise UsageError(f"--data-root: no such folder: {c['data_root']}")
     check_dataset_options(c)
+    from dmlfast.training import TrackingUnavailableError, check_trackers
+
+    try:
+        check_trackers(c.get("tensorboard", False), c.get("wandb", False))
+    except TrackingUnavailableError as error:
+        raise UsageError(str(error)) from error
     if c["weights"] not in ("imagenet", "none") and not Path(c["weights"]).is_file():  # before any data is prepared
         raise UsageError(f"--weights: no such file: {c['weights']} (give 'imagenet', 'none' or the path of a state dict)")
 
@@ -498,7 +509,7 @@ def train(config: Dict[str, Any]) -> Dict[str, Any]:
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     print("configuration:\n" + "\n".join(f"  {k}: {v}" for k, v in config.items()), flush=True)
     print(f"device {device}, autocast {dtype or 'off'}, loader {train_loader.backend}, train {splits.train!r}", flush=True)
-    logger = RunLogger(out)
+    logger = RunLogger(out, tensorboard=config.get("tensorboard", False), wandb=config.get("wandb", False), config=config)
 
     if state is not None:
         model.load_state_dict(state["model"])

@@ -1,46 +1,79 @@
-"""Run logs: ``log.jsonl`` (one JSON object per step and per epoch), TensorBoard events when the
-``tensorboard`` package is installed, and ``curves.png`` (loss, Recall@1 and MAP@R per epoch)."""
+"""Run logs: ``log.jsonl`` (one JSON object per step and per epoch, the source of truth), optional
+mirrors of its numbers to TensorBoard (``tensorboard=True``) and Weights & Biases (``wandb=True``,
+offline unless ``WANDB_MODE`` says otherwise), and ``curves.png`` (loss, Recall@1 and MAP@R per epoch)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
+
+#: flag -> (module that must be importable, pip package)
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
+
+
+class TrackingUnavailableError(RuntimeError):
+    """An experiment tracker was asked for and its package is not installed."""
+
+
+def check_trackers(tensorboard: bool = False, wandb: bool = False) -> None:
+    """Raise ``TrackingUnavailableError`` (one line naming the pip package) for a requested tracker that is not installed."""
+    for name, wanted in (("tensorboard", tensorboard), ("wandb", wandb)):
+        if not isinstance(wanted, bool):
+            raise ValueError(f"check_trackers: {name} must be a bool, got {wanted!r}")
+        module, package = TRACKERS[name]
+        if wanted and importlib.util.find_spec(module) is None:
+            raise TrackingUnavailableError(f"--{name} needs the {package} package, which is not installed: pip install {package}")
 
 
 class RunLogger:
-    """Appends records to ``<folder>/log.jsonl`` and mirrors numbers to TensorBoard if available.
+    """Appends records to ``<folder>/log.jsonl`` and mirrors their numbers to the requested trackers.
 
-    ``log(kind, **values)`` writes ``{"kind": kind, **values}``; NaN becomes ``null``."""
+    ``log(kind, step, **values)`` writes ``{"kind": kind, "step": step, **values}`` (NaN becomes
+    ``null``); each int/float value also goes to TensorBoard (``<folder>/tensorboard``, tag
+    ``kind/name``) and to Weights & Biases (a run in ``<folder>/wandb``, project ``dmlfast``, named after
+    the folder, ``config`` as its configuration, key ``kind/name`` at ``step``)."""
 
-    def __init__(self, folder, tensorboard: bool = True):
+    def __init__(self, folder, tensorboard: bool = False, wandb: bool = False, config: Optional[Dict[str, Any]] = None):
+        check_trackers(tensorboard, wandb)
+        if config is not None and not isinstance(config, dict):
+            raise ValueError(f"RunLogger: config must be a dict or None, got {type(config).__name__}")
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / "log.jsonl"
         self._file = open(self.path, "a", encoding="utf-8")
-        self._tb = None
+        self._tb = self._wandb = None
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard not installed: JSON lines only
-                SummaryWriter = None
-            if SummaryWriter is not None:
-                self._tb = SummaryWriter(str(self.folder / "tensorboard"))
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.folder / "tensorboard"))
+        if wandb:
+            import wandb as wandb_module
+
+            self._wandb = wandb_module.init(project="dmlfast", name=self.folder.resolve().name, dir=str(self.folder),
+                                            config=config, mode=os.environ.get("WANDB_MODE", "offline"))
 
     def log(self, kind: str, step: int, **values: Any) -> None:
         record = {"kind": kind, "step": int(step)}
         record.update({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in values.items()})
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        numbers = {f"{kind}/{name}": value for name, value in values.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
         if self._tb is not None:
-            for name, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(f"{kind}/{name}", value, step)
+            for tag, value in numbers.items():
+                self._tb.add_scalar(tag, value, step)
+        if self._wandb is not None and numbers:
+            self._wandb.log(numbers, step=int(step))
 
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
 
 #: ``(history key, legend)`` of the evaluation curves, drawn when a run recorded them (binary: ``--binary-eval``).
