@@ -126,7 +126,8 @@ RULES: Tuple[Tuple[Any, Any, Any, Dict[str, Any]], ...] = (
     # The user's own data (folder/csv): the loss's recipe on ResNet-50 with torchvision's ImageNet weights
     # (downloaded on first use; BN-Inception's need a manual download), 224 px crops.
     (("folder", "csv"), "*", "*", dict(model="resnet50")),
-    (("folder", "csv"), "*", "smallcnn", dict(weights="none", warmup_epochs=0)),  # from scratch: nothing to warm up
+    # smallcnn from scratch: the glyph row's optimisation (BatchNorm trained, lr 2e-3, no warm-up)
+    (("folder", "csv"), "*", "smallcnn", dict(weights="none", warmup_epochs=0, freeze_bn=False, lr=2e-3)),
 )
 
 

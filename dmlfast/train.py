@@ -59,7 +59,7 @@ recipes (dmlfast/recipes.py; every flag below overrides the recipe's value):
   --proxy-synthesis  wraps ProxyAnchor, ProxyNCA or NormSoftmax (published with NormSoftmax: 0.4,1.0)
   all                gradient values clipped at 10 (Moving: not clipped)
   folder, csv        your own data: the loss's recipe above on resnet50 with torchvision's ImageNet weights
-                     (--model smallcnn: from scratch, no warm-up)
+                     (--model smallcnn: from scratch, BN trained, lr 2e-3, no warm-up)
 
 weights: --weights imagenet uses torchvision's download/cache (ResNet-50: IMAGENET1K_V1, as in the papers);
   BN-Inception's weights are not in torchvision: download bn_inception-52deb4733.pth from

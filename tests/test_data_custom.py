@@ -169,7 +169,8 @@ def test_custom_recipe_uses_resnet50_with_torchvision_weights():
     for dataset in ("folder", "csv"):
         recipe = resolve_recipe(dataset, "ProxyAnchor")
         assert recipe.model == "resnet50" and recipe.weights == "imagenet" and recipe.batch_size == 120
-        assert resolve_recipe(dataset, "ProxyAnchor", "smallcnn").model == "smallcnn"
+        small = resolve_recipe(dataset, "ProxyAnchor", "smallcnn")
+        assert (small.model, small.weights, small.freeze_bn, small.lr, small.warmup_epochs) == ("smallcnn", "none", False, 2e-3, 0)
 
 
 def _one_error_line(capsys, prog):
