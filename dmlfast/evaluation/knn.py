@@ -9,7 +9,10 @@ produces: :mod:`dmlfast.evaluation.metrics` never relies on it.
   build of faiss is installed, ``faiss.IndexFlatIP`` on CPU tensors.
 * ``"torch"``: chunked ``query @ reference.T`` followed by ``topk`` on the
   tensors' device; a chunk never holds more than ``chunk_size`` query rows.
-* ``"auto"``: faiss when it can serve the request, torch otherwise.
+  (:func:`dmlfast.evaluation.retrieval_metrics` does not use this search for
+  its torch backend: it collects candidates by threshold, see its module.)
+* ``"auto"``: faiss on CUDA tensors when a GPU faiss can serve the request,
+  torch otherwise (on CPU the torch backend of ``retrieval_metrics`` is faster).
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ def resolve_backend(backend: str, device: torch.device, k: int) -> str:
         device.type == "cpu" or (on_cuda and faiss_gpu_available() and k <= FAISS_GPU_MAX_K)
     )
     if backend == "auto":
-        return "faiss" if faiss_can_serve else "torch"
+        # on CPU the torch backend's threshold collection beats a faiss top-k search (benchmarks/bench_eval.py)
+        return "faiss" if faiss_can_serve and on_cuda else "torch"
     if backend == "faiss" and not faiss_can_serve:
         if not faiss_installed:
             raise ValueError('backend="faiss" needs the faiss package; install faiss-cpu or faiss-gpu, or use backend="torch"')

@@ -7,12 +7,29 @@ canonical similarities, by increasing reference index. The canonical similarity 
 dot product of the prepared float32 vectors (L2-normalised, or sign-binarised to +-1 with
 ``binary=True``), summed by a fixed pairwise tree, so equal vectors always score equal.
 
-The k-NN backends only produce float32 candidate lists whose similarities are within
+The backends only produce float32 candidate lists whose similarities are within
 ``tolerance = 2 * d * 2**-24 * max|q| * max|r|`` of the canonical one (the standard bound for a
-float32 dot product). Wherever two candidates lie within that tolerance of each other, or of
-the end of the candidate list, the decision is taken on canonical similarities (recomputed
-for those pairs only, or for the whole row when the candidate list is too short). The metrics
-therefore do not depend on the backend, on its tie order or on its rounding.
+float32 dot product, whatever the summation order). Wherever two candidates lie within that
+tolerance of each other, or of the end of the candidate list, the decision is taken on canonical
+similarities (recomputed for those pairs only, or for the whole row when the candidate list is
+too short). The metrics therefore do not depend on the backend, on how it forms its candidate
+lists, on its tie order or on its rounding.
+
+Candidate lists
+---------------
+* ``"faiss"``: the top ``k`` of an exact k-NN search (:mod:`.knn`), ``k`` = the deepest rank
+  needed (largest K of Recall@K, largest R) plus a margin.
+* ``"torch"``: threshold collection. The float32 similarity matrix is computed tile by tile
+  (only the diagonal and upper-triangle tiles when the queries are their own references, each
+  off-diagonal tile serving its rows and its columns) and every reference whose similarity
+  reaches a per-query cut is kept. The cut is the lower of (a) a proven lower bound of the R-th
+  best similarity (the R-th best within the first tile of the query's row block, or the worst
+  positive) minus a margin, and (b) the best positive's similarity minus a margin, raised to
+  the similarity of rank ~THRESHOLD_FLOOR_FACTOR x (largest K) estimated from that tile. So
+  the list holds the top R and everything ranked above the first positive, unless that
+  positive lies deeper than the estimate, in which case the query is either provably ranked
+  beyond the largest K or decided on a full row as above. No top-k selection over all
+  references is needed. ``chunk_size`` is the tile side.
 """
 
 from __future__ import annotations
@@ -26,13 +43,17 @@ import torch
 import torch.nn.functional as F
 
 from .clustering import kmeans_assignments, normalized_mutual_information
-from .knn import _ieee_float32_matmul, default_chunk_size, resolve_backend, search
+from .knn import _ieee_float32_matmul, _progress, default_chunk_size, resolve_backend, search
 
 METRICS = ("recall", "map@r", "r_precision", "nmi")
 SEARCH_MARGIN = 32
 CANONICAL_PAIRS_PER_BATCH = 8192
 FAISS_CPU_CHUNK = 4096
 FULL_ROW_CHUNK_DIVISOR = 8  # full-row batches also hold float64 and mask copies of the similarity block
+TILE_SIZE = 4096  # torch backend: a float32 tile of TILE_SIZE x TILE_SIZE similarities (64 MiB)
+THRESHOLD_FLOOR_FACTOR = 2.0  # keep references down to the estimated rank FACTOR x (largest K)
+THRESHOLD_MARGIN = 5.0  # cuts lie this many tolerances below the float32 bound they derive from
+POSITIVE_PAIRS_LIMIT = 1 << 24  # above this many (query, positive) pairs, cuts use the sample only
 
 
 def retrieval_metrics(
@@ -62,9 +83,11 @@ def retrieval_metrics(
             index, so duplicates of a query are still retrieved.
         metrics: any of ``"recall"``, ``"map@r"``, ``"r_precision"``, ``"nmi"``.
         binary: evaluate ``sign(x)`` (``+1`` for ``x >= 0``, ``-1`` otherwise) instead of ``x``.
-        backend: ``"auto"``, ``"faiss"`` or ``"torch"``; all give identical metrics.
-        chunk_size: query rows per search chunk (default: 4096 for faiss on CPU, otherwise as many
-            rows as keep a float32 ``chunk x M`` similarity block within 256 MiB).
+        backend: ``"auto"``, ``"faiss"`` or ``"torch"``; all give identical metrics. ``"auto"``
+            is faiss for CUDA embeddings when a GPU faiss can serve the search, else torch.
+        chunk_size: torch backend: side of the square similarity tiles (default 4096, a 64 MiB
+            float32 tile); faiss backend: query rows per search chunk (default: 4096 on CPU,
+            otherwise as many rows as keep a float32 ``chunk x M`` block within 256 MiB).
         progress: show a tqdm bar (default: only when stderr is a terminal).
         seed: seed of the k-means initialisation used for NMI.
 
@@ -287,6 +310,10 @@ class _RankingProblem:
         depth = max(self.recall_depth, max_relevant, 1)
         k = min(num_references, depth + (1 if self.exclude_self else 0) + SEARCH_MARGIN)
         concrete_backend = resolve_backend(backend, self.query.device, k)
+        if concrete_backend == "torch":
+            unresolved = self._solve_by_thresholds(chunk_size or TILE_SIZE, progress)
+            self._resolve_with_full_rows(unresolved, chunk_size or default_chunk_size(num_references))
+            return self.first_match_rank, self.average_precision, self.r_precision
         if chunk_size is None:
             use_faiss_cpu = concrete_backend == "faiss" and self.query.device.type == "cpu"
             chunk_size = FAISS_CPU_CHUNK if use_faiss_cpu else default_chunk_size(num_references)
@@ -302,6 +329,168 @@ class _RankingProblem:
             unresolved.append(self._resolve(rows, similarities, indices, boundary))
         self._resolve_with_full_rows(torch.cat(unresolved), chunk_size)
         return self.first_match_rank, self.average_precision, self.r_precision
+
+    def _positive_similarities(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per query, the best and the worst float32 similarity of its same-label references.
+
+        Queries without a match get (-inf, +inf); when there are more than POSITIVE_PAIRS_LIMIT
+        (query, positive) pairs, every query gets (-inf, -inf), i.e. no information.
+        """
+        device = self.query.device
+        num_queries = self.query.shape[0]
+        best = torch.full((num_queries,), -math.inf, dtype=torch.float32, device=device)
+        worst = torch.full((num_queries,), math.inf, dtype=torch.float32, device=device)
+        num_codes = int(max(self.query_codes.max(), self.reference_codes.max())) + 1
+        per_code = torch.bincount(self.reference_codes, minlength=num_codes)
+        pairs_per_query = per_code[self.query_codes]
+        total = int(pairs_per_query.sum())
+        if total > POSITIVE_PAIRS_LIMIT:
+            return best, torch.full_like(worst, -math.inf)
+        by_code = torch.argsort(self.reference_codes, stable=True)
+        code_starts = torch.cumsum(per_code, 0) - per_code
+        query_of_pair = torch.repeat_interleave(torch.arange(num_queries, device=device), pairs_per_query)
+        first_pair = torch.cumsum(pairs_per_query, 0) - pairs_per_query
+        offset = torch.arange(total, device=device) - first_pair[query_of_pair]
+        reference_of_pair = by_code[code_starts[self.query_codes[query_of_pair]] + offset]
+        if self.exclude_self:
+            keep = reference_of_pair != query_of_pair
+            query_of_pair, reference_of_pair = query_of_pair[keep], reference_of_pair[keep]
+        for first in range(0, query_of_pair.numel(), CANONICAL_PAIRS_PER_BATCH):
+            queries = query_of_pair[first : first + CANONICAL_PAIRS_PER_BATCH]
+            values = (self.query[queries] * self.reference[reference_of_pair[first : first + CANONICAL_PAIRS_PER_BATCH]]).sum(1)
+            best.scatter_reduce_(0, queries, values, "amax")
+            worst.scatter_reduce_(0, queries, values, "amin")
+        return best, worst
+
+    def _block_cuts(self, rows: slice, similarities: torch.Tensor, best_positive, worst_positive) -> torch.Tensor:
+        """The float32 similarity from which the torch backend keeps references for ``rows`` (+inf: none).
+
+        ``similarities`` are the rows' float32 similarities to a sample of the references (the
+        first tile of their row block), -inf where the reference is the query itself. Every bound
+        below holds for float32 similarities from any kernel, since each lies within the
+        tolerance t of the exact one; the cuts sit THRESHOLD_MARGIN * t below them.
+        * top R: the R-th best similarity is at least the R-th best of any R references: of the
+          sample, or the worst of the R positives. The top R (and its 2t band) are kept.
+        * first positive: everything above or within 2t of the best positive is kept, unless the
+          floor (the sample's similarity of estimated rank THRESHOLD_FLOOR_FACTOR x largest K) is
+          higher; the floor only bounds the work, correctness never depends on it.
+        """
+        num_references = self.reference.shape[0]
+        sample_size = similarities.shape[1]
+        relevant = self.relevant_counts[rows]
+        margin = THRESHOLD_MARGIN * self.tolerance
+        valid_references = num_references - (1 if self.exclude_self else 0)
+        floor_rank = 0
+        if self.recall_depth:
+            floor_rank = math.ceil(THRESHOLD_FLOOR_FACTOR * self.recall_depth * sample_size / valid_references)
+            floor_rank = min(sample_size, max(1, floor_rank))
+        max_relevant = int(relevant.max()) if self.needs_top_r else 0
+        depth = min(sample_size, max(floor_rank, max_relevant, 1))
+        values = torch.topk(similarities, depth, dim=1, sorted=True).values
+        cuts = torch.full_like(values[:, 0], math.inf)
+        if self.recall_depth:
+            cuts = torch.maximum(best_positive[rows] - margin, values[:, floor_rank - 1])
+        if self.needs_top_r:
+            sample_r_th = values.gather(1, (relevant - 1).clamp(0, depth - 1).unsqueeze(1)).squeeze(1)
+            sample_r_th = torch.where(relevant <= depth, sample_r_th, -math.inf)
+            cuts = torch.minimum(cuts, torch.maximum(sample_r_th, worst_positive[rows]) - margin)
+        return torch.where(relevant > 0, cuts, math.inf)
+
+    def _solve_by_thresholds(self, tile: int, progress: bool | None) -> torch.Tensor:
+        """Torch backend: collect each query's references at or above its cut, tile by tile, and
+        resolve them; returns the queries whose lists turned out too short (for full rows).
+
+        The first tile of each row block (the diagonal tile when the queries are their own
+        references, else the one of the first references) is the sample its cuts come from; with
+        query == reference the diagonal tiles are done first, then each upper-triangle tile
+        (i, j) serves rows i against references j and rows j against references i.
+        """
+        device = self.query.device
+        num_queries, num_references = self.query.shape[0], self.reference.shape[0]
+        best_positive, worst_positive = self._positive_similarities()
+        cuts = torch.full((num_queries,), math.inf, dtype=torch.float32, device=device)
+        symmetric = self.exclude_self
+        kept_rows, kept_references, kept_values = [], [], []
+        buffer = torch.empty(min(tile, num_queries) * min(tile, num_references), dtype=torch.float32, device=device)
+        mask_buffer = torch.empty(buffer.shape, dtype=torch.bool, device=device)
+
+        def similarities_of(first_row, first_column):
+            queries = self.query[first_row : first_row + tile]
+            references = self.reference[first_column : first_column + tile]
+            shape = (queries.shape[0], references.shape[0])
+            similarities = torch.mm(queries, references.t(), out=buffer[: shape[0] * shape[1]].view(shape))
+            if symmetric and first_column == first_row:
+                similarities.fill_diagonal_(-math.inf)
+            return similarities
+
+        def keep(similarities, tile_cuts, first_row, first_column, transposed):
+            mask = mask_buffer[: similarities.numel()].view(similarities.shape)
+            torch.ge(similarities, tile_cuts, out=mask)
+            if mask.device.type == "cpu":  # numpy's flatnonzero is several times faster than torch.nonzero here
+                flat = torch.from_numpy(np.flatnonzero(mask.numpy()))
+            else:
+                flat = torch.nonzero(mask.view(-1)).flatten()
+            kept_values.append(similarities.view(-1)[flat])
+            tile_rows, tile_columns = flat // similarities.shape[1], flat % similarities.shape[1]
+            if transposed:
+                tile_rows, tile_columns = tile_columns, tile_rows
+            kept_rows.append((tile_rows + first_row).to(torch.int32))
+            kept_references.append((tile_columns + first_column).to(torch.int32))
+
+        def first_tile(first_row, first_column):
+            similarities = similarities_of(first_row, first_column)
+            rows = slice(first_row, first_row + similarities.shape[0])
+            cuts[rows] = self._block_cuts(rows, similarities, best_positive, worst_positive)
+            keep(similarities, cuts[rows].unsqueeze(1), first_row, first_column, False)
+
+        bar = _progress(num_queries, progress, "torch similarity tiles")
+        with _ieee_float32_matmul():
+            if symmetric:
+                for first_row in range(0, num_queries, tile):
+                    first_tile(first_row, first_row)
+            for first_row in range(0, num_queries, tile):
+                if not symmetric:
+                    first_tile(first_row, 0)
+                for first_column in range(first_row + tile if symmetric else tile, num_references, tile):
+                    similarities = similarities_of(first_row, first_column)
+                    keep(similarities, cuts[first_row : first_row + tile].unsqueeze(1), first_row, first_column, False)
+                    if symmetric:
+                        column_cuts = cuts[first_column : first_column + tile].unsqueeze(0)
+                        keep(similarities, column_cuts, first_column, first_row, True)
+                if bar is not None:
+                    bar.update(min(tile, num_queries - first_row))
+        if bar is not None:
+            bar.close()
+        del buffer, mask_buffer
+
+        rows_kept = torch.cat(kept_rows).to(torch.int64)
+        order = torch.argsort(rows_kept, stable=True)
+        counts = torch.bincount(rows_kept, minlength=num_queries)
+        del rows_kept
+        # a sentinel at the end keeps the gathers below in range when nothing was kept
+        references_kept = torch.cat([torch.cat(kept_references)[order], torch.zeros(1, dtype=torch.int32, device=device)])
+        values_kept = torch.cat([torch.cat(kept_values)[order], torch.full((1,), -math.inf, device=device)])
+        del kept_rows, kept_references, kept_values, order
+        return self._resolve_kept(references_kept, values_kept, counts, cuts, tile)
+
+    def _resolve_kept(self, references_kept, values_kept, counts, cuts, chunk_size) -> torch.Tensor:
+        """Resolve the kept references (grouped by query, ``counts`` per query) in padded batches of
+        queries with similar counts; returns the queries that need full rows."""
+        device = self.query.device
+        starts = torch.cumsum(counts, 0) - counts
+        matched = torch.nonzero(self.relevant_counts > 0).flatten()
+        matched = matched[torch.argsort(counts[matched], stable=True)]
+        last = values_kept.numel() - 1  # the sentinel
+        unresolved = [matched[:0]]
+        for first in range(0, matched.numel(), chunk_size):
+            rows = matched[first : first + chunk_size]
+            row_counts = counts[rows]
+            width = max(int(row_counts.max()), int(self.relevant_counts[rows].max()), 1)
+            positions = torch.arange(width, device=device)
+            present = positions.unsqueeze(0) < row_counts.unsqueeze(1)
+            at = torch.where(present, starts[rows].unsqueeze(1) + positions, last)
+            unresolved.append(self._resolve(rows, values_kept[at], references_kept[at], cuts[rows], present))
+        return torch.cat(unresolved)
 
     def _resolve_with_full_rows(self, rows: torch.Tensor, chunk_size: int) -> None:
         """Queries whose candidate list was too short: rank them against every reference."""
@@ -329,11 +518,12 @@ class _RankingProblem:
         scores[mask_rows, mask_columns] = values
         return scores
 
-    def _resolve(self, rows, similarities, indices, boundary) -> torch.Tensor:
+    def _resolve(self, rows, similarities, indices, boundary, present=None) -> torch.Tensor:
         """Fill the outputs for ``rows`` from their candidates; return the rows that need full rows.
 
         ``boundary[i]`` is an upper bound of the float32 similarity of every reference missing
-        from row i's candidates (-inf when the candidates are all references).
+        from row i's candidates (-inf when the candidates are all references). ``present``
+        (default: all) marks the real candidates of a padded list.
         """
         indices = indices.to(torch.int64)
         similarities = similarities.to(torch.float32)
@@ -341,6 +531,8 @@ class _RankingProblem:
             valid = indices != rows.unsqueeze(1)
         else:
             valid = torch.ones_like(indices, dtype=torch.bool)
+        if present is not None:
+            valid &= present
         positive = valid & (self.reference_codes[indices] == self.query_codes[rows].unsqueeze(1))
         relevant = self.relevant_counts[rows]
         needs_full_rows = torch.zeros_like(rows, dtype=torch.bool)
