@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import dmlfast.evaluation.clustering as clustering
 import dmlfast.evaluation.knn as knn
 import dmlfast.evaluation.metrics as metrics_module
 from dmlfast.evaluation import available_backends, normalized_mutual_information, retrieval_metrics
@@ -180,6 +181,39 @@ def test_short_candidate_lists_fall_back_to_full_rows(monkeypatch):
     assert sum(full_row_queries) > 0
 
 
+@pytest.mark.parametrize("self_reference", [True, False])
+def test_threshold_collection_falls_back_to_full_rows(monkeypatch, self_reference):
+    # a floor of estimated rank ~1 cuts the lists above most first positives: full rows decide
+    embeddings, labels = clustered_set(4, num_samples=300, dim=6, duplicate_every=2)
+    full_row_queries = []
+    original = metrics_module._RankingProblem._resolve_with_full_rows
+
+    def spy(self, rows, chunk_size):
+        full_row_queries.append(rows.numel())
+        return original(self, rows, chunk_size)
+
+    monkeypatch.setattr(metrics_module, "THRESHOLD_FLOOR_FACTOR", 0.01)
+    monkeypatch.setattr(metrics_module._RankingProblem, "_resolve_with_full_rows", spy)
+    gallery = {} if self_reference else {"reference": embeddings[100:], "reference_labels": labels[100:]}
+    for binary in (False, True):
+        for chunk in (None, 64):
+            result = retrieval_metrics(embeddings[:100] if gallery else embeddings, labels[:100] if gallery else labels,
+                                       ks=(1, 3, 30), metrics=RANKING, binary=binary, backend="torch", chunk_size=chunk, **gallery)
+            expected = (oracle(embeddings[:100], labels[:100], embeddings[100:], labels[100:], ks=(1, 3, 30), binary=binary)
+                        if gallery else oracle(embeddings, labels, ks=(1, 3, 30), binary=binary))
+            assert_matches(result, expected)
+    assert sum(full_row_queries) > 0
+
+
+def test_threshold_collection_without_positive_pairs_bound(monkeypatch):
+    # too many (query, positive) pairs: cuts come from the tile sample alone, metrics unchanged
+    embeddings, labels = clustered_set(5, num_samples=500, num_classes=4)
+    expected = retrieval_metrics(embeddings, labels, ks=(1, 10, 100), metrics=RANKING, backend="torch", chunk_size=70)
+    monkeypatch.setattr(metrics_module, "POSITIVE_PAIRS_LIMIT", 10)
+    assert retrieval_metrics(embeddings, labels, ks=(1, 10, 100), metrics=RANKING, backend="torch", chunk_size=70) == expected
+    assert_matches(expected, oracle(embeddings, labels, ks=(1, 10, 100)))
+
+
 def test_metrics_selection_returns_only_requested_keys():
     embeddings, labels = clustered_set(0, num_samples=100)
     result = retrieval_metrics(embeddings, labels, ks=(1, 5), metrics=("map@r",))
@@ -215,6 +249,24 @@ def test_nmi_is_one_for_separated_clusters_and_deterministic():
     assert first["nmi"] == pytest.approx(1.0)
     noisy = rng.normal(size=(100, 8))
     assert retrieval_metrics(noisy, labels, metrics=("nmi",))["nmi"] == retrieval_metrics(noisy, labels, metrics=("nmi",))["nmi"]
+
+
+def test_nmi_is_one_for_separated_clusters_without_faiss(monkeypatch):
+    # torch_kmeans used to seed with random distinct rows: with seed=3 two seeds fell in one cluster
+    monkeypatch.setattr(clustering, "_import_faiss", lambda: None)
+    monkeypatch.setattr(knn, "_import_faiss", lambda: None)
+    test_nmi_is_one_for_separated_clusters_and_deterministic()
+
+
+def test_torch_kmeans_plus_plus_seeds_are_deterministic_and_spread():
+    labels = np.repeat(np.arange(6), 10)
+    embeddings = torch.from_numpy(50 * np.eye(6)[labels] + np.random.default_rng(2).normal(size=(60, 6))).float()
+    for seed in range(5):
+        rows = clustering._kmeans_plus_plus_rows(embeddings, 6, torch.Generator().manual_seed(seed))
+        assert sorted(labels[rows.numpy()]) == list(range(6))  # one seed per far-apart cluster
+        assert torch.equal(rows, clustering._kmeans_plus_plus_rows(embeddings, 6, torch.Generator().manual_seed(seed)))
+    duplicates = torch.zeros(5, 3)  # fewer distinct rows than clusters: no error
+    assert len(set(torch_kmeans(duplicates, 4).tolist())) == 1
 
 
 def test_torch_kmeans_recovers_separated_clusters():

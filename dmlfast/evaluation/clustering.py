@@ -14,8 +14,8 @@ def kmeans_assignments(vectors: torch.Tensor, num_clusters: int, seed: int = 0) 
     """Cluster index (int64 array) of every row of ``vectors`` after k-means with ``num_clusters``.
 
     Uses ``faiss.Kmeans`` (GPU when the vectors are on CUDA and faiss has GPU support) if faiss is
-    installed, otherwise :func:`torch_kmeans`; both run ``KMEANS_ITERATIONS`` Lloyd iterations
-    from a seeded initialisation, so the result is reproducible for a given environment.
+    installed, otherwise :func:`torch_kmeans` (k-means++ seeds); both run ``KMEANS_ITERATIONS``
+    Lloyd iterations from a seeded initialisation, so the result is reproducible for a given environment.
     """
     if not 1 <= num_clusters <= vectors.shape[0]:
         raise ValueError(f"num_clusters must be between 1 and the number of vectors ({vectors.shape[0]}), got {num_clusters}")
@@ -40,14 +40,18 @@ def kmeans_assignments(vectors: torch.Tensor, num_clusters: int, seed: int = 0) 
 
 
 def torch_kmeans(vectors: torch.Tensor, num_clusters: int, seed: int = 0) -> torch.Tensor:
-    """Lloyd's k-means in torch: seeded random distinct rows as initial centroids, squared L2 distance.
+    """Lloyd's k-means in torch from a seeded k-means++ initialisation, squared L2 distance.
 
-    An emptied cluster keeps its previous centroid. Returns the int64 assignment of every row.
+    The initial centroids are drawn by k-means++ (the first uniformly, each next one with
+    probability proportional to its squared distance to the nearest centroid drawn so far)
+    from a CPU ``torch.Generator`` seeded with ``seed``, so the result depends only on the
+    data, ``seed`` and the device's arithmetic. The initialisation costs ``num_clusters``
+    passes over the data. An emptied cluster keeps its previous centroid. Returns the int64
+    assignment of every row.
     """
     data = vectors.detach().float()
     generator = torch.Generator().manual_seed(seed)
-    initial_rows = torch.randperm(data.shape[0], generator=generator)[:num_clusters].to(data.device)
-    centroids = data[initial_rows].clone()
+    centroids = data[_kmeans_plus_plus_rows(data, num_clusters, generator)].clone()
     chunk = default_chunk_size(num_clusters)
     assignments = torch.empty(data.shape[0], dtype=torch.int64, device=data.device)
     with _ieee_float32_matmul():
@@ -60,6 +64,26 @@ def torch_kmeans(vectors: torch.Tensor, num_clusters: int, seed: int = 0) -> tor
             counts = torch.bincount(assignments, minlength=num_clusters).unsqueeze(1)
             centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
     return assignments
+
+
+def _kmeans_plus_plus_rows(data: torch.Tensor, num_clusters: int, generator: torch.Generator) -> torch.Tensor:
+    """Row indices of the k-means++ seeds of ``data`` (draws from ``generator`` on the CPU).
+
+    Once every row coincides with a seed (fewer distinct rows than clusters), the remaining
+    seeds are drawn uniformly.
+    """
+    num_rows = data.shape[0]
+    chosen = torch.empty(num_clusters, dtype=torch.int64)
+    chosen[0] = torch.randint(num_rows, (1,), generator=generator)[0]
+    nearest = ((data - data[chosen[0]]) ** 2).sum(1).double()
+    for index in range(1, num_clusters):
+        weights = nearest.cpu()
+        if float(weights.sum()) > 0.0:
+            chosen[index] = torch.multinomial(weights, 1, generator=generator)[0]
+        else:
+            chosen[index] = torch.randint(num_rows, (1,), generator=generator)[0]
+        torch.minimum(nearest, ((data - data[chosen[index]]) ** 2).sum(1).double(), out=nearest)
+    return chosen.to(data.device)
 
 
 def _entropy(counts: np.ndarray) -> float:
