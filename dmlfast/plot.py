@@ -88,12 +88,16 @@ def draw(points, names: Sequence[str], title: str, out: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    points = np.asarray(points)
+    if points.ndim != 2 or points.shape[1] != 2 or len(points) != len(names):
+        raise ValueError(f"draw: points must be [N, 2] with one name per point; got shape {points.shape} and {len(names)} names")
     classes = sorted(set(names))
     if len(classes) <= 20:  # the categorical palettes, colour by colour
         cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
         colours = [cmap(i) for i in range(len(classes))]
     else:
         colours = [plt.get_cmap("hsv")(i / len(classes)) for i in range(len(classes))]
+    out = Path(out)
     fig, ax = plt.subplots(figsize=(8, 6.5))
     names = np.asarray(names)
     for i, c in enumerate(classes):
@@ -110,8 +114,13 @@ def draw(points, names: Sequence[str], title: str, out: Path) -> None:
 
 def write_html(points, names: Sequence[str], paths: Sequence[str], title: str, out: Path) -> None:
     """Interactive plotly scatter (hover: label and path) as a standalone HTML file."""
+    import numpy as np
     import plotly.graph_objects as go
 
+    points = np.asarray(points)
+    if points.ndim != 2 or points.shape[1] != 2 or not len(points) == len(names) == len(paths):
+        raise ValueError(f"write_html: points must be [N, 2] with one name and path per point; got shape {points.shape}, "
+                         f"{len(names)} names, {len(paths)} paths")
     fig = go.Figure()
     for c in sorted(set(names)):
         idx = [i for i, n in enumerate(names) if n == c]

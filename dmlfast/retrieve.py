@@ -154,6 +154,9 @@ def gallery_from_folder(folder: Path):
     from dmlfast.data import ImageList
     from dmlfast.data._common import IMAGE_EXTENSIONS, check_images
 
+    if not isinstance(folder, (str, Path)):
+        raise ValueError(f"gallery_from_folder: folder must be a path, got {type(folder).__name__}")
+    folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"--gallery: no such folder: {folder}")
     paths = []
@@ -175,6 +178,10 @@ def gallery_from_folder(folder: Path):
 
 def cache_key(checkpoint: Path, paths: Sequence[str], config, dtype) -> str:
     """SHA-256 of the checkpoint's bytes, the ordered gallery files (path, size, mtime), the transform and dtype."""
+    if not Path(checkpoint).is_file():
+        raise ValueError(f"cache_key: checkpoint must be an existing file, got {checkpoint!r}")
+    if isinstance(paths, str) or not all(isinstance(p, str) for p in paths):
+        raise ValueError("cache_key: paths must be a sequence of path strings")
     digest = hashlib.sha256()
     with open(checkpoint, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -204,12 +211,15 @@ def gallery_embeddings(model, image_list, config, device, dtype, args) -> Tuple[
     embeddings = embed_list(model, image_list, config, device, dtype, batch_size=args.batch_size, workers=args.workers,
                             progress=args.progress, desc="embed gallery")
     if cache is not None:
+        tmp = None
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{cache.name}.", suffix=".tmp", dir=cache.parent)
             with os.fdopen(fd, "wb") as f:
                 torch.save({"key": key, "paths": list(image_list.paths), "embeddings": embeddings}, f)
             os.replace(tmp, cache)
         except OSError as error:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
             warnings.warn(f"could not write the gallery cache next to the checkpoint ({error}); the gallery will be embedded again next time", stacklevel=2)
             cache = None
     return embeddings, cache, False
@@ -240,8 +250,10 @@ def draw_grid(query_path: str, query_label: Optional[str], results: Sequence[Tup
     """Write the PNG: the query cell, then one cell per ``(path, label, similarity)``; returns its size."""
     from PIL import Image, ImageDraw, ImageFont
 
-    if not results:
-        raise ValueError("draw_grid: results must hold at least one (path, label, similarity)")
+    if not results or any(len(r) != 3 for r in results):
+        raise ValueError(f"draw_grid: results must be a non-empty list of (path, label, similarity), got {list(results)[:2]!r}")
+    if not Path(query_path).is_file():
+        raise ValueError(f"draw_grid: query_path must be an existing image file, got {query_path!r}")
     width, height = grid_size(len(results))
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
@@ -261,6 +273,7 @@ def draw_grid(query_path: str, query_label: Optional[str], results: Sequence[Tup
         else:
             colour = COLOURS["correct" if label == query_label else "wrong"]
         cell(CELL_WIDTH * (1 + col), CELL_HEIGHT * row, path, colour, f"#{rank + 1}  sim {similarity:.3f}", "" if label is None else str(label))
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out, format="PNG")
     return width, height
