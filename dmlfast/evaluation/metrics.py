@@ -53,6 +53,7 @@ FULL_ROW_CHUNK_DIVISOR = 8  # full-row batches also hold float64 and mask copies
 TILE_SIZE = 4096  # torch backend: a float32 tile of TILE_SIZE x TILE_SIZE similarities (64 MiB)
 THRESHOLD_FLOOR_FACTOR = 2.0  # keep references down to the estimated rank FACTOR x (largest K)
 THRESHOLD_MARGIN = 5.0  # cuts lie this many tolerances below the float32 bound they derive from
+RESOLVE_BUDGET = 1 << 22  # padded (query, candidate) entries per _resolve batch of the torch backend
 POSITIVE_PAIRS_LIMIT = 1 << 24  # above this many (query, positive) pairs, cuts use the sample only
 
 
@@ -410,7 +411,8 @@ class _RankingProblem:
         best_positive, worst_positive = self._positive_similarities()
         cuts = torch.full((num_queries,), math.inf, dtype=torch.float32, device=device)
         symmetric = self.exclude_self
-        kept_rows, kept_references, kept_values = [], [], []
+        num_blocks = -(-num_queries // tile)
+        kept = [[] for _ in range(num_blocks)]  # per row block: (rows, references, similarities) pieces
         buffer = torch.empty(min(tile, num_queries) * min(tile, num_references), dtype=torch.float32, device=device)
         mask_buffer = torch.empty(buffer.shape, dtype=torch.bool, device=device)
 
@@ -430,12 +432,13 @@ class _RankingProblem:
                 flat = torch.from_numpy(np.flatnonzero(mask.numpy()))
             else:
                 flat = torch.nonzero(mask.view(-1)).flatten()
-            kept_values.append(similarities.view(-1)[flat])
+            values = similarities.view(-1)[flat]
             tile_rows, tile_columns = flat // similarities.shape[1], flat % similarities.shape[1]
             if transposed:
                 tile_rows, tile_columns = tile_columns, tile_rows
-            kept_rows.append((tile_rows + first_row).to(torch.int32))
-            kept_references.append((tile_columns + first_column).to(torch.int32))
+                first_row, first_column = first_column, first_row
+            # rows are stored relative to their block, references as int32 (M < 2**31)
+            kept[first_row // tile].append((tile_rows.to(torch.int32), (tile_columns + first_column).to(torch.int32), values))
 
         def first_tile(first_row, first_column):
             similarities = similarities_of(first_row, first_column)
@@ -443,6 +446,7 @@ class _RankingProblem:
             cuts[rows] = self._block_cuts(rows, similarities, best_positive, worst_positive)
             keep(similarities, cuts[rows].unsqueeze(1), first_row, first_column, False)
 
+        unresolved = [torch.zeros(0, dtype=torch.int64, device=device)]
         bar = _progress(num_queries, progress, "torch similarity tiles")
         with _ieee_float32_matmul():
             if symmetric:
@@ -456,40 +460,54 @@ class _RankingProblem:
                     keep(similarities, cuts[first_row : first_row + tile].unsqueeze(1), first_row, first_column, False)
                     if symmetric:
                         column_cuts = cuts[first_column : first_column + tile].unsqueeze(0)
-                        keep(similarities, column_cuts, first_column, first_row, True)
+                        keep(similarities, column_cuts, first_row, first_column, True)
+                # every tile touching this row block is done (earlier blocks' tiles served it as columns)
+                pieces, kept[first_row // tile] = kept[first_row // tile], None
+                unresolved.append(self._resolve_kept(first_row, min(tile, num_queries - first_row), pieces, cuts))
                 if bar is not None:
                     bar.update(min(tile, num_queries - first_row))
         if bar is not None:
             bar.close()
-        del buffer, mask_buffer
+        return torch.cat(unresolved)
 
-        rows_kept = torch.cat(kept_rows).to(torch.int64)
-        order = torch.argsort(rows_kept, stable=True)
-        counts = torch.bincount(rows_kept, minlength=num_queries)
-        del rows_kept
-        # a sentinel at the end keeps the gathers below in range when nothing was kept
-        references_kept = torch.cat([torch.cat(kept_references)[order], torch.zeros(1, dtype=torch.int32, device=device)])
-        values_kept = torch.cat([torch.cat(kept_values)[order], torch.full((1,), -math.inf, device=device)])
-        del kept_rows, kept_references, kept_values, order
-        return self._resolve_kept(references_kept, values_kept, counts, cuts, tile)
-
-    def _resolve_kept(self, references_kept, values_kept, counts, cuts, chunk_size) -> torch.Tensor:
-        """Resolve the kept references (grouped by query, ``counts`` per query) in padded batches of
-        queries with similar counts; returns the queries that need full rows."""
+    def _resolve_kept(self, first_row: int, num_rows: int, pieces, cuts) -> torch.Tensor:
+        """Resolve one row block's kept references, in padded batches of queries with similar
+        counts (at most RESOLVE_BUDGET padded entries, or one query); returns the queries that
+        need full rows."""
         device = self.query.device
+        block_rows = torch.cat([piece[0] for piece in pieces]).to(torch.int64)
+        order = torch.argsort(block_rows, stable=True)
+        counts = torch.bincount(block_rows, minlength=num_rows)
+        del block_rows
+        # a sentinel at the end keeps the gathers below in range
+        references_kept = torch.cat([torch.cat([piece[1] for piece in pieces])[order], torch.zeros(1, dtype=torch.int32, device=device)])
+        values_kept = torch.cat([torch.cat([piece[2] for piece in pieces])[order], torch.full((1,), -math.inf, device=device)])
+        del order, pieces
+        last = values_kept.numel() - 1
         starts = torch.cumsum(counts, 0) - counts
-        matched = torch.nonzero(self.relevant_counts > 0).flatten()
+        matched = torch.nonzero(self.relevant_counts[first_row : first_row + num_rows] > 0).flatten()
         matched = matched[torch.argsort(counts[matched], stable=True)]
-        last = values_kept.numel() - 1  # the sentinel
+        sorted_counts = counts[matched].tolist()
         unresolved = [matched[:0]]
-        for first in range(0, matched.numel(), chunk_size):
-            rows = matched[first : first + chunk_size]
-            row_counts = counts[rows]
+        first = 0
+        while first < len(sorted_counts):
+            low, high = first + 1, len(sorted_counts)  # the longest batch within the budget, at least one query
+            while low < high:
+                middle = (low + high + 1) // 2
+                if (middle - first) * max(sorted_counts[middle - 1], 1) <= RESOLVE_BUDGET:
+                    low = middle
+                else:
+                    high = middle - 1
+            end = low
+            local = matched[first:end]
+            rows = local + first_row
+            row_counts = counts[local]
             width = max(int(row_counts.max()), int(self.relevant_counts[rows].max()), 1)
             positions = torch.arange(width, device=device)
             present = positions.unsqueeze(0) < row_counts.unsqueeze(1)
-            at = torch.where(present, starts[rows].unsqueeze(1) + positions, last)
+            at = torch.where(present, starts[local].unsqueeze(1) + positions, last)
             unresolved.append(self._resolve(rows, values_kept[at], references_kept[at], cuts[rows], present))
+            first = end
         return torch.cat(unresolved)
 
     def _resolve_with_full_rows(self, rows: torch.Tensor, chunk_size: int) -> None:
