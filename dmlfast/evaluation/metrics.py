@@ -327,7 +327,7 @@ class _RankingProblem:
                 boundary = torch.full_like(similarities[:, 0], -math.inf)
             else:
                 boundary = similarities.min(dim=1).values
-            unresolved.append(self._resolve(rows, similarities, indices, boundary))
+            unresolved.append(self._resolve(rows, similarities, indices, boundary, sorted_candidates=True))
         self._resolve_with_full_rows(torch.cat(unresolved), chunk_size)
         return self.first_match_rank, self.average_precision, self.r_precision
 
@@ -536,12 +536,15 @@ class _RankingProblem:
         scores[mask_rows, mask_columns] = values
         return scores
 
-    def _resolve(self, rows, similarities, indices, boundary, present=None) -> torch.Tensor:
+    def _resolve(self, rows, similarities, indices, boundary, present=None, sorted_candidates=False) -> torch.Tensor:
         """Fill the outputs for ``rows`` from their candidates; return the rows that need full rows.
 
         ``boundary[i]`` is an upper bound of the float32 similarity of every reference missing
         from row i's candidates (-inf when the candidates are all references). ``present``
-        (default: all) marks the real candidates of a padded list.
+        (default: all) marks the real candidates of a padded list. ``sorted_candidates``: the
+        lists are sorted by decreasing similarity (a k-NN search), so MAP@R and R-Precision only
+        look at a prefix of max R + 1 + SEARCH_MARGIN columns, whose boundary is the larger of
+        ``boundary`` and the best similarity after the prefix (exact whatever the order).
         """
         indices = indices.to(torch.int64)
         similarities = similarities.to(torch.float32)
@@ -557,7 +560,16 @@ class _RankingProblem:
         if self.recall_depth:
             needs_full_rows |= self._first_match_ranks(rows, similarities, indices, valid, positive, relevant, boundary)
         if self.needs_top_r:
-            needs_full_rows |= self._top_r_precisions(rows, similarities, indices, valid, positive, relevant, boundary)
+            width = int(relevant.max()) + 1 + SEARCH_MARGIN if sorted_candidates else similarities.shape[1]
+            if width < similarities.shape[1]:
+                after_prefix = torch.where(valid[:, width:], similarities[:, width:], -math.inf).max(dim=1).values
+                top_boundary = torch.maximum(boundary, after_prefix)
+                prefix = slice(0, width)
+                needs_full_rows |= self._top_r_precisions(
+                    rows, similarities[:, prefix], indices[:, prefix], valid[:, prefix], positive[:, prefix], relevant, top_boundary
+                )
+            else:
+                needs_full_rows |= self._top_r_precisions(rows, similarities, indices, valid, positive, relevant, boundary)
         return rows[needs_full_rows]
 
     def _first_match_ranks(self, rows, similarities, indices, valid, positive, relevant, boundary) -> torch.Tensor:
