@@ -542,9 +542,10 @@ class _RankingProblem:
         ``boundary[i]`` is an upper bound of the float32 similarity of every reference missing
         from row i's candidates (-inf when the candidates are all references). ``present``
         (default: all) marks the real candidates of a padded list. ``sorted_candidates``: the
-        lists are sorted by decreasing similarity (a k-NN search), so MAP@R and R-Precision only
-        look at a prefix of max R + 1 + SEARCH_MARGIN columns, whose boundary is the larger of
-        ``boundary`` and the best similarity after the prefix (exact whatever the order).
+        lists are sorted by decreasing similarity (a k-NN search), so each row is first resolved
+        on a prefix of max R + 1 + SEARCH_MARGIN columns, whose boundary is the larger of
+        ``boundary`` and the best valid similarity after the prefix (an upper bound whatever the
+        order); only the rows that prefix does not settle are resolved again on the whole list.
         """
         indices = indices.to(torch.int64)
         similarities = similarities.to(torch.float32)
@@ -554,23 +555,30 @@ class _RankingProblem:
             valid = torch.ones_like(indices, dtype=torch.bool)
         if present is not None:
             valid &= present
+        relevant = self.relevant_counts[rows]
+        width = int(relevant.max()) + 1 + SEARCH_MARGIN
+        if not sorted_candidates or width >= similarities.shape[1]:
+            return rows[self._resolve_rows(rows, similarities, indices, valid, boundary)]
+        after_prefix = torch.where(valid[:, width:], similarities[:, width:], -math.inf).max(dim=1).values
+        prefix = slice(0, width)
+        unsettled = self._resolve_rows(rows, similarities[:, prefix], indices[:, prefix], valid[:, prefix],
+                                       torch.maximum(boundary, after_prefix))
+        again = torch.nonzero(unsettled).flatten()
+        if again.numel() == 0:
+            return rows[:0]
+        needs_full_rows = self._resolve_rows(rows[again], similarities[again], indices[again], valid[again], boundary[again])
+        return rows[again][needs_full_rows]
+
+    def _resolve_rows(self, rows, similarities, indices, valid, boundary) -> torch.Tensor:
+        """:meth:`_resolve` on one candidate list per row; returns the mask of the rows it could not settle."""
         positive = valid & (self.reference_codes[indices] == self.query_codes[rows].unsqueeze(1))
         relevant = self.relevant_counts[rows]
         needs_full_rows = torch.zeros_like(rows, dtype=torch.bool)
         if self.recall_depth:
             needs_full_rows |= self._first_match_ranks(rows, similarities, indices, valid, positive, relevant, boundary)
         if self.needs_top_r:
-            width = int(relevant.max()) + 1 + SEARCH_MARGIN if sorted_candidates else similarities.shape[1]
-            if width < similarities.shape[1]:
-                after_prefix = torch.where(valid[:, width:], similarities[:, width:], -math.inf).max(dim=1).values
-                top_boundary = torch.maximum(boundary, after_prefix)
-                prefix = slice(0, width)
-                needs_full_rows |= self._top_r_precisions(
-                    rows, similarities[:, prefix], indices[:, prefix], valid[:, prefix], positive[:, prefix], relevant, top_boundary
-                )
-            else:
-                needs_full_rows |= self._top_r_precisions(rows, similarities, indices, valid, positive, relevant, boundary)
-        return rows[needs_full_rows]
+            needs_full_rows |= self._top_r_precisions(rows, similarities, indices, valid, positive, relevant, boundary)
+        return needs_full_rows
 
     def _first_match_ranks(self, rows, similarities, indices, valid, positive, relevant, boundary) -> torch.Tensor:
         """Canonical rank of each query's first same-label reference (exact below ``recall_depth``).
