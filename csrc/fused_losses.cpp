@@ -88,15 +88,22 @@ class ValueChecks {
     const auto flag = labels.options().dtype(at::kBool);
     x_finite_ = at::ones({1}, flag);
     p_finite_ = at::ones({1}, flag);
+    u_finite_ = at::ones({1}, flag);
   }
   // `norms` are row norms: a row with a NaN or Inf entry has a non-finite norm.
   void add_norms(const at::Tensor& norms, bool embeddings) {
     (embeddings ? x_finite_ : p_finite_).logical_and_(at::isfinite(norms).all());
   }
-  // Raises if any check failed. Call before returning results.
-  void raise_if_failed(const at::Tensor& x, const at::Tensor& p) const {
-    const at::Tensor host =
-        at::cat({label_range_, x_finite_.to(at::kDouble), p_finite_.to(at::kDouble)}).cpu();
+  // IDML's uncertainty embeddings, by their squared row norms.
+  void add_uncertainty_norms(const at::Tensor& norms) {
+    u_finite_.logical_and_(at::isfinite(norms).all());
+  }
+  // Raises if any check failed. Call before returning results; `uncertainty` is IDML's.
+  void raise_if_failed(const at::Tensor& x, const at::Tensor& p,
+                       const at::Tensor& uncertainty = at::Tensor()) const {
+    const at::Tensor host = at::cat({label_range_, x_finite_.to(at::kDouble),
+                                     p_finite_.to(at::kDouble), u_finite_.to(at::kDouble)})
+                                .cpu();
     const double* v = host.const_data_ptr<double>();
     TORCH_CHECK_VALUE(v[0] >= 0 && v[1] < num_classes_, op_, ": labels must be in [0, ",
                       num_classes_, ") (num_classes = proxies.shape[0]), got min ",
@@ -105,6 +112,8 @@ class ValueChecks {
                       first_bad_row(x), ")");
     TORCH_CHECK_VALUE(v[3] != 0, op_, ": proxies contain NaN or Inf (first bad row: ",
                       first_bad_row(p), ")");
+    TORCH_CHECK_VALUE(v[4] != 0, op_, ": uncertainty contains NaN or Inf (first bad row: ",
+                      first_bad_row(uncertainty), ")");
   }
 
  private:
@@ -113,7 +122,7 @@ class ValueChecks {
   }
   int64_t num_classes_;
   const char* op_;
-  at::Tensor label_range_, x_finite_, p_finite_;
+  at::Tensor label_range_, x_finite_, p_finite_, u_finite_;
 };
 
 // The accumulation dtype: float64 when an input is float64, float32 otherwise.
@@ -124,6 +133,31 @@ at::ScalarType accumulation_type(const at::Tensor& x, const at::Tensor& p) {
 
 // ---------------------------------------------------------------------------------------------
 // Anchor family.
+
+// The positive pairs' part of the anchor family, sparse (one similarity s_b per sample): per
+// class l+ = LSE0(-alpha M (s - margin)), the loss sum_c l+_c / W+ and g_b = dL/ds_b =
+// -(alpha M_b / W+) e^{u_b - l+} (SPEC §7.2, §7.4; W+ = |P+| when M = 1).
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> anchor_positive_terms(const at::Tensor& on,
+                                                         const at::Tensor& pos_sim,
+                                                         const int64_t* label_ptr, double margin,
+                                                         double alpha,
+                                                         const IsaClassParams<T>& isa_view) {
+  const int64_t B = pos_sim.size(0);
+  const auto acc = pos_sim.options();
+  at::Tensor class_lse = at::empty({B}, acc), is_first = at::empty({B}, acc);
+  at::Tensor pos_weight = at::empty({B}, acc), class_mean_weight = at::empty({B}, acc);
+  launch(on, B,
+         AnchorPositiveArgs<T>{pos_sim.const_data_ptr<T>(), label_ptr, B, T(alpha), T(margin),
+                               isa_view, class_lse.data_ptr<T>(), is_first.data_ptr<T>(),
+                               pos_weight.data_ptr<T>(), class_mean_weight.data_ptr<T>()});
+  const at::Tensor pos_normalizer = (is_first * class_mean_weight).sum().clamp_min(1e-30);
+  const at::Tensor pos_loss = (class_lse * is_first).sum() / pos_normalizer;
+  const at::Tensor pos_exponent = pos_sim.sub(margin).mul_(pos_weight).mul_(-alpha);
+  const at::Tensor pos_grad =
+      at::exp(pos_exponent.sub_(class_lse)).mul_(pos_weight).mul_(-alpha).div_(pos_normalizer);
+  return {pos_loss, pos_grad};
+}
 
 // Proxy-Anchor, and Proxy-ISA when `isa_params` ([4, C]: centre, threshold, weight,
 // easy-negative weight per class) is defined. With M = 1 the normalizers are |P+| and C; with
@@ -156,17 +190,8 @@ LossAndGrads proxy_anchor_impl(const at::Tensor& x, const at::Tensor& p, const a
   // Positive pairs, sparse: s_b, M_b, l+ per class, W+ and g_b = -(alpha M_b / W+) e^{u_b - l+}.
   const UnitRows ps_y = normalize_rows(p.index_select(0, safe_labels).to(acc.dtype()));
   const at::Tensor pos_sim = (x_hat * ps_y.unit).sum(1);
-  at::Tensor class_lse = at::empty({B}, acc), is_first = at::empty({B}, acc);
-  at::Tensor pos_weight = at::empty({B}, acc), class_mean_weight = at::empty({B}, acc);
-  launch(x, B,
-         AnchorPositiveArgs<T>{pos_sim.const_data_ptr<T>(), label_ptr, B, T(alpha), T(margin),
-                               isa_view, class_lse.data_ptr<T>(), is_first.data_ptr<T>(),
-                               pos_weight.data_ptr<T>(), class_mean_weight.data_ptr<T>()});
-  const at::Tensor pos_normalizer = (is_first * class_mean_weight).sum().clamp_min(1e-30);
-  const at::Tensor pos_loss = (class_lse * is_first).sum() / pos_normalizer;
-  const at::Tensor pos_exponent = pos_sim.sub(margin).mul_(pos_weight).mul_(-alpha);
-  const at::Tensor pos_grad =
-      at::exp(pos_exponent.sub_(class_lse)).mul_(pos_weight).mul_(-alpha).div_(pos_normalizer);
+  at::Tensor pos_loss, pos_grad;
+  std::tie(pos_loss, pos_grad) = anchor_positive_terms<T>(x, pos_sim, label_ptr, margin, alpha, isa_view);
 
   // Negative pairs, dense, tile by tile: G = dL/dS, A = G P_hat, dP = proj(G^T X_hat).
   at::Tensor grad_x_neg = at::zeros({B, D}, acc);
@@ -210,6 +235,98 @@ LossAndGrads proxy_anchor_impl(const at::Tensor& x, const at::Tensor& p, const a
   project_rows(grad_x_neg.addcmul_(ps_y.unit, pos_grad.unsqueeze(1)), xs, grad_x);
   checks.raise_if_failed(x, p);
   return {pos_loss + neg_loss, grad_x, grad_p};
+}
+
+// ---------------------------------------------------------------------------------------------
+// IDML: Proxy-Anchor on the introspective similarity S' (SPEC §6, §7.5; proxy_loss_math.h).
+//
+// The positive pairs go through the anchor family's sparse positive pass on S'_{b, y_b}. Per tile
+// of proxies: one raw GEMM R = X P^T, S' written into a tile, the unchanged negative column
+// kernel, then the chain kernel, which folds dL/dS' (its positive entries from the sparse pass)
+// into H, so dX += H P and dP = H^T X + diag(col_coef) P: the same three GEMMs as Proxy-Anchor.
+
+// An uninitialized [rows, cols] tile laid out like similarity_tile's.
+at::Tensor empty_tile(const at::TensorOptions& options, int64_t rows, int64_t cols,
+                      bool column_contiguous) {
+  return column_contiguous ? at::empty({cols, rows}, options).t() : at::empty({rows, cols}, options);
+}
+
+template <typename T>
+IdmlLossAndGrads idml_impl(const at::Tensor& x, const at::Tensor& v, const at::Tensor& p,
+                           const at::Tensor& labels, double margin, double alpha) {
+  const char* op = "idml_proxy_anchor_loss";
+  const int64_t B = x.size(0), D = x.size(1), C = p.size(0);
+  const auto acc = x.options().dtype(c10::CppTypeToScalarType<T>::value);
+  ValueChecks checks(labels, C, op);
+  const at::Tensor safe_labels = labels.clamp(0, C - 1).contiguous();
+  const int64_t* label_ptr = safe_labels.const_data_ptr<int64_t>();
+  const IsaClassParams<T> plain{nullptr, nullptr, nullptr, nullptr, false};
+
+  const at::Tensor xa = x.to(acc.dtype()).contiguous();
+  const at::Tensor x_sq = xa.square().sum(1);
+  const at::Tensor x_norm = (x_sq + kNormEps).sqrt_();
+  checks.add_norms(x_norm, /*embeddings=*/true);
+  const at::Tensor va = v.to(acc.dtype()).contiguous();
+  const at::Tensor uncertainty = va.square().sum(1);
+  checks.add_uncertainty_norms(uncertainty);
+
+  // Positive pairs, sparse: S'_{b, y_b}, then Proxy-Anchor's positive terms on it.
+  const at::Tensor p_y = p.index_select(0, safe_labels).to(acc.dtype());
+  const at::Tensor p_y_sq = p_y.square().sum(1);
+  const at::Tensor p_y_norm = (p_y_sq + kNormEps).sqrt_();
+  const at::Tensor pos_dot = (xa * p_y).sum(1);
+  const at::Tensor pos_sim = at::empty({B}, acc);
+  launch(x, B,
+         IdmlPositiveArgs<T>{pos_dot.const_data_ptr<T>(), x_sq.const_data_ptr<T>(),
+                             x_norm.const_data_ptr<T>(), p_y_sq.const_data_ptr<T>(),
+                             p_y_norm.const_data_ptr<T>(), uncertainty.const_data_ptr<T>(), B,
+                             pos_sim.data_ptr<T>()});
+  at::Tensor pos_loss, pos_grad;
+  std::tie(pos_loss, pos_grad) = anchor_positive_terms<T>(x, pos_sim, label_ptr, margin, alpha, plain);
+
+  // All pairs, dense, tile by tile.
+  at::Tensor grad_x = at::zeros({B, D}, acc);
+  at::Tensor x_coef = at::zeros({B}, acc), grad_uncertainty_sq = at::zeros({B}, acc);
+  at::Tensor grad_p = at::empty_like(p, at::MemoryFormat::Contiguous);
+  at::Tensor neg_lse = at::empty({C}, acc), neg_mean_weight = at::empty({C}, acc);
+  const at::Tensor neg_scale = at::full({1}, alpha / static_cast<double>(C), acc);
+  const bool column_contiguous = !x.is_cuda();  // one thread per column walks the rows
+  const int64_t tile = tile_columns(x, C);
+  for (int64_t first = 0; first < C; first += tile) {
+    const int64_t cols = std::min(tile, C - first);
+    const at::Tensor p_tile = p.narrow(0, first, cols).to(acc.dtype()).contiguous();
+    const at::Tensor p_sq = p_tile.square().sum(1);
+    const at::Tensor p_norm = (p_sq + kNormEps).sqrt_();
+    checks.add_norms(p_norm, /*embeddings=*/false);
+    at::Tensor dot = similarity_tile(xa, p_tile, column_contiguous);
+    at::Tensor sim = empty_tile(acc, B, cols, column_contiguous);
+    at::Tensor row_coef = empty_tile(acc, B, cols, column_contiguous);
+    at::Tensor by_uncert = empty_tile(acc, B, cols, column_contiguous);
+    at::Tensor col_coef = at::empty({cols}, acc);
+    const IdmlTileArgs<T> tile_args{view_of<T>(dot), view_of<T>(sim), label_ptr, B, cols, first,
+                                    x_sq.const_data_ptr<T>(), x_norm.const_data_ptr<T>(),
+                                    uncertainty.const_data_ptr<T>(), p_sq.const_data_ptr<T>(),
+                                    p_norm.const_data_ptr<T>()};
+    launch(x, cols, tile_args);
+    launch(x, cols,
+           AnchorNegativeArgs<T>{view_of<T>(sim), label_ptr, B, cols, first, T(alpha), T(margin),
+                                 plain, neg_scale.const_data_ptr<T>(),
+                                 neg_lse.data_ptr<T>() + first,
+                                 neg_mean_weight.data_ptr<T>() + first});
+    launch(x, cols,
+           IdmlChainArgs<T>{tile_args, pos_grad.const_data_ptr<T>(), view_of<T>(row_coef),
+                            view_of<T>(by_uncert), col_coef.data_ptr<T>()});
+    grad_x.addmm_(dot, p_tile);
+    x_coef.add_(row_coef.sum(1));
+    grad_uncertainty_sq.add_(by_uncert.sum(1));
+    grad_p.narrow(0, first, cols).copy_(at::mm(dot.t(), xa).addcmul_(p_tile, col_coef.unsqueeze(1)));
+  }
+  const at::Tensor neg_loss = neg_lse.sum() / static_cast<double>(C);
+  const at::Tensor grad_embeddings = grad_x.addcmul_(xa, x_coef.unsqueeze(1)).to(x.scalar_type());
+  const at::Tensor grad_v =
+      va.mul(grad_uncertainty_sq.mul_(2).unsqueeze(1)).to(v.scalar_type());
+  checks.raise_if_failed(x, p, v);
+  return {pos_loss + neg_loss, grad_embeddings, grad_v, grad_p};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -343,6 +460,35 @@ LossAndGrads proxy_anchor_loss(const at::Tensor& embeddings, const at::Tensor& p
   }
   return proxy_anchor_impl<float>(embeddings, proxies, labels, margin, alpha, isa,
                                   isa_filter_positives);
+}
+
+IdmlLossAndGrads idml_proxy_anchor_loss(const at::Tensor& embeddings,
+                                        const at::Tensor& uncertainty, const at::Tensor& proxies,
+                                        const at::Tensor& labels, double margin, double alpha) {
+  const char* op = "idml_proxy_anchor_loss";
+  check_metadata(embeddings, proxies, labels, op);
+  TORCH_CHECK_VALUE(uncertainty.dim() == 2, op,
+                    ": uncertainty must be 2-D (batch, uncertainty_dim), got a ",
+                    describe(uncertainty));
+  TORCH_CHECK_TYPE(at::isFloatingType(uncertainty.scalar_type()), op,
+                   ": uncertainty must be float32, bfloat16, float16 or float64, got ",
+                   describe(uncertainty));
+  TORCH_CHECK_VALUE(uncertainty.size(0) == embeddings.size(0), op,
+                    ": uncertainty must have one row per embedding: embeddings has ",
+                    embeddings.size(0), " rows, uncertainty has ", uncertainty.size(0));
+  TORCH_CHECK_VALUE(uncertainty.size(1) > 0, op, ": uncertainty has dimension 0");
+  TORCH_CHECK_VALUE(uncertainty.device() == embeddings.device(), op,
+                    ": uncertainty must be on the embeddings' device ", embeddings.device(),
+                    ", got ", uncertainty.device());
+  TORCH_CHECK_VALUE(std::isfinite(margin), op, ": margin must be finite, got ", margin);
+  TORCH_CHECK_VALUE(std::isfinite(alpha) && alpha > 0, op,
+                    ": alpha must be a finite number > 0, got ", alpha);
+  const c10::DeviceGuard guard(embeddings.device());
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const bool wide = accumulation_type(embeddings, proxies) == at::kDouble ||
+                    uncertainty.scalar_type() == at::kDouble;
+  if (wide) return idml_impl<double>(embeddings, uncertainty, proxies, labels, margin, alpha);
+  return idml_impl<float>(embeddings, uncertainty, proxies, labels, margin, alpha);
 }
 
 LossAndGrads proxy_nca_loss(const at::Tensor& embeddings, const at::Tensor& proxies,

@@ -22,6 +22,14 @@ LossAndGrads proxy_anchor_loss(const at::Tensor& embeddings, const at::Tensor& p
                                const std::optional<at::Tensor>& isa_class_params,
                                bool isa_filter_positives);
 
+// IDML (SPEC §6): Proxy-Anchor on the introspective similarity S' = 1 - (1 - S) g with
+// g = exp(-(||v_b||^2 + 4) / (5 ||x_b - p_c||^2)), `uncertainty` v of shape (batch, any dim).
+// Returns (loss, dL/d embeddings, dL/d uncertainty, dL/d proxies), each gradient like its input.
+using IdmlLossAndGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+IdmlLossAndGrads idml_proxy_anchor_loss(const at::Tensor& embeddings,
+                                        const at::Tensor& uncertainty, const at::Tensor& proxies,
+                                        const at::Tensor& labels, double margin, double alpha);
+
 // Softmax cross-entropy over logits scale * cos(x, p) with label smoothing, or the classic
 // ProxyNCA form with the target excluded from the denominator (SPEC §2, §7.3).
 LossAndGrads proxy_nca_loss(const at::Tensor& embeddings, const at::Tensor& proxies,

@@ -17,6 +17,9 @@ namespace dmlfast {
   X(AnchorNegativeArgs<T>, anchor_negative_column_thread<T>) \
   X(AnchorPositiveArgs<T>, anchor_positive_thread<T>)        \
   X(PositiveScatterArgs<T>, positive_scatter_thread<T>)      \
+  X(IdmlPositiveArgs<T>, idml_positive_thread<T>)            \
+  X(IdmlTileArgs<T>, idml_similarity_column_thread<T>)       \
+  X(IdmlChainArgs<T>, idml_chain_column_thread<T>)           \
   X(SoftmaxTileArgs<T>, softmax_chunk_reduce_thread<T>)      \
   X(SoftmaxGradArgs<T>, softmax_chunk_grad_thread<T>)
 #define DMLFAST_FOR_EACH_KERNEL(X)                                          \

@@ -19,6 +19,10 @@ TORCH_LIBRARY(dmlfast, m) {
       "float alpha, Tensor? isa_class_params=None, bool isa_filter_positives=False) -> "
       "(Tensor loss, Tensor grad_embeddings, Tensor grad_proxies)");
   m.def(
+      "idml_proxy_anchor_loss(Tensor embeddings, Tensor uncertainty, Tensor proxies, "
+      "Tensor labels, float margin, float alpha) -> (Tensor loss, Tensor grad_embeddings, "
+      "Tensor grad_uncertainty, Tensor grad_proxies)");
+  m.def(
       "proxy_nca_loss(Tensor embeddings, Tensor proxies, Tensor labels, float scale, "
       "float smoothing, bool exclude_positive) -> (Tensor loss, Tensor grad_embeddings, "
       "Tensor grad_proxies)");
@@ -27,12 +31,14 @@ TORCH_LIBRARY(dmlfast, m) {
 TORCH_LIBRARY_IMPL(dmlfast, CPU, m) {
   m.impl("proxy_anchor_loss", &dmlfast::proxy_anchor_loss);
   m.impl("proxy_nca_loss", &dmlfast::proxy_nca_loss);
+  m.impl("idml_proxy_anchor_loss", &dmlfast::idml_proxy_anchor_loss);
 }
 
 #ifdef DMLFAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(dmlfast, CUDA, m) {
   m.impl("proxy_anchor_loss", &dmlfast::proxy_anchor_loss);
   m.impl("proxy_nca_loss", &dmlfast::proxy_nca_loss);
+  m.impl("idml_proxy_anchor_loss", &dmlfast::idml_proxy_anchor_loss);
 }
 #endif
 

@@ -241,6 +241,141 @@ DMLFAST_HD void positive_scatter_thread(int64_t block, int64_t thread, int64_t b
 }
 
 // ---------------------------------------------------------------------------------------------
+// IDML (SPEC §6, §7.5): Proxy-Anchor on the introspective similarity
+//   S'_bc = 1 - (1 - S_bc) g_bc,  g_bc = exp(-(a_b + 4) / (5 d_bc)),
+// with S the cosine, d_bc = ||x_b - p_c||^2 of the embedding as given (unit as the model emits
+// it) and the raw proxy, and a_b = ||v_b||^2 of the uncertainty embedding. One raw GEMM
+// R = X P^T gives both: S = R / (n m) and d = ||x||^2 + ||p||^2 - 2R. The dense pass writes S' into
+// a tile, runs the unchanged anchor_negative_column_thread on it, then turns dL/dS' into the
+// coefficients of the two backward GEMMs (idml_chain_column_thread).
+
+// Beyond this exponent g = e^{-(a+4)/(5d)} < 2e-35: g and every derivative are taken as 0, which
+// also guards d -> 0 (and d <= 0 from rounding when x is close to p).
+constexpr double kIdmlMaxExponent = 80.0;
+
+// S' of one pair and its partial derivatives (SPEC §7.5).
+template <typename T>
+struct IntrospectivePair {
+  T cosine;          // S
+  T similarity;      // S'
+  T by_cosine;       // dS'/dS = g
+  T by_distance;     // dS'/dd = -(1 - S) g (a + 4) / (5 d^2)
+  T by_uncertainty;  // dS'/da = (1 - S) g / (5 d)
+};
+
+// From the raw dot product x.p, ||x||^2 and n = sqrt(||x||^2 + eps), ||p||^2 and m, and a.
+template <typename T>
+DMLFAST_HD IntrospectivePair<T> introspective_pair(T dot, T x_sq, T x_norm, T p_sq, T p_norm,
+                                                   T uncertainty) {
+  IntrospectivePair<T> out;
+  out.cosine = dot / (x_norm * p_norm);
+  const T dist = x_sq + p_sq - T(2) * dot;
+  const T exponent = (uncertainty + T(4)) / (T(5) * dist);
+  const T dissimilarity = T(1) - out.cosine;
+  if (dist > T(0) && exponent < T(kIdmlMaxExponent)) {
+    const T gate = math::exp(-exponent);
+    out.by_cosine = gate;
+    out.by_uncertainty = dissimilarity * gate / (T(5) * dist);
+    out.by_distance = -out.by_uncertainty * (uncertainty + T(4)) / dist;
+  } else {
+    out.by_cosine = out.by_uncertainty = out.by_distance = T(0);
+  }
+  out.similarity = T(1) - dissimilarity * out.by_cosine;
+  return out;
+}
+
+template <typename T>
+struct IdmlPositiveArgs {
+  const T* dot;          // [B]: x_b . p_{y_b}
+  const T* x_sq;         // [B]: ||x_b||^2
+  const T* x_norm;       // [B]: n_b
+  const T* p_sq;         // [B]: ||p_{y_b}||^2
+  const T* p_norm;       // [B]: m_{y_b}
+  const T* uncertainty;  // [B]: a_b
+  int64_t rows;
+  T* similarity;         // [B] out: S'_{b, y_b}
+};
+
+// One thread per sample b: the introspective similarity of its positive pair.
+template <typename T>
+DMLFAST_HD void idml_positive_thread(int64_t block, int64_t thread, int64_t block_dim,
+                                     const IdmlPositiveArgs<T>& a) {
+  const int64_t b = block * block_dim + thread;
+  if (b >= a.rows) return;
+  a.similarity[b] =
+      introspective_pair(a.dot[b], a.x_sq[b], a.x_norm[b], a.p_sq[b], a.p_norm[b],
+                         a.uncertainty[b])
+          .similarity;
+}
+
+template <typename T>
+struct IdmlTileArgs {
+  TileView<T> dot;          // [B, cols]: R = X P^T on entry; the chain pass overwrites it with H
+  TileView<T> similarity;   // [B, cols]: S' out (then G' = dL/dS' from the anchor kernel)
+  const int64_t* labels;    // [B]
+  int64_t rows;             // B
+  int64_t cols;             // proxies in this tile
+  int64_t first_class;      // global class index of column 0
+  const T* x_sq;            // [B]: ||x_b||^2
+  const T* x_norm;          // [B]: n_b
+  const T* uncertainty;     // [B]: a_b
+  const T* p_sq;            // [cols]: ||p_c||^2
+  const T* p_norm;          // [cols]: m_c
+};
+
+// One thread per proxy column c: S'_bc for every row.
+template <typename T>
+DMLFAST_HD void idml_similarity_column_thread(int64_t block, int64_t thread, int64_t block_dim,
+                                              const IdmlTileArgs<T>& a) {
+  const int64_t c = block * block_dim + thread;
+  if (c >= a.cols) return;
+  for (int64_t b = 0; b < a.rows; ++b) {
+    a.similarity.at(b, c) = introspective_pair(a.dot.at(b, c), a.x_sq[b], a.x_norm[b], a.p_sq[c],
+                                               a.p_norm[c], a.uncertainty[b])
+                                .similarity;
+  }
+}
+
+template <typename T>
+struct IdmlChainArgs {
+  IdmlTileArgs<T> tile;     // its similarity tile holds G' = dL/dS' of the negatives (0 at positives)
+  const T* pos_grad;        // [B]: G' of the positive pair (b, y_b)
+  TileView<T> row_coef;     // [B, cols] out: E_bc, summed over c into the coefficient of x_b
+  TileView<T> by_uncert;    // [B, cols] out: dL/da_b's term of pair (b, c), summed over c
+  T* col_coef;              // [cols] out: the coefficient of p_c in dL/dp_c
+};
+
+// One thread per proxy column c. With G_S = G' g, G_d = G' dS'/dd and G_a = G' dS'/da:
+//   dL/dx_b = sum_c H_bc p_c + x_b sum_c E_bc,   H = G_S / (n m) - 2 G_d,  E = 2 G_d - G_S S / n^2,
+//   dL/dp_c = sum_b H_bc x_b + p_c sum_b (2 G_d - G_S S / m^2),  dL/da_b = sum_c G_a,
+// (dS/dx = p/(n m) - S x/n^2, dd/dx = 2(x - p), dd/dp = -2(x - p)). H is written over R, so the
+// driver's two GEMMs H P and H^T X finish the gradients.
+template <typename T>
+DMLFAST_HD void idml_chain_column_thread(int64_t block, int64_t thread, int64_t block_dim,
+                                         const IdmlChainArgs<T>& a) {
+  const IdmlTileArgs<T>& t = a.tile;
+  const int64_t c = block * block_dim + thread;
+  if (c >= t.cols) return;
+  const int64_t cls = t.first_class + c;
+  const T inv_p_sq = T(1) / (t.p_norm[c] * t.p_norm[c]);
+  T col_sum = 0;
+  for (int64_t b = 0; b < t.rows; ++b) {
+    const T grad = t.labels[b] == cls ? a.pos_grad[b] : t.similarity.at(b, c);
+    T& entry = t.dot.at(b, c);
+    const IntrospectivePair<T> pair = introspective_pair(entry, t.x_sq[b], t.x_norm[b],
+                                                         t.p_sq[c], t.p_norm[c], t.uncertainty[b]);
+    const T grad_cos = grad * pair.by_cosine;
+    const T grad_dist2 = T(2) * grad * pair.by_distance;
+    const T x_norm = t.x_norm[b];
+    entry = grad_cos / (x_norm * t.p_norm[c]) - grad_dist2;
+    a.row_coef.at(b, c) = grad_dist2 - grad_cos * pair.cosine / (x_norm * x_norm);
+    a.by_uncert.at(b, c) = grad * pair.by_uncertainty;
+    col_sum += grad_dist2 - grad_cos * pair.cosine * inv_p_sq;
+  }
+  a.col_coef[c] = col_sum;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Softmax family (ProxyNCA, ProxyNCA++, Norm-SoftMax; SPEC §2 and §7.3): logits z = scale * S.
 //
 // Pass 1 walks the class tiles and keeps, per row, the running log-sum-exp over the classes of

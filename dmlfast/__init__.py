@@ -14,6 +14,7 @@ _LAZY = {
     "ProxyISALoss": "dmlfast.losses",
     "ProxySynthesis": "dmlfast.losses",
     "MovingProxyLoss": "dmlfast.losses",
+    "IntrospectiveProxyAnchorLoss": "dmlfast.losses",
     "build_info": "dmlfast._ops",
     "functional": "dmlfast.functional",
     "reference": "dmlfast.reference",

@@ -1,7 +1,8 @@
 """Loads the compiled kernels (dmlfast._C) and registers how their ops behave in PyTorch.
 
 For each op ``torch.ops.dmlfast.<name>(embeddings, proxies, labels, ...) -> (loss, grad_embeddings,
-grad_proxies)`` this module registers:
+grad_proxies)``, and ``idml_proxy_anchor_loss(embeddings, uncertainty, proxies, labels, ...) -> (loss,
+grad_embeddings, grad_uncertainty, grad_proxies)``, this module registers:
 
 - a fake (meta) kernel, so torch.compile and FakeTensor tracing know the output shapes;
 - autograd: the forward already computed both gradients, so backward only scales them by the
@@ -16,7 +17,9 @@ import torch
 
 from ._version import __version__
 
-OP_NAMES = ("proxy_anchor_loss", "proxy_nca_loss")
+#: Each op and how many of its leading tensor inputs get a gradient (its outputs: loss, then those gradients).
+DIFFERENTIABLE_INPUTS = {"proxy_anchor_loss": 2, "proxy_nca_loss": 2, "idml_proxy_anchor_loss": 3}
+OP_NAMES = tuple(DIFFERENTIABLE_INPUTS)
 
 
 def _load_extension():
@@ -69,13 +72,22 @@ def _proxy_nca_loss_fake(embeddings, proxies, labels, scale, smoothing, exclude_
     return _fake_outputs(embeddings, proxies)
 
 
+@torch.library.register_fake("dmlfast::idml_proxy_anchor_loss")
+def _idml_proxy_anchor_loss_fake(embeddings, uncertainty, proxies, labels, margin, alpha):
+    loss, grad_embeddings, grad_proxies = _fake_outputs(embeddings, proxies)
+    if uncertainty.dtype == torch.float64:
+        loss = loss.to(torch.float64)
+    return loss, grad_embeddings, torch.empty_like(uncertainty, memory_format=torch.contiguous_format), grad_proxies
+
+
 def _is_plain(tensor):
     """True for an ordinary eager tensor; False under tracing (fake, functional, proxy subclasses)."""
     return type(tensor) is torch.Tensor
 
 
-def _make_autograd(op):
-    """setup_context and backward for ``op``, whose forward already returned both gradients.
+def _make_autograd(op, num_differentiable):
+    """setup_context and backward for ``op``, whose forward already returned the gradients of its
+    first ``num_differentiable`` inputs (after the loss).
 
     Backward scales those gradients by the upstream gradient. Eagerly this happens in place, so
     no second tensor the size of the proxies is made (2 GiB at a million classes); the gradients
@@ -85,41 +97,40 @@ def _make_autograd(op):
     """
 
     def setup_context(ctx, inputs, output):
-        embeddings, proxies, labels, *scalars = inputs
-        _, grad_embeddings, grad_proxies = output
-        ctx.mark_non_differentiable(grad_embeddings, grad_proxies)
+        differentiable, (labels, *scalars) = inputs[:num_differentiable], inputs[num_differentiable:]
+        gradients = output[1:]
+        ctx.mark_non_differentiable(*gradients)
         # The gradient outputs get no upstream gradient: don't materialize zeros for them.
         ctx.set_materialize_grads(False)
         ctx.num_scalar_args = len(scalars) + 1
-        ctx.in_place = _is_plain(grad_proxies) and _is_plain(grad_embeddings)
+        ctx.in_place = all(_is_plain(gradient) for gradient in gradients)
         if ctx.in_place:
             ctx.scalars = scalars
-            ctx.unused_gradients = (grad_embeddings, grad_proxies)
-            ctx.save_for_backward(embeddings, proxies, labels)
+            ctx.unused_gradients = gradients
+            ctx.save_for_backward(*differentiable, labels)
         else:
-            ctx.save_for_backward(grad_embeddings, grad_proxies)
+            ctx.save_for_backward(*gradients)
 
-    def backward(ctx, grad_loss, _grad_of_grad_embeddings, _grad_of_grad_proxies):
+    def backward(ctx, grad_loss, *_grads_of_gradients):
         nones = (None,) * ctx.num_scalar_args
         if grad_loss is None:  # no gradient flows into the loss
-            return None, None, *nones
+            return (None,) * num_differentiable + nones
         if not ctx.in_place:
-            grad_embeddings, grad_proxies = ctx.saved_tensors
-            return (grad_loss * grad_embeddings).to(grad_embeddings.dtype), (grad_loss * grad_proxies).to(grad_proxies.dtype), *nones
+            return (*((grad_loss * g).to(g.dtype) for g in ctx.saved_tensors), *nones)
         if ctx.unused_gradients is None:
-            embeddings, proxies, labels = ctx.saved_tensors
-            _, grad_embeddings, grad_proxies = op(embeddings.detach(), proxies.detach(), labels, *ctx.scalars)
+            *differentiable, labels = ctx.saved_tensors
+            gradients = op(*(t.detach() for t in differentiable), labels, *ctx.scalars)[1:]
         else:
-            grad_embeddings, grad_proxies = ctx.unused_gradients
+            gradients = ctx.unused_gradients
             ctx.unused_gradients = None
-        return grad_embeddings.mul_(grad_loss), grad_proxies.mul_(grad_loss), *nones
+        return (*(g.mul_(grad_loss) for g in gradients), *nones)
 
     return setup_context, backward
 
 
 _autocast_library = torch.library.Library("dmlfast", "IMPL")
-for _name in OP_NAMES:
-    _setup_context, _backward = _make_autograd(getattr(torch.ops.dmlfast, _name).default)
+for _name, _count in DIFFERENTIABLE_INPUTS.items():
+    _setup_context, _backward = _make_autograd(getattr(torch.ops.dmlfast, _name).default, _count)
     torch.library.register_autograd(f"dmlfast::{_name}", _backward, setup_context=_setup_context)
     for _key in ("AutocastCPU", "AutocastCUDA"):
         _autocast_library.impl(_name, torch.library.fallthrough_kernel, _key)

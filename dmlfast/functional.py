@@ -21,8 +21,9 @@ def _require_tensors(op, **tensors):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
     devices = {name: value.device for name, value in tensors.items()}
     if len(set(devices.values())) > 1:
+        *others, last = devices
         listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
-        raise ValueError(f"{op}: embeddings, proxies and labels must be on one device, got {listed}")
+        raise ValueError(f"{op}: {', '.join(others)} and {last} must be on one device, got {listed}")
 
 
 def _require_number(op, name, value, *, low=-math.inf, low_inclusive=True, high=math.inf, high_inclusive=False):
@@ -133,3 +134,24 @@ def proxy_isa_loss(
     wide = torch.float64 in (embeddings.dtype, proxies.dtype)
     params = torch.stack([v.detach().to(torch.float64 if wide else torch.float32) for v in vectors.values()])
     return torch.ops.dmlfast.proxy_anchor_loss(embeddings, proxies, labels, margin, alpha, params, filter_positives)[0]
+
+
+def idml_proxy_anchor_loss(embeddings, uncertainty, proxies, labels, margin=0.1, alpha=32.0):
+    """IDML's introspective Proxy-Anchor loss (Wang, Zheng et al., TPAMI 2023; SPEC §6): the
+    Proxy-Anchor loss of :func:`proxy_anchor_loss` on the introspective similarity
+
+    S'_bc = 1 - (1 - S_bc) · g_bc,   g_bc = exp(-(a_b + 4) / (5 d_bc)),
+
+    with S the cosine, d_bc = ‖x_b - p_c‖² between the embedding as given (the model's unit μ_b)
+    and the raw, unnormalized proxy, and a_b = ‖v_b‖² from ``uncertainty`` v (B, K). g ∈ (0, 1], so
+    S' ≥ S: more uncertainty pulls S' towards 1 and shrinks the penalty. The constants 4 and 5 are
+    the published code's. Where d is ~0, g is 0 (S' = 1) with no gradient. Returns a scalar whose
+    backward reaches embeddings, uncertainty and proxies. If v is L2-normalized, as the released
+    IDML model does by default, a ≡ 1 and v gets ~zero gradient (see
+    :class:`dmlfast.losses.IntrospectiveProxyAnchorLoss`).
+    """
+    op = "idml_proxy_anchor_loss"
+    _require_tensors(op, embeddings=embeddings, uncertainty=uncertainty, proxies=proxies, labels=labels)
+    margin = _require_number(op, "margin", margin)
+    alpha = _require_number(op, "alpha", alpha, low=0.0, low_inclusive=False)
+    return torch.ops.dmlfast.idml_proxy_anchor_loss(embeddings, uncertainty, proxies, labels, margin, alpha)[0]

@@ -223,6 +223,37 @@ class ProxyISALoss(_ProxyLoss):
         )
 
 
+class IntrospectiveProxyAnchorLoss(_ProxyLoss):
+    """IDML's introspective Proxy-Anchor (Wang, Zheng et al., TPAMI 2023; SPEC §6):
+    :func:`dmlfast.functional.idml_proxy_anchor_loss`, i.e. Proxy-Anchor (α = ``alpha``,
+    δ = ``margin``) on S'_bc = 1 - (1 - S_bc) · exp(-(‖v_b‖² + 4) / (5 ‖μ_b - p_c‖²)).
+
+    ``forward(embeddings, uncertainty, labels)``: the semantic embeddings μ (B, D), the uncertainty
+    embeddings v (B, K) of the model's second head
+    (:meth:`dmlfast.models.EmbeddingModel.forward_with_uncertainty`) and the labels. Proxies are
+    raw in the distance (as published) and initialised as Proxy-Anchor's,
+    kaiming_normal_(mode='fan_out'); the proxies' own uncertainty is fixed at 0.
+
+    ⚠ As released (``--l2-norm 1``, the default) v is L2-normalized, so a = ‖v‖² ≡ 1,
+    g = exp(-1/d) and the uncertainty head gets ~zero gradient: the loss is then Proxy-Anchor on
+    S' = 1 - (1 - S) e^{-1/‖μ - p‖²}. The model head keeps that default
+    (``normalize_uncertainty=True``, trainer flag ``--uncertainty-l2-norm on``); turn it off to let
+    ‖v‖ carry the uncertainty the paper describes. SPEC has not checked this against the paper.
+    """
+
+    def __init__(self, num_classes, embedding_size, margin=0.1, alpha=32.0):
+        super().__init__(num_classes, embedding_size)
+        self.margin = functional._require_number(type(self).__name__, "margin", margin)
+        self.alpha = functional._require_number(type(self).__name__, "alpha", alpha, low=0.0, low_inclusive=False)
+        nn.init.kaiming_normal_(self.proxies, mode="fan_out")
+
+    def forward(self, embeddings, uncertainty, labels):
+        return functional.idml_proxy_anchor_loss(embeddings, uncertainty, self.proxies, labels, self.margin, self.alpha)
+
+    def extra_repr(self):
+        return f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, margin={self.margin}, alpha={self.alpha}"
+
+
 class ProxySynthesis(nn.Module):
     """Proxy Synthesis (Gu, Ko, Kim, AAAI 2021; SPEC §4) around a proxy loss module.
 
@@ -239,7 +270,7 @@ class ProxySynthesis(nn.Module):
     def __init__(self, base_loss, alpha=0.4, mu=1.0):
         super().__init__()
         owner = type(self).__name__
-        if not isinstance(base_loss, _ProxyLoss) or isinstance(base_loss, ProxyISALoss):
+        if not isinstance(base_loss, _ProxyLoss) or isinstance(base_loss, (ProxyISALoss, IntrospectiveProxyAnchorLoss)):
             raise TypeError(f"{owner}: base_loss must be a ProxyAnchorLoss, ProxyNCALoss or NormSoftmaxLoss, got {type(base_loss).__name__}")
         self.base_loss = base_loss
         self.alpha = functional._require_number(owner, "alpha", alpha, low=0.0, low_inclusive=False)

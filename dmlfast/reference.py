@@ -77,3 +77,21 @@ def proxy_isa_loss(embeddings, proxies, labels, class_center, class_threshold, c
     # A batch without any negative (one class, C = 1) has W⁻ = 0 and an empty sum: its term is 0.
     tiny = torch.finfo(sim.dtype).tiny
     return pos_terms.sum() / pos_normalizer.clamp_min(tiny) + neg_terms.sum() / neg_normalizer.clamp_min(tiny)
+
+
+def introspective_similarity(embeddings, uncertainty, proxies):
+    """SPEC §6: S' = 1 - (1 - S) · exp(-(‖v_b‖² + 4) / (5 ‖x_b - p_c‖²)), B x C (x as given, p raw)."""
+    distance = (embeddings * embeddings).sum(1, keepdim=True) + (proxies * proxies).sum(1) - 2 * embeddings @ proxies.T
+    certainty = (uncertainty * uncertainty).sum(dim=1, keepdim=True)
+    gate = torch.exp(-(certainty + 4) / (5 * distance))
+    return 1 - (1 - cosine(embeddings, proxies)) * gate
+
+
+def idml_proxy_anchor_loss(embeddings, uncertainty, proxies, labels, margin=0.1, alpha=32.0):
+    """SPEC §6: Proxy-Anchor (§1.1) with S replaced by the introspective similarity S'."""
+    sim = introspective_similarity(embeddings, uncertainty, proxies)
+    positive = F.one_hot(labels, proxies.shape[0]).bool()
+    pos_terms = lse0(-alpha * (sim - margin), positive, dim=0)
+    neg_terms = lse0(alpha * (sim + margin), ~positive, dim=0)
+    with_positives = positive.any(dim=0)
+    return pos_terms[with_positives].sum() / with_positives.sum() + neg_terms.sum() / proxies.shape[0]

@@ -105,6 +105,46 @@ def test_cuda_isa_matches_cpu(dtype):
         assert relative_error(gpu_value.cpu(), cpu_value) <= tol
 
 
+
+def idml_run(x, v, p, labels):
+    x, v, p = (t.detach().requires_grad_() for t in (x, v, p))
+    loss = functional.idml_proxy_anchor_loss(x, v, p, labels)
+    return (loss, *torch.autograd.grad(loss, (x, v, p)))
+
+
+def idml_case(batch, num_classes, dim, dtype, seed=4):
+    """Unit embeddings, raw proxies of norm ~0.5 and uncertainty of varied norm (g spread over (0, 1))."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(batch, dim, generator=gen), dim=1)
+    p = 0.5 * torch.randn(num_classes, dim, generator=gen) / dim ** 0.5
+    v = torch.randn(batch, dim, generator=gen) * torch.rand(batch, 1, generator=gen) / dim ** 0.5
+    labels = torch.randint(0, num_classes, (batch,), generator=gen)
+    return x.to(dtype), v.to(dtype), p.to(dtype), labels
+
+
+# (B, C, D): tiny, CUB, several GPU tiles, D not a multiple of 8.
+@pytest.mark.parametrize("shape", [(1, 1, 8), (120, 100, 512), (256, 50_000, 512), (33, 777, 13)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cuda_idml_matches_cpu(dtype, shape):
+    x, v, p, labels = idml_case(*shape, dtype)
+    on_cpu = idml_run(x, v, p, labels)
+    on_gpu = idml_run(x.cuda(), v.cuda(), p.cuda(), labels.cuda())
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for cpu_value, gpu_value in zip(on_cpu, on_gpu):
+        assert gpu_value.device.type == "cuda" and gpu_value.dtype == cpu_value.dtype
+        assert relative_error(gpu_value.cpu(), cpu_value) <= tol
+
+
+def test_cuda_idml_is_deterministic_and_checks_values():
+    x, v, p, labels = (t.cuda() for t in idml_case(256, 30_000, 512, torch.float32))
+    first, second = idml_run(x, v, p, labels), idml_run(x, v, p, labels)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    v[3, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"uncertainty contains NaN or Inf \(first bad row: 3\)"):
+        functional.idml_proxy_anchor_loss(x, v, p, labels)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 30000\)"):
+        functional.idml_proxy_anchor_loss(x, v.nan_to_num(posinf=1.0), p, labels + 30_000)
+
 def test_cuda_runs_under_deterministic_algorithms():
     gen = torch.Generator().manual_seed(2)
     x, p = torch.randn(64, 32, generator=gen).cuda(), torch.randn(500, 32, generator=gen).cuda()

@@ -20,7 +20,9 @@ pass a local file; the model never falls back to random weights silently.
 Head (``EmbeddingModel``): backbone feature map -> pooling (``"avg+max"``: global average + global
 max, summed; or ``"avg"``/``"max"``) -> optional LayerNorm without affine -> Linear (kaiming_normal
 fan_out, zero bias) -> L2-normalised embedding. ``freeze_bn=True`` keeps every BatchNorm in eval mode
-with its affine parameters frozen.
+with its affine parameters frozen. ``uncertainty_head=True`` adds IDML's second Linear (SPEC §6) on
+the same pooled feature, read by ``forward_with_uncertainty``; ``forward`` (evaluation) returns the
+semantic embedding only.
 """
 from __future__ import annotations
 
@@ -197,8 +199,11 @@ class EmbeddingModel(nn.Module):
     and its affine parameters do not train."""
 
     def __init__(self, backbone: nn.Module, embedding_size: int, pooling: str = "avg+max", layer_norm: bool = False,
-                 freeze_bn: bool = False):
+                 freeze_bn: bool = False, uncertainty_head: bool = False, normalize_uncertainty: bool = True):
         super().__init__()
+        for name, flag in (("uncertainty_head", uncertainty_head), ("normalize_uncertainty", normalize_uncertainty)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"EmbeddingModel: {name} must be a bool, got {flag!r}")
         if isinstance(embedding_size, bool) or not isinstance(embedding_size, int) or embedding_size < 1:
             raise ValueError(f"EmbeddingModel: embedding_size must be a positive int, got {embedding_size!r}")
         if pooling not in POOLINGS:
@@ -213,6 +218,9 @@ class EmbeddingModel(nn.Module):
         self.embedding = nn.Linear(features, embedding_size)
         nn.init.kaiming_normal_(self.embedding.weight, mode="fan_out")
         nn.init.zeros_(self.embedding.bias)
+        # IDML's uncertainty head keeps nn.Linear's default initialisation, as published.
+        self.uncertainty = nn.Linear(features, embedding_size) if uncertainty_head else None
+        self.normalize_uncertainty = normalize_uncertainty
         if self.freeze_bn:
             for m in self.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -228,14 +236,36 @@ class EmbeddingModel(nn.Module):
         return self
 
     def backbone_parameters(self):
-        """Trainable backbone parameters (frozen BatchNorm affine parameters excluded)."""
-        return [p for p in self.backbone.parameters() if p.requires_grad]
+        """Trainable backbone parameters (frozen BatchNorm affine parameters excluded), and the
+        uncertainty head's: as published, it trains at the backbone's learning rate and is frozen
+        with the backbone during warm-up."""
+        head = [] if self.uncertainty is None else list(self.uncertainty.parameters())
+        return [p for p in self.backbone.parameters() if p.requires_grad] + head
 
     def embedding_parameters(self):
         """The embedding Linear's weight and bias."""
         return list(self.embedding.parameters())
 
     def forward(self, images):
+        return self._embed(self._pooled(images))
+
+    def forward_with_uncertainty(self, images):
+        """(semantic embedding μ, uncertainty embedding v) from one pass, v L2-normalised when
+        ``normalize_uncertainty`` (IDML's released default: then ‖v‖ ≡ 1 and v carries no
+        uncertainty, see :class:`dmlfast.losses.IntrospectiveProxyAnchorLoss`)."""
+        if self.uncertainty is None:
+            raise RuntimeError("EmbeddingModel.forward_with_uncertainty: the model has no uncertainty head "
+                               "(build it with uncertainty_head=True)")
+        pooled = self._pooled(images)
+        uncertainty = self.uncertainty(pooled)
+        if self.normalize_uncertainty:
+            uncertainty = F.normalize(uncertainty, dim=1)
+        return self._embed(pooled), uncertainty
+
+    def _embed(self, pooled):
+        return F.normalize(self.embedding(pooled), dim=1)
+
+    def _pooled(self, images):
         x = self.backbone(images)
         if self.pooling == "avg+max":
             x = F.adaptive_avg_pool2d(x, 1) + F.adaptive_max_pool2d(x, 1)
@@ -246,15 +276,17 @@ class EmbeddingModel(nn.Module):
         x = x.flatten(1)
         if self.layer_norm is not None:
             x = self.layer_norm(x)
-        return F.normalize(self.embedding(x), dim=1)
+        return x
 
 
 def build_model(name: str, embedding_size: int, *, weights="none", pooling: str = "avg+max", layer_norm: bool = False,
-                freeze_bn: bool = False) -> EmbeddingModel:
-    """Backbone ``name`` with ``weights`` (see the module docstring) under the embedding head."""
+                freeze_bn: bool = False, uncertainty_head: bool = False, normalize_uncertainty: bool = True) -> EmbeddingModel:
+    """Backbone ``name`` with ``weights`` (see the module docstring) under the embedding head (and
+    IDML's uncertainty head when ``uncertainty_head``)."""
     backbone = make_backbone(name)
     load_backbone_weights(name, backbone, weights)
-    return EmbeddingModel(backbone, embedding_size, pooling=pooling, layer_norm=layer_norm, freeze_bn=freeze_bn)
+    return EmbeddingModel(backbone, embedding_size, pooling=pooling, layer_norm=layer_norm, freeze_bn=freeze_bn,
+                          uncertainty_head=uncertainty_head, normalize_uncertainty=normalize_uncertainty)
 
 
 __all__ = ["BACKBONES", "BN_INCEPTION_WEIGHTS_HINT", "NORMALIZATION", "POOLINGS", "BNInception", "EmbeddingModel",
