@@ -5,7 +5,7 @@ patterns match (``"*"`` matches anything; later rules override earlier ones), on
 ``Recipe()``'s defaults. The model comes first: the one given (``--model``) or the ``model`` that the
 matching rules name for the dataset and loss. Command-line flags then override the result
 (``dmlfast.train``). Sources: SPEC-losses.md §1.2 (Proxy-Anchor, official train.py and README),
-§2.3 (ProxyNCA++), §4.4 (Norm-SoftMax, Proxy Synthesis recipe). The glyph and Omniglot rows are
+§2.3 (ProxyNCA++), §4.4 (Norm-SoftMax, Proxy Synthesis recipe), §6 (IDML). The glyph and Omniglot rows are
 dmlfast's own: a small CNN trained from scratch, sized to finish in minutes on a CPU. The user's own
 data (``folder``, ``csv``) gets each loss's generic recipe on ResNet-50 (ImageNet weights from torchvision).
 """
@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
-LOSSES = ("ProxyAnchor", "ProxyNCA", "NormSoftmax", "ProxyISA", "Moving")
+LOSSES = ("ProxyAnchor", "ProxyNCA", "NormSoftmax", "ProxyISA", "Moving", "IDML")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
@@ -29,7 +29,9 @@ class Recipe:
     ``grad_clip``: ``clip_grad_value_`` bound (0: off), applied to the proxies too when
     ``clip_proxies``. ``image_size``/``resize_size``: ``None`` takes the dataset's loader defaults.
     ``loss_kwargs``: passed to the loss constructor. ``proxy_synthesis``: (alpha, mu) of Proxy
-    Synthesis around the loss, ``None`` for none."""
+    Synthesis around the loss, ``None`` for none. ``mixup``: image-level mixup each step
+    (:mod:`dmlfast.training.mixup`). ``normalize_uncertainty``: IDML only, L2-normalize the
+    uncertainty head's output (the released default, which leaves that head inert; SPEC §6 ⚠)."""
 
     model: str = "bn_inception"
     weights: str = "imagenet"
@@ -55,6 +57,8 @@ class Recipe:
     resize_size: Optional[int] = None
     loss_kwargs: Dict[str, Any] = field(default_factory=dict)
     proxy_synthesis: Optional[Tuple[float, float]] = None
+    mixup: bool = False
+    normalize_uncertainty: bool = True
 
     def replace(self, **changes) -> "Recipe":
         """A copy with ``changes`` applied (unknown names raise ``ValueError``)."""
@@ -114,6 +118,14 @@ RULES: Tuple[Tuple[Any, Any, Any, Dict[str, Any]], ...] = (
                                lr_step=15, lr_gamma=0.1, grad_clip=0.0, image_size=256, resize_size=292,
                                loss_kwargs=dict(temperature=0.03, momentum=0.5))),
     (("SOP", "In-shop"), "Moving", "*", dict(lr=4e-5, loss_kwargs=dict(temperature=0.05, momentum=0.95))),
+    # IDML (SPEC §6): ResNet-50, two heads, Proxy-Anchor on the introspective similarity, mixup
+    # every step. Epochs are not in SPEC: Proxy-Anchor's 60. In-shop is not in SPEC: the base row.
+    ("*", "IDML", "*", dict(model="resnet50", embedding_size=512, batch_size=120, epochs=60, optimizer="adamw", lr=6e-4,
+                             proxy_lr_mult=100.0, weight_decay=1e-4, warmup_epochs=5, freeze_bn=True, lr_step=5,
+                             lr_gamma=0.5, grad_clip=10.0, pooling="avg+max", mixup=True,
+                             loss_kwargs=dict(margin=0.1, alpha=32.0))),
+    ("Cars196", "IDML", "*", dict(lr=2.5e-4, lr_step=10)),
+    ("SOP", "IDML", "*", dict(lr_step=10, lr_gamma=0.25)),
     # dmlfast's small-image rows: a small CNN from scratch, any loss (its own loss_kwargs kept).
     (("glyphs", "Omniglot"), "*", "*", dict(model="smallcnn", weights="none", embedding_size=128, pooling="avg+max",
                                               layer_norm=False, freeze_bn=False, optimizer="adamw", adam_eps=1e-8,

@@ -56,7 +56,11 @@ recipes (dmlfast/recipes.py; every flag below overrides the recipe's value):
   Moving             asymptotic proxies: resnet50, GMP + LayerNorm, emb 512, Adam lr 1e-4 wd 0, StepLR at half the
                      30 epochs (x0.1), batch 128, frozen BN, crop 256/resize 292, temperature 0.03, momentum 0.5
                      (SOP/In-shop lr 4e-5, temperature 0.05, momentum 0.95); proxies moved, not trained, not clipped
+  IDML               resnet50, GAP+GMP, semantic + uncertainty heads, emb 512, AdamW lr 6e-4 (Cars 2.5e-4), proxies x100,
+                     wd 1e-4, StepLR 5/0.5 (Cars 10/0.5, SOP 10/0.25), batch 120, warm-up 5, frozen BN, 60 epochs,
+                     mixup on, uncertainty L2-normalised as released (--uncertainty-l2-norm off lets it carry ||v||)
   --proxy-synthesis  wraps ProxyAnchor, ProxyNCA or NormSoftmax (published with NormSoftmax: 0.4,1.0)
+  --mixup            image-level mixup, lambda ~ Beta(1,1): adds lambda L(x_mix,y) + (1-lambda) L(x_mix,y_perm) (IDML: on)
   all                gradient values clipped at 10 (Moving: not clipped)
   folder, csv        your own data: the loss's recipe above on resnet50 with torchvision's ImageNet weights
                      (--model smallcnn: from scratch, BN trained, lr 2e-3, no warm-up)
@@ -71,6 +75,7 @@ examples:
   python -m dmlfast.train --dataset SOP --data-root ~/data/SOP --model resnet50 --loss ProxyAnchor
   python -m dmlfast.train --dataset Cars196 --data-root ~/data/Cars --loss ProxyISA --k 0.4
   python -m dmlfast.train --loss NormSoftmax --proxy-synthesis 0.4,1.0 --binary-eval
+  python -m dmlfast.train --dataset CUB --data-root ~/data/CUB --loss IDML --weights imagenet
   python -m dmlfast.train --output runs/glyphs --resume     # continue a killed run
   python -m dmlfast.train --dataset folder --data-root ~/photos --test-classes 0.5   # DIR/<class>/<image>
   python -m dmlfast.train --dataset csv --data-root ~/shop --list ~/shop/list.csv    # path,label[,split] rows
@@ -136,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--momentum", type=float, help="Moving: weight of the batch's class sums in the proxy update (recipe: 0.5; SOP/In-shop 0.95)")
     g.add_argument("--proxy-synthesis", metavar="ALPHA,MU", type=_alpha_mu,
                    help="wrap the loss in Proxy Synthesis with lambda ~ Beta(ALPHA, ALPHA) and MU*B synthetic classes per batch (published: 0.4,1.0)")
+    g.add_argument("--mixup", nargs="?", const="on", choices=("on", "off"),
+                   help="image-level mixup each step (a second forward), for the stateless losses; bare --mixup = on "
+                        "(recipe: on for IDML, off otherwise)")
+    g.add_argument("--uncertainty-l2-norm", choices=("on", "off"),
+                   help="IDML: L2-normalise the uncertainty embedding (recipe: on, as released, which leaves the "
+                        "uncertainty head without gradient)")
     g.add_argument("--binary-eval", action="store_true", help="also report the metrics of sign-binarised embeddings")
     g.add_argument("--optimizer", choices=OPTIMIZERS, help="optimizer (recipe)")
     g.add_argument("--lr", type=float, help="backbone learning rate (recipe)")
@@ -182,6 +193,15 @@ def make_config(args: argparse.Namespace) -> Dict[str, Any]:
         overrides["resize_size"] = None
     if args.proxy_synthesis is not None:
         overrides["proxy_synthesis"] = args.proxy_synthesis
+    if args.mixup is not None:
+        if args.loss in ("ProxyISA", "Moving"):
+            raise UsageError(f"--mixup does not apply to --loss {args.loss}: its per-step state update would run on "
+                             "the mixed batch too")
+        overrides["mixup"] = args.mixup == "on"
+    if args.uncertainty_l2_norm is not None:
+        if args.loss != "IDML":
+            raise UsageError(f"--uncertainty-l2-norm does not apply to --loss {args.loss}")
+        overrides["normalize_uncertainty"] = args.uncertainty_l2_norm == "on"
     loss_flags = {"k": args.k, "temperature": args.temperature, "momentum": args.momentum}
     for name, value in loss_flags.items():
         if value is None:
@@ -318,7 +338,8 @@ def make_loss(config: Dict[str, Any], num_classes: int):
     import dmlfast
 
     classes = {"ProxyAnchor": dmlfast.ProxyAnchorLoss, "ProxyNCA": dmlfast.ProxyNCALoss, "NormSoftmax": dmlfast.NormSoftmaxLoss,
-               "ProxyISA": dmlfast.ProxyISALoss, "Moving": dmlfast.MovingProxyLoss}
+               "ProxyISA": dmlfast.ProxyISALoss, "Moving": dmlfast.MovingProxyLoss,
+               "IDML": dmlfast.IntrospectiveProxyAnchorLoss}
     if config["loss"] not in classes:
         raise UsageError(f"unknown loss {config['loss']!r}; choose one of {', '.join(classes)}")
     try:
@@ -339,7 +360,9 @@ def make_model(config: Dict[str, Any]):
 
     try:
         return build_model(config["model"], config["embedding_size"], weights=config["weights"], pooling=config["pooling"],
-                           layer_norm=config["layer_norm"], freeze_bn=config["freeze_bn"])
+                           layer_norm=config["layer_norm"], freeze_bn=config["freeze_bn"],
+                           uncertainty_head=config.get("loss") == "IDML",
+                           normalize_uncertainty=config.get("normalize_uncertainty", True))
     except WeightsUnavailableError as error:
         raise UsageError(str(error)) from error
 
@@ -467,7 +490,8 @@ def train(config: Dict[str, Any]) -> Dict[str, Any]:
 
     from dmlfast.data import make_loader
     from dmlfast.models import NORMALIZATION
-    from dmlfast.training import CheckpointError, RunLogger, load_checkpoint, plot_curves, rng_state, save_checkpoint, set_rng_state
+    from dmlfast.training import (CheckpointError, RunLogger, load_checkpoint, mixup_loss, plot_curves, rng_state, save_checkpoint,
+                                  set_rng_state)
 
     start_time = time.perf_counter()
     device = resolve_device(config["device"])
@@ -542,6 +566,12 @@ def train(config: Dict[str, Any]) -> Dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     proxy_params = list(loss_fn.parameters())  # empty for moving proxies (a buffer)
     backbone_params = model.backbone_parameters()  # fixed now: warm-up toggles requires_grad on them
+
+    def loss_inputs(images):
+        """The model outputs the loss takes before the labels: (μ,), or IDML's (μ, v)."""
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return model.forward_with_uncertainty(images) if config["loss"] == "IDML" else (model(images),)
+
     for epoch in range(start_epoch + 1, config["epochs"] + 1):
         _seed_everything(epoch_seed(config["seed"], epoch))
         train_loader.set_epoch(epoch)
@@ -558,9 +588,10 @@ def train(config: Dict[str, Any]) -> Dict[str, Any]:
         for images, labels in bar:
             if device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                embeddings = model(images)
-            loss = loss_fn(embeddings, labels)
+            inputs = loss_inputs(images)
+            loss = loss_fn(*inputs, labels)
+            if config.get("mixup"):
+                loss = loss + mixup_loss(loss_inputs, loss_fn, images, labels)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -577,7 +608,7 @@ def train(config: Dict[str, Any]) -> Dict[str, Any]:
             else:
                 optimizer.step()
             if hasattr(loss_fn, "update_proxies"):
-                loss_fn.update_proxies(embeddings.detach(), labels)
+                loss_fn.update_proxies(inputs[0].detach(), labels)
             value = loss.item()
             if not math.isfinite(value):
                 raise FloatingPointError(f"the loss became {value} at epoch {epoch}, step {step}; lower --lr or use --amp off")

@@ -1,5 +1,5 @@
-"""The methods of SPEC §3–§5 in the training loop: Proxy-ISA, moving proxies, Proxy Synthesis,
-and the binary evaluation column."""
+"""The methods of SPEC §3–§6 in the training loop: Proxy-ISA, moving proxies, Proxy Synthesis,
+IDML with mixup, and the binary evaluation column."""
 import json
 import zipfile
 
@@ -14,6 +14,9 @@ METHODS = {
     "Moving": ["--loss", "Moving", "--temperature", "0.05", "--momentum", "0.5"],
     "ProxyAnchor+PS": ["--loss", "ProxyAnchor", "--proxy-synthesis", "0.4,1.0"],
     "NormSoftmax+PS": ["--loss", "NormSoftmax", "--proxy-synthesis", "0.4,1.0"],
+    "IDML": ["--loss", "IDML", "--mixup"],
+    "IDML-raw-uncertainty": ["--loss", "IDML", "--uncertainty-l2-norm", "off", "--mixup", "off"],
+    "ProxyAnchor+mixup": ["--loss", "ProxyAnchor", "--mixup"],
 }
 
 
@@ -40,6 +43,14 @@ def test_method_trains_on_a_generated_dataset(method, tiny_root, tmp_path):
         assert not any(g["name"] == "proxies" for g in state["optimizer"]["param_groups"] if "name" in g)
     if method.endswith("+PS"):
         assert config["proxy_synthesis"] == [0.4, 1.0]
+    if method.startswith("IDML"):
+        raw = method == "IDML-raw-uncertainty"
+        assert (config["mixup"], config["normalize_uncertainty"]) == (not raw, not raw)
+        assert {"uncertainty.weight", "uncertainty.bias"} <= set(state["model"])
+        backbone_group = next(g for g in state["optimizer"]["param_groups"] if g.get("name") == "backbone")
+        assert len(backbone_group["params"]) == len(train.make_model(config).backbone_parameters())
+    if method == "ProxyAnchor+mixup":
+        assert config["mixup"] and not any(k.startswith("uncertainty") for k in state["model"])
 
 
 def test_binary_eval_reports_both_columns(tiny_root, tmp_path, capsys):
@@ -54,6 +65,9 @@ def test_binary_eval_reports_both_columns(tiny_root, tmp_path, capsys):
     (["--loss", "ProxyAnchor", "--k", "0.4"], "--k does not apply to --loss ProxyAnchor"),
     (["--loss", "ProxyISA", "--proxy-synthesis", "0.4,1.0"], "--proxy-synthesis wraps ProxyAnchor, ProxyNCA or NormSoftmax"),
     (["--loss", "Moving", "--momentum", "2"], "momentum must be in [0.0, 1.0]"),
+    (["--loss", "ProxyISA", "--mixup"], "--mixup does not apply to --loss ProxyISA"),
+    (["--loss", "ProxyAnchor", "--uncertainty-l2-norm", "off"], "--uncertainty-l2-norm does not apply to --loss ProxyAnchor"),
+    (["--loss", "IDML", "--proxy-synthesis", "0.4,1.0"], "--proxy-synthesis wraps ProxyAnchor, ProxyNCA or NormSoftmax"),
 ])
 def test_method_flag_errors(extra, message, tiny_root, tmp_path, capsys):
     assert train.main([*TINY, *extra, "--data-root", str(tiny_root), "--output", str(tmp_path / "o")]) == 2
