@@ -7,10 +7,12 @@ For each loss and class count (B = 256, D = 512 unless given) it times, side by 
 - ``dmlfast``: the fused op;
 - ``eager``: the float32 eager reference (dmlfast.reference, the official formulas);
 - ``compiled``: torch.compile of that reference;
-- ``pml``: pytorch-metric-learning's loss (pinned 2.9.0), when installed (it has no Proxy-ISA).
+- ``pml``: pytorch-metric-learning's loss (pinned 2.9.0), when installed (it has no Proxy-ISA or IDML).
 
 ``proxy_isa`` uses per-class bands typical of a trained run (s̄ = 0.1, θ = -0.3, w = 0.18,
 easy-negative weight 0.01, positive filter on), so every band of SPEC §3.3 is exercised.
+``idml`` (SPEC §6) adds a B x D uncertainty embedding of unit rows (the released model's) with its
+own gradient; the embeddings are unit rows as the model emits them.
 
 Each (implementation, loss, C) runs in a fresh subprocess so its peak memory is its own. Time is
 the median of ``--repeats`` runs after warm-up; memory is the peak beyond the inputs and their two
@@ -33,7 +35,7 @@ import time
 
 CASES = {"CUB": 100, "In-shop": 3_997, "SOP": 11_318, "100k": 100_000, "1M": 1_000_000}
 IMPLEMENTATIONS = ("gemm3", "dmlfast", "eager", "compiled", "pml")
-LOSSES = ("proxy_anchor", "proxy_nca", "proxy_isa")
+LOSSES = ("proxy_anchor", "proxy_nca", "proxy_isa", "idml")
 NCA_SCALE = 18.0  # pml's softmax_scale = scale / 2
 
 
@@ -71,8 +73,8 @@ def build_step(implementation, loss, x, p, labels):
     if implementation == "pml":
         from pytorch_metric_learning import losses as pml
 
-        if loss == "proxy_isa":
-            raise SystemExit("pytorch-metric-learning has no Proxy-ISA")
+        if loss in ("proxy_isa", "idml"):
+            raise SystemExit(f"pytorch-metric-learning has no {loss}")
 
         if loss == "proxy_anchor":
             module = pml.ProxyAnchorLoss(p.shape[0], p.shape[1])
@@ -83,14 +85,18 @@ def build_step(implementation, loss, x, p, labels):
             module.proxies.copy_(p)
         fn = lambda: module(x, labels)  # noqa: E731
     else:
-        kwargs = {"proxy_anchor": {}, "proxy_nca": {"scale": NCA_SCALE}, "proxy_isa": isa_bands(p)}[loss]
-        if implementation == "dmlfast":
-            base = getattr(dmlfast.functional, f"{loss}_loss")
+        kwargs = {"proxy_anchor": {}, "proxy_nca": {"scale": NCA_SCALE}, "proxy_isa": isa_bands(p), "idml": {}}[loss]
+        name = "idml_proxy_anchor_loss" if loss == "idml" else f"{loss}_loss"
+        base = getattr(dmlfast.functional if implementation == "dmlfast" else reference, name)
+        if implementation == "compiled":
+            base = torch.compile(base)
+        if loss == "idml":
+            with torch.no_grad():
+                x.copy_(torch.nn.functional.normalize(x, dim=1))
+            uncertainty = torch.nn.functional.normalize(torch.randn_like(x), dim=1).requires_grad_()
+            fn = lambda: base(x, uncertainty, p, labels)  # noqa: E731
         else:
-            base = getattr(reference, f"{loss}_loss")
-            if implementation == "compiled":
-                base = torch.compile(base)
-        fn = lambda: base(x, p, labels, **kwargs)  # noqa: E731
+            fn = lambda: base(x, p, labels, **kwargs)  # noqa: E731
 
     def step():
         x.grad = None
