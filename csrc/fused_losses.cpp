@@ -159,6 +159,12 @@ std::tuple<at::Tensor, at::Tensor> anchor_positive_terms(const at::Tensor& on,
   return {pos_loss, pos_grad};
 }
 
+// Embedding components per positive-scatter thread. On the GPU one per thread: B threads each
+// walking whole rows left it nearly idle, with every warp access strided by D. On the CPU 128
+// contiguous components, several chunks per row at common sizes.
+constexpr int64_t kScatterChunkCuda = 1;
+constexpr int64_t kScatterChunkCpu = 128;
+
 // Proxy-Anchor, and Proxy-ISA when `isa_params` ([4, C]: centre, threshold, weight,
 // easy-negative weight per class) is defined. With M = 1 the normalizers are |P+| and C; with
 // ISA they are sums of per-class mean multipliers (SPEC §3.1), W+ known after the sparse
@@ -224,10 +230,11 @@ LossAndGrads proxy_anchor_impl(const at::Tensor& x, const at::Tensor& p, const a
   }
 
   at::Tensor class_grad = at::empty({B, D}, acc);
-  launch(x, B,
+  const int64_t dim_chunk = x.is_cuda() ? kScatterChunkCuda : kScatterChunkCpu;
+  launch(x, B * blocks_for(D, dim_chunk),
          PositiveScatterArgs<T>{pos_grad.const_data_ptr<T>(), pos_sim.const_data_ptr<T>(),
                                 x_hat.const_data_ptr<T>(), ps_y.unit.const_data_ptr<T>(),
-                                ps_y.norm.const_data_ptr<T>(), label_ptr, B, D,
+                                ps_y.norm.const_data_ptr<T>(), label_ptr, B, D, dim_chunk,
                                 class_grad.data_ptr<T>()});
   grad_p.index_add_(0, safe_labels, class_grad.to(grad_p.scalar_type()));
 
@@ -300,10 +307,11 @@ IdmlLossAndGrads idml_impl(const at::Tensor& x, const at::Tensor& v, const at::T
     checks.add_norms(p_norm, /*embeddings=*/false);
     at::Tensor dot = similarity_tile(xa, p_tile, column_contiguous);
     at::Tensor sim = empty_tile(acc, B, cols, column_contiguous);
-    at::Tensor row_coef = empty_tile(acc, B, cols, column_contiguous);
+    at::Tensor row_coef = empty_tile(acc, B, cols, column_contiguous);  // holds g until the chain
     at::Tensor by_uncert = empty_tile(acc, B, cols, column_contiguous);
     at::Tensor col_coef = at::empty({cols}, acc);
-    const IdmlTileArgs<T> tile_args{view_of<T>(dot), view_of<T>(sim), label_ptr, B, cols, first,
+    const IdmlTileArgs<T> tile_args{view_of<T>(dot), view_of<T>(sim), view_of<T>(row_coef),
+                                    label_ptr, B, cols, first,
                                     x_sq.const_data_ptr<T>(), x_norm.const_data_ptr<T>(),
                                     uncertainty.const_data_ptr<T>(), p_sq.const_data_ptr<T>(),
                                     p_norm.const_data_ptr<T>()};

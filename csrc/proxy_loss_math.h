@@ -213,31 +213,37 @@ struct PositiveScatterArgs {
   const int64_t* labels;      // [B]
   int64_t rows;
   int64_t dim;
+  int64_t dim_chunk;          // embedding components per thread (1 on the GPU: coalesced rows)
   T* class_grad;              // [B, D] out
 };
 
-// One thread per sample b. The first sample of each class sums, in sample order, its class's
-// positive pairs' part of dL/dp_c = (1/m_c) sum_b g_b (x_hat_b - s_b p_hat_c) (SPEC §7.1); every
-// other sample writes a zero row, so adding all B rows into dP is exact in any order.
+// One thread per (sample b, chunk of dim_chunk components). The first sample of each class sums,
+// in sample order, its class's positive pairs' part of dL/dp_c = (1/m_c) sum_b g_b (x_hat_b -
+// s_b p_hat_c) (SPEC §7.1); every other sample writes zeros, so adding all B rows into dP is
+// exact in any order.
 template <typename T>
 DMLFAST_HD void positive_scatter_thread(int64_t block, int64_t thread, int64_t block_dim,
                                         const PositiveScatterArgs<T>& a) {
-  const int64_t b = block * block_dim + thread;
+  const int64_t chunks = blocks_for(a.dim, a.dim_chunk);
+  const int64_t index = block * block_dim + thread;
+  const int64_t b = index / chunks;
   if (b >= a.rows) return;
-  const int64_t cls = a.labels[b];
+  const int64_t first = (index % chunks) * a.dim_chunk;
+  const int64_t last = first + a.dim_chunk < a.dim ? first + a.dim_chunk : a.dim;
   T* out = a.class_grad + b * a.dim;
-  for (int64_t d = 0; d < a.dim; ++d) out[d] = 0;
+  for (int64_t d = first; d < last; ++d) out[d] = 0;
   if (!first_of_its_class(a.labels, b)) return;
+  const int64_t cls = a.labels[b];
   const T* unit = a.p_hat_of_label + b * a.dim;
   for (int64_t j = b; j < a.rows; ++j) {
     if (a.labels[j] != cls) continue;
     const T g = a.pos_grad[j];
     const T gs = g * a.pos_sim[j];
     const T* x = a.x_hat + j * a.dim;
-    for (int64_t d = 0; d < a.dim; ++d) out[d] += g * x[d] - gs * unit[d];
+    for (int64_t d = first; d < last; ++d) out[d] += g * x[d] - gs * unit[d];
   }
   const T inv_norm = T(1) / a.norm_of_label[b];
-  for (int64_t d = 0; d < a.dim; ++d) out[d] *= inv_norm;
+  for (int64_t d = first; d < last; ++d) out[d] *= inv_norm;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -253,6 +259,19 @@ DMLFAST_HD void positive_scatter_thread(int64_t block, int64_t thread, int64_t b
 // also guards d -> 0 (and d <= 0 from rounding when x is close to p).
 constexpr double kIdmlMaxExponent = 80.0;
 
+// d = ||x||^2 + ||p||^2 - 2 x.p from the raw dot product and the squared norms.
+template <typename T>
+DMLFAST_HD T introspective_distance(T dot, T x_sq, T p_sq) {
+  return x_sq + p_sq - T(2) * dot;
+}
+
+// g = e^{-(a + 4) / (5 d)}; 0 where d <= 0 or the exponent passes kIdmlMaxExponent.
+template <typename T>
+DMLFAST_HD T introspective_gate(T dist, T uncertainty) {
+  const T exponent = (uncertainty + T(4)) / (T(5) * dist);
+  return (dist > T(0) && exponent < T(kIdmlMaxExponent)) ? math::exp(-exponent) : T(0);
+}
+
 // S' of one pair and its partial derivatives (SPEC §7.5).
 template <typename T>
 struct IntrospectivePair {
@@ -263,24 +282,24 @@ struct IntrospectivePair {
   T by_uncertainty;  // dS'/da = (1 - S) g / (5 d)
 };
 
-// From the raw dot product x.p, ||x||^2 and n = sqrt(||x||^2 + eps), ||p||^2 and m, and a.
+// From the raw dot product x.p, ||x||^2 and n = sqrt(||x||^2 + eps), ||p||^2 and m, a, and the
+// pair's gate g = introspective_gate(d, a) (computed once per pair: the similarity pass keeps it
+// for the chain pass). g > 0 implies d > (a + 4) / (5 kIdmlMaxExponent), so the divisions are safe.
 template <typename T>
 DMLFAST_HD IntrospectivePair<T> introspective_pair(T dot, T x_sq, T x_norm, T p_sq, T p_norm,
-                                                   T uncertainty) {
+                                                   T uncertainty, T gate) {
   IntrospectivePair<T> out;
   out.cosine = dot / (x_norm * p_norm);
-  const T dist = x_sq + p_sq - T(2) * dot;
-  const T exponent = (uncertainty + T(4)) / (T(5) * dist);
   const T dissimilarity = T(1) - out.cosine;
-  if (dist > T(0) && exponent < T(kIdmlMaxExponent)) {
-    const T gate = math::exp(-exponent);
-    out.by_cosine = gate;
+  out.by_cosine = gate;
+  if (gate > T(0)) {
+    const T dist = introspective_distance(dot, x_sq, p_sq);
     out.by_uncertainty = dissimilarity * gate / (T(5) * dist);
     out.by_distance = -out.by_uncertainty * (uncertainty + T(4)) / dist;
   } else {
-    out.by_cosine = out.by_uncertainty = out.by_distance = T(0);
+    out.by_uncertainty = out.by_distance = T(0);
   }
-  out.similarity = T(1) - dissimilarity * out.by_cosine;
+  out.similarity = T(1) - dissimilarity * gate;
   return out;
 }
 
@@ -302,16 +321,18 @@ DMLFAST_HD void idml_positive_thread(int64_t block, int64_t thread, int64_t bloc
                                      const IdmlPositiveArgs<T>& a) {
   const int64_t b = block * block_dim + thread;
   if (b >= a.rows) return;
-  a.similarity[b] =
-      introspective_pair(a.dot[b], a.x_sq[b], a.x_norm[b], a.p_sq[b], a.p_norm[b],
-                         a.uncertainty[b])
-          .similarity;
+  const T gate = introspective_gate(introspective_distance(a.dot[b], a.x_sq[b], a.p_sq[b]),
+                                    a.uncertainty[b]);
+  a.similarity[b] = introspective_pair(a.dot[b], a.x_sq[b], a.x_norm[b], a.p_sq[b], a.p_norm[b],
+                                       a.uncertainty[b], gate)
+                        .similarity;
 }
 
 template <typename T>
 struct IdmlTileArgs {
   TileView<T> dot;          // [B, cols]: R = X P^T on entry; the chain pass overwrites it with H
   TileView<T> similarity;   // [B, cols]: S' out (then G' = dL/dS' from the anchor kernel)
+  TileView<T> gate;         // [B, cols]: g out, read back by the chain pass
   const int64_t* labels;    // [B]
   int64_t rows;             // B
   int64_t cols;             // proxies in this tile
@@ -323,15 +344,19 @@ struct IdmlTileArgs {
   const T* p_norm;          // [cols]: m_c
 };
 
-// One thread per proxy column c: S'_bc for every row.
+// One thread per proxy column c: g_bc and S'_bc for every row.
 template <typename T>
 DMLFAST_HD void idml_similarity_column_thread(int64_t block, int64_t thread, int64_t block_dim,
                                               const IdmlTileArgs<T>& a) {
   const int64_t c = block * block_dim + thread;
   if (c >= a.cols) return;
   for (int64_t b = 0; b < a.rows; ++b) {
-    a.similarity.at(b, c) = introspective_pair(a.dot.at(b, c), a.x_sq[b], a.x_norm[b], a.p_sq[c],
-                                               a.p_norm[c], a.uncertainty[b])
+    const T dot = a.dot.at(b, c);
+    const T gate =
+        introspective_gate(introspective_distance(dot, a.x_sq[b], a.p_sq[c]), a.uncertainty[b]);
+    a.gate.at(b, c) = gate;
+    a.similarity.at(b, c) = introspective_pair(dot, a.x_sq[b], a.x_norm[b], a.p_sq[c], a.p_norm[c],
+                                               a.uncertainty[b], gate)
                                 .similarity;
   }
 }
@@ -340,7 +365,8 @@ template <typename T>
 struct IdmlChainArgs {
   IdmlTileArgs<T> tile;     // its similarity tile holds G' = dL/dS' of the negatives (0 at positives)
   const T* pos_grad;        // [B]: G' of the positive pair (b, y_b)
-  TileView<T> row_coef;     // [B, cols] out: E_bc, summed over c into the coefficient of x_b
+  TileView<T> row_coef;     // [B, cols] out: E_bc, summed over c into the coefficient of x_b;
+                            // may be tile.gate's memory (each entry is read before it is written)
   TileView<T> by_uncert;    // [B, cols] out: dL/da_b's term of pair (b, c), summed over c
   T* col_coef;              // [cols] out: the coefficient of p_c in dL/dp_c
 };
@@ -362,8 +388,9 @@ DMLFAST_HD void idml_chain_column_thread(int64_t block, int64_t thread, int64_t 
   for (int64_t b = 0; b < t.rows; ++b) {
     const T grad = t.labels[b] == cls ? a.pos_grad[b] : t.similarity.at(b, c);
     T& entry = t.dot.at(b, c);
-    const IntrospectivePair<T> pair = introspective_pair(entry, t.x_sq[b], t.x_norm[b],
-                                                         t.p_sq[c], t.p_norm[c], t.uncertainty[b]);
+    const IntrospectivePair<T> pair =
+        introspective_pair(entry, t.x_sq[b], t.x_norm[b], t.p_sq[c], t.p_norm[c],
+                           t.uncertainty[b], t.gate.at(b, c));
     const T grad_cos = grad * pair.by_cosine;
     const T grad_dist2 = T(2) * grad * pair.by_distance;
     const T x_norm = t.x_norm[b];

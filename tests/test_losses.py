@@ -16,7 +16,7 @@ LOSSES = {
 }
 
 # (B, C, D, label pattern): B=1, C=1, absent classes, one class for all, D not a multiple of 8,
-# and a C large enough to span several class tiles.
+# a C large enough to span several class tiles, and a D over several positive-scatter chunks.
 SHAPES = [
     (1, 1, 8, "random"),
     (1, 5, 3, "random"),
@@ -25,6 +25,7 @@ SHAPES = [
     (16, 40, 13, "absent"),
     (32, 10, 16, "one_class"),
     (96, 3000, 37, "random"),
+    (40, 30, 200, "random"),  # D over two positive-scatter chunks of 128, the second partial
 ]
 
 
