@@ -69,20 +69,27 @@ def torch_kmeans(vectors: torch.Tensor, num_clusters: int, seed: int = 0) -> tor
 def _kmeans_plus_plus_rows(data: torch.Tensor, num_clusters: int, generator: torch.Generator) -> torch.Tensor:
     """Row indices of the k-means++ seeds of ``data`` (draws from ``generator`` on the CPU).
 
-    Once every row coincides with a seed (fewer distinct rows than clusters), the remaining
-    seeds are drawn uniformly.
+    Distances are computed as ``|x|^2 - 2 x.c + |c|^2`` (clamped at 0), so a row equal to a seed
+    keeps a rounding-sized weight. Once every weight is 0 (fewer distinct rows than clusters), the
+    remaining seeds are drawn uniformly.
     """
     num_rows = data.shape[0]
+    squared_norms = (data * data).sum(1)
+
+    def squared_distances(row):  # ||x||^2 - 2 x.c + ||c||^2: one matrix-vector product per seed
+        with _ieee_float32_matmul():
+            return (squared_norms - 2.0 * (data @ data[row]) + squared_norms[row]).clamp_(min=0.0)
+
     chosen = torch.empty(num_clusters, dtype=torch.int64)
     chosen[0] = torch.randint(num_rows, (1,), generator=generator)[0]
-    nearest = ((data - data[chosen[0]]) ** 2).sum(1).double()
+    nearest = squared_distances(int(chosen[0]))
     for index in range(1, num_clusters):
         weights = nearest.cpu()
         if float(weights.sum()) > 0.0:
             chosen[index] = torch.multinomial(weights, 1, generator=generator)[0]
         else:
             chosen[index] = torch.randint(num_rows, (1,), generator=generator)[0]
-        torch.minimum(nearest, ((data - data[chosen[index]]) ** 2).sum(1).double(), out=nearest)
+        torch.minimum(nearest, squared_distances(int(chosen[index])), out=nearest)
     return chosen.to(data.device)
 
 
