@@ -279,6 +279,19 @@ def test_torch_kmeans_recovers_separated_clusters():
     assert np.array_equal(assignments, torch_kmeans(embeddings, 5, seed=0).numpy())
 
 
+def test_torch_kmeans_seeds_with_random_rows_beyond_the_kmeans_plus_plus_budget(monkeypatch):
+    def refuse(*args):
+        raise AssertionError("k-means++ must not run beyond its budget")
+
+    labels = np.repeat(np.arange(5), 20)
+    embeddings = torch.from_numpy(20 * np.eye(6)[labels] + np.random.default_rng(1).normal(size=(100, 6))).float()
+    monkeypatch.setattr(clustering, "KMEANS_PLUS_PLUS_MAX_PAIRS", 100 * 5 - 1)
+    monkeypatch.setattr(clustering, "_kmeans_plus_plus_rows", refuse)
+    assignments = torch_kmeans(embeddings, 5, seed=0)
+    assert assignments.shape == (100,) and int(assignments.min()) >= 0 and int(assignments.max()) < 5
+    assert torch.equal(assignments, torch_kmeans(embeddings, 5, seed=0))
+
+
 def test_normalized_mutual_information_matches_definition():
     truth, predicted = [0, 0, 1, 1, 2, 2], [0, 0, 1, 1, 1, 1]
     # H(truth) = ln 3, H(pred) = H(1/3, 2/3), I = H(pred) since pred is a function of truth.
