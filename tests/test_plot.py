@@ -1,31 +1,18 @@
 """``python -m dmlfast.plot`` (t-SNE map of a tiny checkpoint's test embeddings) and the training curves PNG."""
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import write_colour_block_classes
 from dmlfast import plot, train
 from dmlfast.training import plot_curves
-
-
-def _write_blocks(root: Path, classes=8, per_class=4) -> Path:
-    """Each class a random 4x4 colour pattern, its images noisy copies (32 px)."""
-    rng = np.random.default_rng(1)
-    for c in range(classes):
-        base = rng.integers(0, 255, (4, 4, 3))
-        for i in range(per_class):
-            image = np.kron(base, np.ones((8, 8, 1))) + rng.normal(0, 20, (32, 32, 3))
-            path = root / f"class_{c}" / f"{i}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path)
-    return root
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     base = tmp_path_factory.mktemp("plot")
-    root = _write_blocks(base / "data")
+    root = write_colour_block_classes(base / "data", seed=1)
     out = base / "run"
     assert train.main(["--dataset", "folder", "--data-root", str(root), "--test-classes", "4", "--model", "smallcnn",
                        "--epochs", "1", "--batch-size", "8", "--image-size", "16", "--embedding-size", "16", "--workers", "0",
