@@ -23,6 +23,14 @@ def run(fn, x, p, labels, kwargs):
     return (loss, *torch.autograd.grad(loss, (x, p)))
 
 
+def assert_gpu_matches_cpu(on_cpu, on_gpu, dtype):
+    """Each GPU output is on CUDA, has the CPU output's dtype and matches it to the dtype's tolerance."""
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for cpu_value, gpu_value in zip(on_cpu, on_gpu):
+        assert gpu_value.device.type == "cuda" and gpu_value.dtype == cpu_value.dtype
+        assert relative_error(gpu_value.cpu(), cpu_value) <= tol
+
+
 def test_cuda_kernels_were_built():
     assert dmlfast.build_info()["cuda_kernels"], "a GPU is visible but dmlfast was built without CUDA kernels"
 
@@ -42,10 +50,7 @@ def test_cuda_matches_cpu(case, dtype, shape):
     labels = torch.randint(0, num_classes, (batch,), generator=gen)
     on_cpu = run(fn, x, p, labels, kwargs)
     on_gpu = run(fn, x.cuda(), p.cuda(), labels.cuda(), kwargs)
-    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
-    for cpu_value, gpu_value in zip(on_cpu, on_gpu):
-        assert gpu_value.device.type == "cuda" and gpu_value.dtype == cpu_value.dtype
-        assert relative_error(gpu_value.cpu(), cpu_value) <= tol
+    assert_gpu_matches_cpu(on_cpu, on_gpu, dtype)
 
 
 def test_cuda_is_deterministic():
@@ -82,13 +87,14 @@ def test_cuda_compile_training_step():
     assert loss_fn.proxies.grad is not None and model.weight.grad is not None
 
 
-def isa_class_vectors(num_classes, generator, device):
-    """Per-class s̄, θ, w, easy-negative weight in the ranges a trained Proxy-ISA run produces."""
+def isa_class_vectors(num_classes, generator):
+    """Per-class s̄, θ, w, easy-negative weight (proxy_isa_loss's keyword arguments) in the ranges
+    a trained Proxy-ISA run produces."""
     center = 0.1 + 0.2 * torch.rand(num_classes, generator=generator)
     threshold = center - 0.4 * torch.rand(num_classes, generator=generator)
     weight = 0.1 + 0.2 * torch.rand(num_classes, generator=generator)
     easy = 1.0 / torch.randint(1, 50, (num_classes,), generator=generator).double()
-    return [v.to(device) for v in (center, threshold, weight, easy)]
+    return {"class_center": center, "class_threshold": threshold, "class_weight": weight, "easy_negative_weight": easy}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -96,14 +102,11 @@ def test_cuda_isa_matches_cpu(dtype):
     gen = torch.Generator().manual_seed(1)
     x, p = torch.randn(128, 64, generator=gen, dtype=dtype), torch.randn(3_000, 64, generator=gen, dtype=dtype)
     labels = torch.randint(0, 3_000, (128,), generator=gen)
-    params = isa_class_vectors(3_000, gen, "cpu")
-    on_cpu = run(functional.proxy_isa_loss, x, p, labels, dict(zip(("class_center", "class_threshold", "class_weight", "easy_negative_weight"), params)))
-    gpu_params = dict(zip(("class_center", "class_threshold", "class_weight", "easy_negative_weight"), [v.cuda() for v in params]))
+    params = isa_class_vectors(3_000, gen)
+    on_cpu = run(functional.proxy_isa_loss, x, p, labels, params)
+    gpu_params = {name: vector.cuda() for name, vector in params.items()}
     on_gpu = run(functional.proxy_isa_loss, x.cuda(), p.cuda(), labels.cuda(), gpu_params)
-    tol = {torch.float64: 1e-10, torch.float32: 1e-5}[dtype]
-    for cpu_value, gpu_value in zip(on_cpu, on_gpu):
-        assert relative_error(gpu_value.cpu(), cpu_value) <= tol
-
+    assert_gpu_matches_cpu(on_cpu, on_gpu, dtype)
 
 
 def idml_run(x, v, p, labels):
@@ -129,10 +132,7 @@ def test_cuda_idml_matches_cpu(dtype, shape):
     x, v, p, labels = idml_case(*shape, dtype)
     on_cpu = idml_run(x, v, p, labels)
     on_gpu = idml_run(x.cuda(), v.cuda(), p.cuda(), labels.cuda())
-    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
-    for cpu_value, gpu_value in zip(on_cpu, on_gpu):
-        assert gpu_value.device.type == "cuda" and gpu_value.dtype == cpu_value.dtype
-        assert relative_error(gpu_value.cpu(), cpu_value) <= tol
+    assert_gpu_matches_cpu(on_cpu, on_gpu, dtype)
 
 
 def test_cuda_idml_is_deterministic_and_checks_values():
@@ -144,6 +144,7 @@ def test_cuda_idml_is_deterministic_and_checks_values():
         functional.idml_proxy_anchor_loss(x, v, p, labels)
     with pytest.raises(ValueError, match=r"labels must be in \[0, 30000\)"):
         functional.idml_proxy_anchor_loss(x, v.nan_to_num(posinf=1.0), p, labels + 30_000)
+
 
 def test_cuda_runs_under_deterministic_algorithms():
     gen = torch.Generator().manual_seed(2)
