@@ -164,19 +164,25 @@ def test_no_query_with_a_match_gives_nan():
     assert all(math.isnan(result[name]) for name in ("recall@1", "map@r", "r_precision"))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_short_candidate_lists_fall_back_to_full_rows(monkeypatch, backend):
-    # faiss: k-NN lists without margin; torch: its floor at estimated rank 2 x 3 is above many first positives
-    embeddings, labels = clustered_set(4, num_samples=300, dim=6, duplicate_every=2)
-    full_row_queries = []
+@pytest.fixture
+def full_row_queries(monkeypatch):
+    """The number of queries of each call that ranks queries against every reference."""
+    counts = []
     original = metrics_module._RankingProblem._resolve_with_full_rows
 
     def spy(self, rows, chunk_size):
-        full_row_queries.append(rows.numel())
+        counts.append(rows.numel())
         return original(self, rows, chunk_size)
 
-    monkeypatch.setattr(metrics_module, "SEARCH_MARGIN", 0)
     monkeypatch.setattr(metrics_module._RankingProblem, "_resolve_with_full_rows", spy)
+    return counts
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_short_candidate_lists_fall_back_to_full_rows(monkeypatch, full_row_queries, backend):
+    # faiss: k-NN lists without margin; torch: its floor at estimated rank 2 x 3 is above many first positives
+    embeddings, labels = clustered_set(4, num_samples=300, dim=6, duplicate_every=2)
+    monkeypatch.setattr(metrics_module, "SEARCH_MARGIN", 0)
     for binary in (False, True):
         result = retrieval_metrics(embeddings, labels, ks=(1, 3), metrics=RANKING, binary=binary, backend=backend)
         assert_matches(result, oracle(embeddings, labels, ks=(1, 3), binary=binary))
@@ -184,18 +190,10 @@ def test_short_candidate_lists_fall_back_to_full_rows(monkeypatch, backend):
 
 
 @pytest.mark.parametrize("self_reference", [True, False])
-def test_threshold_collection_falls_back_to_full_rows(monkeypatch, self_reference):
+def test_threshold_collection_falls_back_to_full_rows(monkeypatch, full_row_queries, self_reference):
     # a floor of estimated rank ~1 cuts the lists above most first positives: full rows decide
     embeddings, labels = clustered_set(4, num_samples=300, dim=6, duplicate_every=2)
-    full_row_queries = []
-    original = metrics_module._RankingProblem._resolve_with_full_rows
-
-    def spy(self, rows, chunk_size):
-        full_row_queries.append(rows.numel())
-        return original(self, rows, chunk_size)
-
     monkeypatch.setattr(metrics_module, "THRESHOLD_FLOOR_FACTOR", 0.01)
-    monkeypatch.setattr(metrics_module._RankingProblem, "_resolve_with_full_rows", spy)
     gallery = {} if self_reference else {"reference": embeddings[100:], "reference_labels": labels[100:]}
     for binary in (False, True):
         for chunk in (None, 64):
