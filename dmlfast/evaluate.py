@@ -131,14 +131,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         device = train.resolve_device(args.device)
         config["loader"] = train.resolve_loader(args.loader, device)
         splits = train.load_splits(config)
-        model = train.make_model(config)
+        model = train.restore_model(config, state["model"], device)
     except train.UsageError as error:
         raise InputError(str(error)) from error
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as error:
-        raise InputError(f"--checkpoint: the model state does not fit the configuration saved with it ({error})") from error
-    model.to(device)
     dtype = train.amp_dtype(config["amp"], device)
     loaders = train.make_eval_loaders(config, splits, device)
     try:

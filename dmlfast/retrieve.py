@@ -96,14 +96,9 @@ def load_model(checkpoint: Path, device_name: Optional[str]):
     config = dict(state["config"], weights="none")
     try:
         device = train.resolve_device(device_name)
-        model = train.make_model(config)
+        model = train.restore_model(config, state["model"], device).eval()
     except train.UsageError as error:
         raise InputError(str(error)) from error
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as error:
-        raise InputError(f"--checkpoint: the model state does not fit the configuration saved with it ({error})") from error
-    model.to(device).eval()
     return model, config, device, train.amp_dtype(config["amp"], device)
 
 

@@ -367,6 +367,17 @@ def make_model(config: Dict[str, Any]):
         raise UsageError(str(error)) from error
 
 
+def restore_model(config: Dict[str, Any], model_state: Dict[str, Any], device):
+    """The model of a checkpoint's ``config`` (no pretrained download) with ``model_state`` loaded,
+    on ``device``; ``UsageError`` when the state does not fit that configuration."""
+    model = make_model(dict(config, weights="none"))
+    try:
+        model.load_state_dict(model_state)
+    except RuntimeError as error:
+        raise UsageError(f"--checkpoint: the model state does not fit the configuration saved with it ({error})") from error
+    return model.to(device)
+
+
 def make_eval_loaders(config: Dict[str, Any], splits, device):
     """``(query loader, reference loader or None)``: the test split against itself, or In-shop's query vs gallery."""
     from dmlfast.data import make_loader
