@@ -29,3 +29,15 @@ def write_colour_block_classes(root: Path, classes: int = 8, per_class: int = 4,
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path)
     return root
+
+
+def train_tiny_folder_run(base: Path, *, seed: int, test_classes: str) -> tuple:
+    """``(data root, best.pt)`` of a 1-epoch smallcnn run on 8 colour-block classes under ``base``."""
+    from dmlfast import train
+
+    root = write_colour_block_classes(base / "data", seed=seed)
+    out = base / "run"
+    assert train.main(["--dataset", "folder", "--data-root", str(root), "--test-classes", test_classes, "--model", "smallcnn",
+                       "--epochs", "1", "--batch-size", "8", "--image-size", "16", "--embedding-size", "16", "--workers", "0",
+                       "--loader", "torch", "--no-progress", "--output", str(out)]) == 0
+    return root, out / "best.pt"

@@ -4,20 +4,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import write_colour_block_classes
-from dmlfast import plot, train
+from conftest import train_tiny_folder_run
+from dmlfast import plot
 from dmlfast.training import plot_curves
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    base = tmp_path_factory.mktemp("plot")
-    root = write_colour_block_classes(base / "data", seed=1)
-    out = base / "run"
-    assert train.main(["--dataset", "folder", "--data-root", str(root), "--test-classes", "4", "--model", "smallcnn",
-                       "--epochs", "1", "--batch-size", "8", "--image-size", "16", "--embedding-size", "16", "--workers", "0",
-                       "--loader", "torch", "--no-progress", "--output", str(out)]) == 0
-    return out / "best.pt"
+    return train_tiny_folder_run(tmp_path_factory.mktemp("plot"), seed=1, test_classes="4")[1]
 
 
 def test_tsne_png_of_the_test_classes(checkpoint, capsys):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import write_colour_block_classes
-from dmlfast import retrieve, train
+from conftest import train_tiny_folder_run
+from dmlfast import retrieve
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -16,13 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(data root, checkpoint) of a 1-epoch smallcnn run on a 4 + 4 class folder dataset."""
-    base = tmp_path_factory.mktemp("retrieve")
-    root = write_colour_block_classes(base / "data", seed=0)
-    out = base / "run"
-    assert train.main(["--dataset", "folder", "--data-root", str(root), "--test-classes", "0.5", "--model", "smallcnn",
-                       "--epochs", "1", "--batch-size", "8", "--image-size", "16", "--embedding-size", "16", "--workers", "0",
-                       "--loader", "torch", "--no-progress", "--output", str(out)]) == 0
-    return root, out / "best.pt"
+    return train_tiny_folder_run(tmp_path_factory.mktemp("retrieve"), seed=0, test_classes="0.5")
 
 
 def _ranked(stdout: str):
