@@ -11,6 +11,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -131,18 +132,65 @@ at::ScalarType accumulation_type(const at::Tensor& x, const at::Tensor& p) {
                                                                             : at::kFloat;
 }
 
+// The classes this call's proxies stand for: rows 0..local-1 of `proxies` are classes
+// offset..offset+local-1 of `total`. Unsharded, offset = 0 and local = total. Sharded across
+// processes (dmlfast.sharded), labels are global and the normalizers count all `total` classes.
+struct ClassShard {
+  int64_t offset;
+  int64_t local;
+  int64_t total;
+  bool sharded() const { return offset != 0 || local != total; }
+};
+
+// `num_classes` < 0 means "all": the proxies are every class.
+ClassShard class_shard(const at::Tensor& proxies, int64_t class_offset, int64_t num_classes,
+                       const char* op) {
+  const int64_t local = proxies.size(0);
+  const int64_t total = num_classes < 0 ? local : num_classes;
+  TORCH_CHECK_VALUE(class_offset >= 0 && class_offset + local <= total, op,
+                    ": the proxies (", local, " rows) must be classes [class_offset, class_offset + ",
+                    local, ") of num_classes = ", total, ", got class_offset ", class_offset);
+  return {class_offset, local, total};
+}
+
+// Labels as the kernels and gathers use them (one int64 tensor each, contiguous):
+// `kernel` is compared with local class indices (first_class + column), so a label of another
+// shard never matches a column; `row` is a valid proxy row for each sample (its label's when it
+// is in this shard), for gathers; `owned` (accumulation dtype, defined only when sharded) is 1
+// where the sample's class is in this shard. Unsharded, both label tensors are the labels clamped
+// to [0, C), so every gather and per-class lookup stays in bounds until the value checks raise
+// on out-of-range labels (whose results are never returned).
+struct ShardLabels {
+  at::Tensor kernel;
+  at::Tensor row;
+  at::Tensor owned;
+};
+
+ShardLabels shard_labels(const at::Tensor& labels, const ClassShard& shard,
+                         const at::TensorOptions& acc) {
+  if (!shard.sharded()) {
+    const at::Tensor safe = labels.clamp(0, shard.local - 1).contiguous();
+    return {safe, safe, at::Tensor()};
+  }
+  const at::Tensor local = (labels - shard.offset).contiguous();
+  const at::Tensor owned = at::logical_and(local >= 0, local < shard.local).to(acc.dtype());
+  return {local, local.clamp(0, shard.local - 1).contiguous(), owned};
+}
+
 // ---------------------------------------------------------------------------------------------
 // Anchor family.
 
 // The positive pairs' part of the anchor family, sparse (one similarity s_b per sample): per
 // class l+ = LSE0(-alpha M (s - margin)), the loss sum_c l+_c / W+ and g_b = dL/ds_b =
-// -(alpha M_b / W+) e^{u_b - l+} (SPEC §7.2, §7.4; W+ = |P+| when M = 1).
+// -(alpha M_b / W+) e^{u_b - l+} (SPEC §7.2, §7.4; W+ = |P+| when M = 1). W+ counts every class
+// of the batch; with `owned` defined (sharded), only this shard's classes enter the loss and g.
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> anchor_positive_terms(const at::Tensor& on,
                                                          const at::Tensor& pos_sim,
                                                          const int64_t* label_ptr, double margin,
                                                          double alpha,
-                                                         const IsaClassParams<T>& isa_view) {
+                                                         const IsaClassParams<T>& isa_view,
+                                                         const at::Tensor& owned) {
   const int64_t B = pos_sim.size(0);
   const auto acc = pos_sim.options();
   at::Tensor class_lse = at::empty({B}, acc), is_first = at::empty({B}, acc);
@@ -152,10 +200,12 @@ std::tuple<at::Tensor, at::Tensor> anchor_positive_terms(const at::Tensor& on,
                                isa_view, class_lse.data_ptr<T>(), is_first.data_ptr<T>(),
                                pos_weight.data_ptr<T>(), class_mean_weight.data_ptr<T>()});
   const at::Tensor pos_normalizer = (is_first * class_mean_weight).sum().clamp_min(1e-30);
-  const at::Tensor pos_loss = (class_lse * is_first).sum() / pos_normalizer;
+  const at::Tensor counted = owned.defined() ? is_first * owned : is_first;
+  const at::Tensor pos_loss = (class_lse * counted).sum() / pos_normalizer;
   const at::Tensor pos_exponent = pos_sim.sub(margin).mul_(pos_weight).mul_(-alpha);
-  const at::Tensor pos_grad =
+  at::Tensor pos_grad =
       at::exp(pos_exponent.sub_(class_lse)).mul_(pos_weight).mul_(-alpha).div_(pos_normalizer);
+  if (owned.defined()) pos_grad.mul_(owned);
   return {pos_loss, pos_grad};
 }
 
@@ -169,18 +219,19 @@ constexpr int64_t kScatterChunkCpu = 128;
 // easy-negative weight per class) is defined. With M = 1 the normalizers are |P+| and C; with
 // ISA they are sums of per-class mean multipliers (SPEC §3.1), W+ known after the sparse
 // positive pass and W- only after the last tile, so the negatives' part is rescaled at the end.
+// Sharded (plain Proxy-Anchor only), every term is per proxy column: this shard's columns give
+// their share of the loss and of dX, with |P+| and C of all classes (summed across shards).
 template <typename T>
 LossAndGrads proxy_anchor_impl(const at::Tensor& x, const at::Tensor& p, const at::Tensor& labels,
                                double margin, double alpha, const at::Tensor& isa_params,
-                               bool filter_positives) {
+                               bool filter_positives, const ClassShard& shard) {
   const char* op = "proxy_anchor_loss";
   const int64_t B = x.size(0), D = x.size(1), C = p.size(0);
   const auto acc = x.options().dtype(c10::CppTypeToScalarType<T>::value);
-  ValueChecks checks(labels, C, op);
-  // Out-of-range labels are clamped for the computation, so every gather and per-class lookup
-  // stays in bounds until the checks raise (their results are never returned).
-  const at::Tensor safe_labels = labels.clamp(0, C - 1).contiguous();
-  const int64_t* label_ptr = safe_labels.const_data_ptr<int64_t>();
+  ValueChecks checks(labels, shard.total, op);
+  const ShardLabels shard_label = shard_labels(labels, shard, acc);
+  const at::Tensor& safe_labels = shard_label.row;
+  const int64_t* label_ptr = shard_label.kernel.const_data_ptr<int64_t>();
   const bool is_isa = isa_params.defined();
   const at::Tensor isa = is_isa ? isa_params.to(acc.dtype()).contiguous() : at::Tensor();
   const IsaClassParams<T> isa_view =
@@ -197,13 +248,15 @@ LossAndGrads proxy_anchor_impl(const at::Tensor& x, const at::Tensor& p, const a
   const UnitRows ps_y = normalize_rows(p.index_select(0, safe_labels).to(acc.dtype()));
   const at::Tensor pos_sim = (x_hat * ps_y.unit).sum(1);
   at::Tensor pos_loss, pos_grad;
-  std::tie(pos_loss, pos_grad) = anchor_positive_terms<T>(x, pos_sim, label_ptr, margin, alpha, isa_view);
+  std::tie(pos_loss, pos_grad) =
+      anchor_positive_terms<T>(x, pos_sim, label_ptr, margin, alpha, isa_view, shard_label.owned);
 
   // Negative pairs, dense, tile by tile: G = dL/dS, A = G P_hat, dP = proj(G^T X_hat).
   at::Tensor grad_x_neg = at::zeros({B, D}, acc);
   at::Tensor grad_p = at::empty_like(p, at::MemoryFormat::Contiguous);
   at::Tensor neg_lse = at::empty({C}, acc), neg_mean_weight = at::empty({C}, acc);
-  const at::Tensor neg_scale = at::full({1}, is_isa ? alpha : alpha / static_cast<double>(C), acc);
+  const double total = static_cast<double>(shard.total);
+  const at::Tensor neg_scale = at::full({1}, is_isa ? alpha : alpha / total, acc);
   const bool column_contiguous = !x.is_cuda();  // one thread per column walks the rows
   const int64_t tile = tile_columns(x, C);
   for (int64_t first = 0; first < C; first += tile) {
@@ -226,7 +279,7 @@ LossAndGrads proxy_anchor_impl(const at::Tensor& x, const at::Tensor& p, const a
     grad_x_neg.div_(neg_normalizer);
     grad_p.div_(neg_normalizer);
   } else {
-    neg_loss = neg_loss / static_cast<double>(C);
+    neg_loss = neg_loss / total;
   }
 
   at::Tensor class_grad = at::empty({B, D}, acc);
@@ -260,13 +313,15 @@ at::Tensor empty_tile(const at::TensorOptions& options, int64_t rows, int64_t co
 
 template <typename T>
 IdmlLossAndGrads idml_impl(const at::Tensor& x, const at::Tensor& v, const at::Tensor& p,
-                           const at::Tensor& labels, double margin, double alpha) {
+                           const at::Tensor& labels, double margin, double alpha,
+                           const ClassShard& shard) {
   const char* op = "idml_proxy_anchor_loss";
   const int64_t B = x.size(0), D = x.size(1), C = p.size(0);
   const auto acc = x.options().dtype(c10::CppTypeToScalarType<T>::value);
-  ValueChecks checks(labels, C, op);
-  const at::Tensor safe_labels = labels.clamp(0, C - 1).contiguous();
-  const int64_t* label_ptr = safe_labels.const_data_ptr<int64_t>();
+  ValueChecks checks(labels, shard.total, op);
+  const ShardLabels shard_label = shard_labels(labels, shard, acc);
+  const at::Tensor& safe_labels = shard_label.row;
+  const int64_t* label_ptr = shard_label.kernel.const_data_ptr<int64_t>();
   const IsaClassParams<T> plain{nullptr, nullptr, nullptr, nullptr, false};
 
   const at::Tensor xa = x.to(acc.dtype()).contiguous();
@@ -289,14 +344,16 @@ IdmlLossAndGrads idml_impl(const at::Tensor& x, const at::Tensor& v, const at::T
                              p_y_norm.const_data_ptr<T>(), uncertainty.const_data_ptr<T>(), B,
                              pos_sim.data_ptr<T>()});
   at::Tensor pos_loss, pos_grad;
-  std::tie(pos_loss, pos_grad) = anchor_positive_terms<T>(x, pos_sim, label_ptr, margin, alpha, plain);
+  std::tie(pos_loss, pos_grad) =
+      anchor_positive_terms<T>(x, pos_sim, label_ptr, margin, alpha, plain, shard_label.owned);
 
   // All pairs, dense, tile by tile.
   at::Tensor grad_x = at::zeros({B, D}, acc);
   at::Tensor x_coef = at::zeros({B}, acc), grad_uncertainty_sq = at::zeros({B}, acc);
   at::Tensor grad_p = at::empty_like(p, at::MemoryFormat::Contiguous);
   at::Tensor neg_lse = at::empty({C}, acc), neg_mean_weight = at::empty({C}, acc);
-  const at::Tensor neg_scale = at::full({1}, alpha / static_cast<double>(C), acc);
+  const double total = static_cast<double>(shard.total);
+  const at::Tensor neg_scale = at::full({1}, alpha / total, acc);
   const bool column_contiguous = !x.is_cuda();  // one thread per column walks the rows
   const int64_t tile = tile_columns(x, C);
   for (int64_t first = 0; first < C; first += tile) {
@@ -329,7 +386,7 @@ IdmlLossAndGrads idml_impl(const at::Tensor& x, const at::Tensor& v, const at::T
     grad_uncertainty_sq.add_(by_uncert.sum(1));
     grad_p.narrow(0, first, cols).copy_(at::mm(dot.t(), xa).addcmul_(p_tile, col_coef.unsqueeze(1)));
   }
-  const at::Tensor neg_loss = neg_lse.sum() / static_cast<double>(C);
+  const at::Tensor neg_loss = neg_lse.sum() / total;
   const at::Tensor grad_embeddings = grad_x.addcmul_(xa, x_coef.unsqueeze(1)).to(x.scalar_type());
   const at::Tensor grad_v =
       va.mul(grad_uncertainty_sq.mul_(2).unsqueeze(1)).to(v.scalar_type());
@@ -339,6 +396,12 @@ IdmlLossAndGrads idml_impl(const at::Tensor& x, const at::Tensor& v, const at::T
 
 // ---------------------------------------------------------------------------------------------
 // Softmax family.
+//
+// Two passes over tiles of proxies: pass 1 reduces each row's log-sum-exp (online max and sum),
+// logit sum and target logit; pass 2 writes G = dL/dS tile by tile from the row LSE and runs the
+// GEMMs. Unsharded, one call runs both (reusing pass 1's tiles when they fit). Sharded across
+// processes, each pass is its own op, so that the row statistics can be reduced across shards
+// in between (a distributed log-sum-exp, as class-sharded softmax in Partial FC).
 
 // Bytes of pass-1 tiles (exponentials and P_hat) that pass 2 reuses instead of recomputing them.
 // Beyond this budget the tiles are recomputed, so memory stays bounded for any number of classes.
@@ -351,88 +414,207 @@ constexpr int64_t kSoftmaxReuseBytes = int64_t{64} << 20;
 constexpr int64_t kSoftmaxChunkColumnsCuda = 32;
 constexpr int64_t kSoftmaxChunkColumnsCpu = 256;
 
+// Per-row statistics of pass 1, each [B] float64: the denominator's running max and sum of
+// e^{z - max} (sum 0 while no logit entered), the sum of all logits z_bc and the target logit
+// z_{b, y_b} (0 where the target is not among these proxies).
+struct SoftmaxRows {
+  at::Tensor max, sum, logit_sum, target;
+};
+
+SoftmaxRows empty_softmax_rows(const at::Tensor& x) {
+  const auto wide = x.options().dtype(at::kDouble);
+  const int64_t B = x.size(0);
+  return {at::zeros({B}, wide), at::zeros({B}, wide), at::zeros({B}, wide), at::zeros({B}, wide)};
+}
+
+// The loss (1/B) sum_b [LSE_b - (1 - eps) z_{b,y_b} - eps/(C-1) (sum_c z_bc - z_{b,y_b})]
+// (SPEC §7.3) from complete row statistics, in the accumulation dtype of `acc`.
+at::Tensor softmax_loss(const SoftmaxRows& rows, double smoothing, int64_t num_classes,
+                        const at::TensorOptions& acc) {
+  const double other_weight = num_classes > 1 ? smoothing / static_cast<double>(num_classes - 1) : 0.0;
+  const at::Tensor row_lse = rows.max + at::log(rows.sum);
+  return (row_lse - (1.0 - smoothing) * rows.target - other_weight * (rows.logit_sum - rows.target))
+      .mean()
+      .to(acc.dtype());
+}
+
+// One softmax-family call's view of its proxies: how they are tiled, and the two passes.
 template <typename T>
-LossAndGrads proxy_softmax_impl(const at::Tensor& x, const at::Tensor& p, const at::Tensor& labels,
-                                double scale, double smoothing, bool exclude_positive) {
-  const char* op = "proxy_nca_loss";
-  const int64_t B = x.size(0), C = p.size(0);
-  const auto acc = x.options().dtype(c10::CppTypeToScalarType<T>::value);
-  ValueChecks checks(labels, C, op);
-  const at::Tensor labels_c = labels.contiguous();
-  const int64_t* label_ptr = labels_c.const_data_ptr<int64_t>();
-
-  const UnitRows xs = normalize_rows(x.to(acc.dtype()));
-  const at::Tensor& x_hat = xs.unit;
-  checks.add_norms(xs.norm, /*embeddings=*/true);
-
-  const auto wide = acc.dtype(at::kDouble);
-  at::Tensor lse_max = at::zeros({B}, wide), lse_sum = at::zeros({B}, wide);
-  at::Tensor logit_sum = at::zeros({B}, wide), target_logit = at::zeros({B}, wide);
-  const SoftmaxRowState state{lse_max.data_ptr<double>(), lse_sum.data_ptr<double>(),
-                              smoothing > 0 ? logit_sum.data_ptr<double>() : nullptr,
-                              target_logit.data_ptr<double>()};
-  const bool column_contiguous = x.is_cuda();  // neighbouring threads own neighbouring rows
-  const int64_t tile = tile_columns(x, C);
-  const int64_t chunk_cols = x.is_cuda() ? kSoftmaxChunkColumnsCuda : kSoftmaxChunkColumnsCpu;
-  const int64_t max_chunks = blocks_for(tile, chunk_cols);
-  const at::Tensor partial_buffer = at::empty({3, max_chunks * B}, wide);
-  const SoftmaxChunkPartials partials{partial_buffer[0].data_ptr<double>(),
-                                      partial_buffer[1].data_ptr<double>(),
-                                      partial_buffer[2].data_ptr<double>()};
-  const int64_t bytes_per_class = (B + x.size(1)) * static_cast<int64_t>(sizeof(T));
-  const bool reuse_tiles = C * bytes_per_class <= std::max(kSoftmaxReuseBytes, tile * bytes_per_class);
-  // A kept tile holds pass 1's exponentials e^{z - shift} and the per-row shifts (shift defined).
+class SoftmaxTiles {
+ public:
+  // A tile of S; after pass 1 with `keep`, pass 1's exponentials e^{z - shift} and the shifts.
   struct Tile {
     UnitRows proxies;
     at::Tensor sim;
     at::Tensor shift;
   };
-  std::vector<Tile> kept;
-  auto compute_tile = [&](int64_t first, int64_t cols) {
-    UnitRows ps = normalize_rows(p.narrow(0, first, cols).to(acc.dtype()));
-    at::Tensor sim = similarity_tile(x_hat, ps.unit, column_contiguous);
+
+  SoftmaxTiles(const at::Tensor& x, const UnitRows& xs, const at::Tensor& p,
+               const at::Tensor& kernel_labels, double scale, bool exclude_positive)
+      : x_(x),
+        x_hat_(xs.unit),
+        p_(p),
+        label_ptr_(kernel_labels.const_data_ptr<int64_t>()),
+        scale_(scale),
+        exclude_positive_(exclude_positive),
+        acc_(x.options().dtype(c10::CppTypeToScalarType<T>::value)),
+        tile_(tile_columns(x, p.size(0))),
+        chunk_cols_(x.is_cuda() ? kSoftmaxChunkColumnsCuda : kSoftmaxChunkColumnsCpu),
+        column_contiguous_(x.is_cuda()) {}  // neighbouring threads own neighbouring rows
+
+  // Whether pass 1's tiles fit the reuse budget (otherwise pass 2 recomputes them).
+  bool tiles_fit() const {
+    const int64_t bytes_per_class = (x_.size(0) + x_.size(1)) * static_cast<int64_t>(sizeof(T));
+    return p_.size(0) * bytes_per_class <= std::max(kSoftmaxReuseBytes, tile_ * bytes_per_class);
+  }
+
+  // Pass 1: merges every row's statistics over these proxies into `rows` (logit sums only when
+  // `with_logit_sum`); returns the tiles when `keep`, else nothing.
+  std::vector<Tile> row_pass(SoftmaxRows& rows, bool with_logit_sum, bool keep,
+                             ValueChecks& checks) const {
+    const int64_t B = x_.size(0), C = p_.size(0);
+    const SoftmaxRowState state{rows.max.data_ptr<double>(), rows.sum.data_ptr<double>(),
+                                with_logit_sum ? rows.logit_sum.data_ptr<double>() : nullptr,
+                                rows.target.data_ptr<double>()};
+    const at::Tensor partial_buffer =
+        at::empty({3, blocks_for(tile_, chunk_cols_) * B}, acc_.dtype(at::kDouble));
+    const SoftmaxChunkPartials partials{partial_buffer[0].data_ptr<double>(),
+                                        partial_buffer[1].data_ptr<double>(),
+                                        partial_buffer[2].data_ptr<double>()};
+    std::vector<Tile> kept;
+    for (int64_t first = 0; first < C; first += tile_) {
+      const int64_t cols = std::min(tile_, C - first);
+      const int64_t chunks = blocks_for(cols, chunk_cols_);
+      Tile t = compute_tile(first, cols);
+      if (keep) t.shift = at::empty({chunks * B}, acc_);
+      checks.add_norms(t.proxies.norm, /*embeddings=*/false);
+      launch(x_, chunks * B, args(t, first, cols, state, partials));
+      launch(x_, B, SoftmaxCombineArgs{partials, B, chunks, state});
+      if (keep) kept.push_back(std::move(t));
+    }
+    return kept;
+  }
+
+  // Pass 2: G = (scale / B)(softmax(z) - targets) from the complete row LSE, tile by tile (pass
+  // 1's `kept` tiles, or recomputed when empty), accumulated into dX (before the projection of
+  // the embeddings' normalization) and written into dP.
+  void grad_pass(const at::Tensor& row_lse, double smoothing, int64_t num_classes,
+                 const std::vector<Tile>& kept, at::Tensor& grad_x_acc, at::Tensor& grad_p) const {
+    const int64_t B = x_.size(0), C = p_.size(0);
+    const double other_weight = num_classes > 1 ? smoothing / static_cast<double>(num_classes - 1) : 0.0;
+    const SoftmaxRowState no_state{nullptr, nullptr, nullptr, nullptr};
+    const SoftmaxChunkPartials no_partials{nullptr, nullptr, nullptr};
+    for (int64_t first = 0, index = 0; first < C; first += tile_, ++index) {
+      const int64_t cols = std::min(tile_, C - first);
+      const Tile t = kept.empty() ? compute_tile(first, cols) : kept[index];
+      launch(x_, blocks_for(cols, chunk_cols_) * B,
+             SoftmaxGradArgs<T>{args(t, first, cols, no_state, no_partials),
+                                row_lse.const_data_ptr<T>(), T(1.0 - smoothing), T(other_weight),
+                                T(scale_ / static_cast<double>(B))});
+      grad_x_acc.addmm_(t.sim, t.proxies.unit);
+      project_rows(at::mm(t.sim.t(), x_hat_), t.proxies, grad_p.narrow(0, first, cols));
+    }
+  }
+
+ private:
+  Tile compute_tile(int64_t first, int64_t cols) const {
+    UnitRows ps = normalize_rows(p_.narrow(0, first, cols).to(acc_.dtype()));
+    at::Tensor sim = similarity_tile(x_hat_, ps.unit, column_contiguous_);
     return Tile{std::move(ps), std::move(sim), at::Tensor()};
-  };
-  auto tile_args = [&](const Tile& t, int64_t first, int64_t cols) {
-    return SoftmaxTileArgs<T>{view_of<T>(t.sim), label_ptr, B, cols, chunk_cols, first, T(scale),
-                              exclude_positive, state, partials,
+  }
+
+  SoftmaxTileArgs<T> args(const Tile& t, int64_t first, int64_t cols, const SoftmaxRowState& state,
+                          const SoftmaxChunkPartials& partials) const {
+    return SoftmaxTileArgs<T>{view_of<T>(t.sim), label_ptr_, x_.size(0), cols, chunk_cols_, first,
+                              T(scale_), exclude_positive_, state, partials,
                               t.shift.defined() ? t.shift.template data_ptr<T>() : nullptr};
-  };
-
-  for (int64_t first = 0; first < C; first += tile) {
-    const int64_t cols = std::min(tile, C - first);
-    const int64_t chunks = blocks_for(cols, chunk_cols);
-    Tile t = compute_tile(first, cols);
-    if (reuse_tiles) t.shift = at::empty({chunks * B}, acc);
-    checks.add_norms(t.proxies.norm, /*embeddings=*/false);
-    launch(x, chunks * B, tile_args(t, first, cols));
-    launch(x, B, SoftmaxCombineArgs{partials, B, chunks, state});
-    if (reuse_tiles) kept.push_back(std::move(t));
   }
 
-  const double other_weight = C > 1 ? smoothing / static_cast<double>(C - 1) : 0.0;
-  const double target_weight = 1.0 - smoothing;
-  const at::Tensor row_lse_wide = lse_max + at::log(lse_sum);
-  const at::Tensor loss = (row_lse_wide - target_weight * target_logit -
-                           other_weight * (logit_sum - target_logit))
-                              .mean()
-                              .to(acc.dtype());
-  const at::Tensor row_lse = row_lse_wide.to(acc.dtype());
+  const at::Tensor& x_;
+  const at::Tensor& x_hat_;
+  const at::Tensor& p_;
+  const int64_t* label_ptr_;
+  double scale_;
+  bool exclude_positive_;
+  at::TensorOptions acc_;
+  int64_t tile_;
+  int64_t chunk_cols_;
+  bool column_contiguous_;
+};
 
-  at::Tensor grad_x_acc = at::zeros({B, x.size(1)}, acc);
-  at::Tensor grad_p = at::empty_like(p, at::MemoryFormat::Contiguous);
-  for (int64_t first = 0, index = 0; first < C; first += tile, ++index) {
-    const int64_t cols = std::min(tile, C - first);
-    const Tile t = reuse_tiles ? kept[index] : compute_tile(first, cols);
-    launch(x, blocks_for(cols, chunk_cols) * B,
-           SoftmaxGradArgs<T>{tile_args(t, first, cols), row_lse.const_data_ptr<T>(),
-                              T(target_weight), T(other_weight), T(scale / B)});
-    grad_x_acc.addmm_(t.sim, t.proxies.unit);
-    project_rows(at::mm(t.sim.t(), x_hat), t.proxies, grad_p.narrow(0, first, cols));
-  }
-
+// dL/dx from the accumulated G P_hat, through the embeddings' normalization.
+at::Tensor embedding_grad(const at::Tensor& x, const at::Tensor& grad_x_acc, const UnitRows& xs) {
   at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);
   project_rows(grad_x_acc, xs, grad_x);
+  return grad_x;
+}
+
+template <typename T>
+LossAndGrads proxy_softmax_impl(const at::Tensor& x, const at::Tensor& p, const at::Tensor& labels,
+                                double scale, double smoothing, bool exclude_positive) {
+  const char* op = "proxy_nca_loss";
+  const int64_t C = p.size(0);
+  const auto acc = x.options().dtype(c10::CppTypeToScalarType<T>::value);
+  ValueChecks checks(labels, C, op);
+  const ShardLabels shard_label = shard_labels(labels, ClassShard{0, C, C}, acc);
+  const UnitRows xs = normalize_rows(x.to(acc.dtype()));
+  checks.add_norms(xs.norm, /*embeddings=*/true);
+  const SoftmaxTiles<T> tiles(x, xs, p, shard_label.kernel, scale, exclude_positive);
+
+  SoftmaxRows rows = empty_softmax_rows(x);
+  const bool keep = tiles.tiles_fit();
+  const auto kept = tiles.row_pass(rows, /*with_logit_sum=*/smoothing > 0, keep, checks);
+  const at::Tensor loss = softmax_loss(rows, smoothing, C, acc);
+  const at::Tensor row_lse = (rows.max + at::log(rows.sum)).to(acc.dtype());
+
+  at::Tensor grad_x_acc = at::zeros({x.size(0), x.size(1)}, acc);
+  at::Tensor grad_p = at::empty_like(p, at::MemoryFormat::Contiguous);
+  tiles.grad_pass(row_lse, smoothing, C, kept, grad_x_acc, grad_p);
+  const at::Tensor grad_x = embedding_grad(x, grad_x_acc, xs);
+  checks.raise_if_failed(x, p);
+  return {loss, grad_x, grad_p};
+}
+
+// Sharded pass 1: [4, B] float64 rows (max, sum of e^{z - max}, logit sum, target logit) over
+// this shard's proxies, with max = -inf where the shard holds no denominator logit of the row.
+template <typename T>
+at::Tensor softmax_shard_stats_impl(const at::Tensor& x, const at::Tensor& p,
+                                    const at::Tensor& labels, double scale, bool exclude_positive,
+                                    const ClassShard& shard) {
+  const char* op = "proxy_nca_shard_row_stats";
+  const auto acc = x.options().dtype(c10::CppTypeToScalarType<T>::value);
+  ValueChecks checks(labels, shard.total, op);
+  const ShardLabels shard_label = shard_labels(labels, shard, acc);
+  const UnitRows xs = normalize_rows(x.to(acc.dtype()));
+  checks.add_norms(xs.norm, /*embeddings=*/true);
+  const SoftmaxTiles<T> tiles(x, xs, p, shard_label.kernel, scale, exclude_positive);
+  SoftmaxRows rows = empty_softmax_rows(x);
+  tiles.row_pass(rows, /*with_logit_sum=*/true, /*keep=*/false, checks);
+  const at::Tensor max = at::where(rows.sum > 0, rows.max, -std::numeric_limits<double>::infinity());
+  checks.raise_if_failed(x, p);
+  return at::stack({max, rows.sum, rows.logit_sum, rows.target});
+}
+
+// Sharded pass 2: the loss from the rows reduced over all shards, and this shard's gradients.
+template <typename T>
+LossAndGrads softmax_shard_grads_impl(const at::Tensor& x, const at::Tensor& p,
+                                      const at::Tensor& labels, const at::Tensor& row_stats,
+                                      double scale, double smoothing, bool exclude_positive,
+                                      const ClassShard& shard) {
+  const char* op = "proxy_nca_shard_loss_and_grads";
+  const auto acc = x.options().dtype(c10::CppTypeToScalarType<T>::value);
+  ValueChecks checks(labels, shard.total, op);
+  const ShardLabels shard_label = shard_labels(labels, shard, acc);
+  const UnitRows xs = normalize_rows(x.to(acc.dtype()));
+  checks.add_norms(xs.norm, /*embeddings=*/true);
+  const SoftmaxTiles<T> tiles(x, xs, p, shard_label.kernel, scale, exclude_positive);
+  const SoftmaxRows rows{row_stats[0], row_stats[1], row_stats[2], row_stats[3]};
+  const at::Tensor loss = softmax_loss(rows, smoothing, shard.total, acc);
+  const at::Tensor row_lse = (rows.max + at::log(rows.sum)).to(acc.dtype());
+  at::Tensor grad_x_acc = at::zeros({x.size(0), x.size(1)}, acc);
+  at::Tensor grad_p = at::empty_like(p, at::MemoryFormat::Contiguous);
+  tiles.grad_pass(row_lse, smoothing, shard.total, {}, grad_x_acc, grad_p);
+  const at::Tensor grad_x = embedding_grad(x, grad_x_acc, xs);
   checks.raise_if_failed(x, p);
   return {loss, grad_x, grad_p};
 }
@@ -442,8 +624,10 @@ LossAndGrads proxy_softmax_impl(const at::Tensor& x, const at::Tensor& p, const 
 LossAndGrads proxy_anchor_loss(const at::Tensor& embeddings, const at::Tensor& proxies,
                                const at::Tensor& labels, double margin, double alpha,
                                const std::optional<at::Tensor>& isa_class_params,
-                               bool isa_filter_positives) {
+                               bool isa_filter_positives, int64_t class_offset,
+                               int64_t num_classes) {
   check_metadata(embeddings, proxies, labels, "proxy_anchor_loss");
+  const ClassShard shard = class_shard(proxies, class_offset, num_classes, "proxy_anchor_loss");
   TORCH_CHECK_VALUE(std::isfinite(margin), "proxy_anchor_loss: margin must be finite, got ",
                     margin);
   TORCH_CHECK_VALUE(std::isfinite(alpha) && alpha > 0,
@@ -459,22 +643,27 @@ LossAndGrads proxy_anchor_loss(const at::Tensor& embeddings, const at::Tensor& p
     TORCH_CHECK_VALUE(isa.device() == embeddings.device(),
                       "proxy_anchor_loss: isa_class_params must be on ", embeddings.device(),
                       ", got ", isa.device());
+    TORCH_CHECK_VALUE(!shard.sharded(),
+                      "proxy_anchor_loss: isa_class_params cannot be combined with a class shard "
+                      "(Proxy-ISA's normalizers are sums over all classes' multipliers)");
   }
   const c10::DeviceGuard guard(embeddings.device());
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   if (accumulation_type(embeddings, proxies) == at::kDouble) {
     return proxy_anchor_impl<double>(embeddings, proxies, labels, margin, alpha, isa,
-                                     isa_filter_positives);
+                                     isa_filter_positives, shard);
   }
   return proxy_anchor_impl<float>(embeddings, proxies, labels, margin, alpha, isa,
-                                  isa_filter_positives);
+                                  isa_filter_positives, shard);
 }
 
 IdmlLossAndGrads idml_proxy_anchor_loss(const at::Tensor& embeddings,
                                         const at::Tensor& uncertainty, const at::Tensor& proxies,
-                                        const at::Tensor& labels, double margin, double alpha) {
+                                        const at::Tensor& labels, double margin, double alpha,
+                                        int64_t class_offset, int64_t num_classes) {
   const char* op = "idml_proxy_anchor_loss";
   check_metadata(embeddings, proxies, labels, op);
+  const ClassShard shard = class_shard(proxies, class_offset, num_classes, op);
   TORCH_CHECK_VALUE(uncertainty.dim() == 2, op,
                     ": uncertainty must be 2-D (batch, uncertainty_dim), got a ",
                     describe(uncertainty));
@@ -495,27 +684,36 @@ IdmlLossAndGrads idml_proxy_anchor_loss(const at::Tensor& embeddings,
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const bool wide = accumulation_type(embeddings, proxies) == at::kDouble ||
                     uncertainty.scalar_type() == at::kDouble;
-  if (wide) return idml_impl<double>(embeddings, uncertainty, proxies, labels, margin, alpha);
-  return idml_impl<float>(embeddings, uncertainty, proxies, labels, margin, alpha);
+  if (wide) return idml_impl<double>(embeddings, uncertainty, proxies, labels, margin, alpha, shard);
+  return idml_impl<float>(embeddings, uncertainty, proxies, labels, margin, alpha, shard);
 }
+
+namespace {
+
+// The softmax family's hyperparameter checks, against the number of classes of all shards.
+void check_softmax_params(double scale, double smoothing, bool exclude_positive,
+                          int64_t num_classes, const char* op) {
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, op,
+                    ": scale must be a finite number > 0, got ", scale);
+  TORCH_CHECK_VALUE(smoothing >= 0 && smoothing < 1, op, ": smoothing must be in [0, 1), got ",
+                    smoothing);
+  TORCH_CHECK_VALUE(!(exclude_positive && smoothing > 0), op,
+                    ": smoothing is defined for the softmax over all proxies; "
+                    "use smoothing=0 with exclude_positive=True");
+  TORCH_CHECK_VALUE(!(exclude_positive && num_classes < 2), op,
+                    ": exclude_positive=True needs at least 2 proxies "
+                    "(the denominator sums over the other classes), got ", num_classes);
+  TORCH_CHECK_VALUE(!(smoothing > 0 && num_classes < 2), op,
+                    ": label smoothing needs at least 2 proxies, got ", num_classes);
+}
+
+}  // namespace
 
 LossAndGrads proxy_nca_loss(const at::Tensor& embeddings, const at::Tensor& proxies,
                             const at::Tensor& labels, double scale, double smoothing,
                             bool exclude_positive) {
   check_metadata(embeddings, proxies, labels, "proxy_nca_loss");
-  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0,
-                    "proxy_nca_loss: scale must be a finite number > 0, got ", scale);
-  TORCH_CHECK_VALUE(smoothing >= 0 && smoothing < 1,
-                    "proxy_nca_loss: smoothing must be in [0, 1), got ", smoothing);
-  TORCH_CHECK_VALUE(!(exclude_positive && smoothing > 0),
-                    "proxy_nca_loss: smoothing is defined for the softmax over all proxies; "
-                    "use smoothing=0 with exclude_positive=True");
-  TORCH_CHECK_VALUE(!(exclude_positive && proxies.size(0) < 2),
-                    "proxy_nca_loss: exclude_positive=True needs at least 2 proxies "
-                    "(the denominator sums over the other classes), got ", proxies.size(0));
-  TORCH_CHECK_VALUE(!(smoothing > 0 && proxies.size(0) < 2),
-                    "proxy_nca_loss: label smoothing needs at least 2 proxies, got ",
-                    proxies.size(0));
+  check_softmax_params(scale, smoothing, exclude_positive, proxies.size(0), "proxy_nca_loss");
   const c10::DeviceGuard guard(embeddings.device());
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   if (accumulation_type(embeddings, proxies) == at::kDouble) {
@@ -524,6 +722,50 @@ LossAndGrads proxy_nca_loss(const at::Tensor& embeddings, const at::Tensor& prox
   }
   return proxy_softmax_impl<float>(embeddings, proxies, labels, scale, smoothing,
                                    exclude_positive);
+}
+
+at::Tensor proxy_nca_shard_row_stats(const at::Tensor& embeddings, const at::Tensor& proxies,
+                                     const at::Tensor& labels, double scale,
+                                     bool exclude_positive, int64_t class_offset,
+                                     int64_t num_classes) {
+  const char* op = "proxy_nca_shard_row_stats";
+  check_metadata(embeddings, proxies, labels, op);
+  const ClassShard shard = class_shard(proxies, class_offset, num_classes, op);
+  check_softmax_params(scale, 0.0, exclude_positive, shard.total, op);
+  const c10::DeviceGuard guard(embeddings.device());
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  if (accumulation_type(embeddings, proxies) == at::kDouble) {
+    return softmax_shard_stats_impl<double>(embeddings, proxies, labels, scale, exclude_positive,
+                                            shard);
+  }
+  return softmax_shard_stats_impl<float>(embeddings, proxies, labels, scale, exclude_positive,
+                                         shard);
+}
+
+LossAndGrads proxy_nca_shard_loss_and_grads(const at::Tensor& embeddings,
+                                            const at::Tensor& proxies, const at::Tensor& labels,
+                                            const at::Tensor& row_stats, double scale,
+                                            double smoothing, bool exclude_positive,
+                                            int64_t class_offset, int64_t num_classes) {
+  const char* op = "proxy_nca_shard_loss_and_grads";
+  check_metadata(embeddings, proxies, labels, op);
+  const ClassShard shard = class_shard(proxies, class_offset, num_classes, op);
+  check_softmax_params(scale, smoothing, exclude_positive, shard.total, op);
+  TORCH_CHECK_VALUE(row_stats.scalar_type() == at::kDouble && row_stats.dim() == 2 &&
+                        row_stats.size(0) == 4 && row_stats.size(1) == embeddings.size(0) &&
+                        row_stats.device() == embeddings.device(),
+                    op, ": row_stats must be a float64 tensor of shape (4, ", embeddings.size(0),
+                    ") on ", embeddings.device(), " (the reduced proxy_nca_shard_row_stats), got a ",
+                    describe(row_stats));
+  const c10::DeviceGuard guard(embeddings.device());
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const at::Tensor stats = row_stats.contiguous();
+  if (accumulation_type(embeddings, proxies) == at::kDouble) {
+    return softmax_shard_grads_impl<double>(embeddings, proxies, labels, stats, scale, smoothing,
+                                            exclude_positive, shard);
+  }
+  return softmax_shard_grads_impl<float>(embeddings, proxies, labels, stats, scale, smoothing,
+                                         exclude_positive, shard);
 }
 
 }  // namespace dmlfast

@@ -17,10 +17,17 @@ using LossAndGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 // With `isa_class_params` ([4, C]: s_bar, theta, w, easy-negative weight per class), Proxy-ISA
 // (SPEC §3.1, §7.4): multipliers M in the exponents and normalizers from their class means;
 // `isa_filter_positives` switches the positive bands on.
+//
+// Class shards (the anchor ops, without ISA): `proxies` are classes [class_offset, class_offset +
+// proxies.shape[0]) of `num_classes` (< 0: proxies.shape[0], unsharded), labels are global in
+// [0, num_classes). The op returns this shard's share: its columns' terms over |P+| (all classes
+// of the batch) and num_classes, their dL/d embeddings, and dL/d proxies; summed over the
+// shards, loss and dL/d embeddings equal the unsharded op's (dmlfast/sharded.py).
 LossAndGrads proxy_anchor_loss(const at::Tensor& embeddings, const at::Tensor& proxies,
                                const at::Tensor& labels, double margin, double alpha,
                                const std::optional<at::Tensor>& isa_class_params,
-                               bool isa_filter_positives);
+                               bool isa_filter_positives, int64_t class_offset,
+                               int64_t num_classes);
 
 // IDML (SPEC §6): Proxy-Anchor on the introspective similarity S' = 1 - (1 - S) g with
 // g = exp(-(||v_b||^2 + 4) / (5 ||x_b - p_c||^2)), `uncertainty` v of shape (batch, any dim).
@@ -28,12 +35,30 @@ LossAndGrads proxy_anchor_loss(const at::Tensor& embeddings, const at::Tensor& p
 using IdmlLossAndGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 IdmlLossAndGrads idml_proxy_anchor_loss(const at::Tensor& embeddings,
                                         const at::Tensor& uncertainty, const at::Tensor& proxies,
-                                        const at::Tensor& labels, double margin, double alpha);
+                                        const at::Tensor& labels, double margin, double alpha,
+                                        int64_t class_offset, int64_t num_classes);
 
 // Softmax cross-entropy over logits scale * cos(x, p) with label smoothing, or the classic
 // ProxyNCA form with the target excluded from the denominator (SPEC §2, §7.3).
 LossAndGrads proxy_nca_loss(const at::Tensor& embeddings, const at::Tensor& proxies,
                             const at::Tensor& labels, double scale, double smoothing,
                             bool exclude_positive);
+
+// The softmax family over class shards (class_offset, num_classes as for the anchor ops), in two
+// ops with a reduction across shards in between. Pass 1: [4, batch] float64 rows (max, sum of
+// e^{z - max} over this shard's denominator logits (max = -inf where there are none), sum of its
+// logits, the target logit where the target is in this shard, else 0).
+at::Tensor proxy_nca_shard_row_stats(const at::Tensor& embeddings, const at::Tensor& proxies,
+                                     const at::Tensor& labels, double scale,
+                                     bool exclude_positive, int64_t class_offset,
+                                     int64_t num_classes);
+
+// Pass 2, from `row_stats` reduced over all shards (max: the maximum; the sums: rescaled to it and
+// summed): (the loss over all classes, this shard's share of dL/d embeddings, dL/d proxies).
+LossAndGrads proxy_nca_shard_loss_and_grads(const at::Tensor& embeddings,
+                                            const at::Tensor& proxies, const at::Tensor& labels,
+                                            const at::Tensor& row_stats, double scale,
+                                            double smoothing, bool exclude_positive,
+                                            int64_t class_offset, int64_t num_classes);
 
 }  // namespace dmlfast

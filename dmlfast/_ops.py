@@ -2,7 +2,8 @@
 
 For each op ``torch.ops.dmlfast.<name>(embeddings, proxies, labels, ...) -> (loss, grad_embeddings,
 grad_proxies)``, and ``idml_proxy_anchor_loss(embeddings, uncertainty, proxies, labels, ...) -> (loss,
-grad_embeddings, grad_uncertainty, grad_proxies)``, this module registers:
+grad_embeddings, grad_uncertainty, grad_proxies)``, this module registers (the class-sharded
+softmax's first pass, ``proxy_nca_shard_row_stats``, has no gradient: only its fake and autocast):
 
 - a fake (meta) kernel, so torch.compile and FakeTensor tracing know the output shapes;
 - autograd: the forward already computed both gradients, so backward only scales them by the
@@ -18,8 +19,9 @@ import torch
 from ._version import __version__
 
 #: Each op and how many of its leading tensor inputs get a gradient (its outputs: loss, then those gradients).
-DIFFERENTIABLE_INPUTS = {"proxy_anchor_loss": 2, "proxy_nca_loss": 2, "idml_proxy_anchor_loss": 3}
-OP_NAMES = tuple(DIFFERENTIABLE_INPUTS)
+DIFFERENTIABLE_INPUTS = {"proxy_anchor_loss": 2, "proxy_nca_loss": 2, "idml_proxy_anchor_loss": 3,
+                         "proxy_nca_shard_loss_and_grads": 2}
+OP_NAMES = (*DIFFERENTIABLE_INPUTS, "proxy_nca_shard_row_stats")
 
 
 def _load_extension():
@@ -63,7 +65,8 @@ def _fake_outputs(embeddings, proxies):
 
 
 @torch.library.register_fake("dmlfast::proxy_anchor_loss")
-def _proxy_anchor_loss_fake(embeddings, proxies, labels, margin, alpha, isa_class_params=None, isa_filter_positives=False):
+def _proxy_anchor_loss_fake(embeddings, proxies, labels, margin, alpha, isa_class_params=None, isa_filter_positives=False,
+                            class_offset=0, num_classes=-1):
     return _fake_outputs(embeddings, proxies)
 
 
@@ -72,8 +75,19 @@ def _proxy_nca_loss_fake(embeddings, proxies, labels, scale, smoothing, exclude_
     return _fake_outputs(embeddings, proxies)
 
 
+@torch.library.register_fake("dmlfast::proxy_nca_shard_row_stats")
+def _proxy_nca_shard_row_stats_fake(embeddings, proxies, labels, scale, exclude_positive, class_offset, num_classes):
+    return embeddings.new_empty((4, embeddings.shape[0]), dtype=torch.float64)
+
+
+@torch.library.register_fake("dmlfast::proxy_nca_shard_loss_and_grads")
+def _proxy_nca_shard_loss_and_grads_fake(embeddings, proxies, labels, row_stats, scale, smoothing, exclude_positive,
+                                         class_offset, num_classes):
+    return _fake_outputs(embeddings, proxies)
+
+
 @torch.library.register_fake("dmlfast::idml_proxy_anchor_loss")
-def _idml_proxy_anchor_loss_fake(embeddings, uncertainty, proxies, labels, margin, alpha):
+def _idml_proxy_anchor_loss_fake(embeddings, uncertainty, proxies, labels, margin, alpha, class_offset=0, num_classes=-1):
     loss, grad_embeddings, grad_proxies = _fake_outputs(embeddings, proxies)
     if uncertainty.dtype == torch.float64:
         loss = loss.to(torch.float64)
@@ -132,6 +146,7 @@ _autocast_library = torch.library.Library("dmlfast", "IMPL")
 for _name, _count in DIFFERENTIABLE_INPUTS.items():
     _setup_context, _backward = _make_autograd(getattr(torch.ops.dmlfast, _name).default, _count)
     torch.library.register_autograd(f"dmlfast::{_name}", _backward, setup_context=_setup_context)
+for _name in OP_NAMES:
     for _key in ("AutocastCPU", "AutocastCUDA"):
         _autocast_library.impl(_name, torch.library.fallthrough_kernel, _key)
 
