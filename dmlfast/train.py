@@ -10,6 +10,15 @@ Outputs in ``--output``: ``config.json`` (the final configuration), ``last.pt`` 
 ``--resume`` continues from it), ``best.pt`` (best Recall@1), ``log.jsonl``, ``curves.png`` and,
 with ``--tensorboard`` / ``--wandb``, the same scalars as TensorBoard events / an offline W&B run.
 User errors (bad flags, missing data, wrong checkpoint) print one ``error:`` line and exit with status 2.
+
+``torchrun --nproc-per-node N -m dmlfast.train ...`` trains data-parallel in N processes
+(:mod:`dmlfast.training.distributed`): one per GPU (``cuda:LOCAL_RANK``, NCCL) or on the CPU
+(gloo); model and proxies replicated, their gradients averaged by DDP; ``--batch-size`` per
+process (global batch N x B) and the batches sharded by rank; evaluation sharded and gathered in
+dataset order, its metrics computed on rank 0 and sent to all; rank 0 alone prints, logs and
+writes the files, which are those of a single-process run (no ``module.`` prefix) plus
+``world_size`` in the configuration. ``--resume`` needs the same N. ``--loss ProxyISA`` runs in
+one process only. Without torchrun's environment (``WORLD_SIZE`` unset or 1) nothing changes.
 """
 from __future__ import annotations
 
@@ -379,12 +388,15 @@ def restore_model(config: Dict[str, Any], model_state: Dict[str, Any], device):
 
 
 def make_eval_loaders(config: Dict[str, Any], splits, device):
-    """``(query loader, reference loader or None)``: the test split against itself, or In-shop's query vs gallery."""
+    """``(query loader, reference loader or None)``: the test split against itself, or In-shop's query
+    vs gallery; under torchrun each rank's loaders yield its shard (global batches rank, rank + N, ...)."""
     from dmlfast.data import make_loader
     from dmlfast.models import NORMALIZATION
+    from dmlfast.training import distributed
 
     kw = dict(train=False, batch_size=max(256, config["batch_size"]), device=device, loader=config["loader"],
-              image_size=config["image_size"], normalization=NORMALIZATION[config["model"]], num_workers=config["workers"])
+              image_size=config["image_size"], normalization=NORMALIZATION[config["model"]], num_workers=config["workers"],
+              shard_id=distributed.rank(), num_shards=distributed.world_size())
     if config["image_size"] is not None and config["resize_size"] is not None:
         kw["resize_size"] = config["resize_size"]
     if splits.test is not None:
@@ -392,8 +404,10 @@ def make_eval_loaders(config: Dict[str, Any], splits, device):
     return make_loader(splits.query, **kw), make_loader(splits.gallery, **kw)
 
 
-def embed(model, loader, device, dtype, progress: bool, desc: str):
-    """Embeddings (float32, on ``device``) and labels of every image of ``loader``, in order."""
+def embed(model, loader, device, dtype, progress: bool, desc: str, dim: Optional[int] = None):
+    """Embeddings (float32, on ``device``) and labels of every image of ``loader``, in order. A loader
+    with no batch (a rank's share of a small set) gives empty tensors with ``dim`` columns
+    (``ValueError`` when ``dim`` is not given)."""
     import torch
     from tqdm import tqdm
 
@@ -405,18 +419,44 @@ def embed(model, loader, device, dtype, progress: bool, desc: str):
                 images = images.contiguous(memory_format=torch.channels_last)
             embeddings.append(model(images).float())
             labels.append(y)
+    if not embeddings:
+        if dim is None:
+            raise ValueError(f"embed: {desc}: the loader yielded no batch; pass dim to get empty embeddings")
+        return torch.empty(0, dim, device=device), torch.empty(0, dtype=torch.long, device=device)
     return torch.cat(embeddings), torch.cat(labels)
 
 
+def embed_all(model, loader, device, dtype, progress: bool, desc: str, dim: int):
+    """:func:`embed` over the whole set: under torchrun each rank embeds its shard of ``loader`` and
+    the rows of all ranks are gathered back into the dataset's order (the single-process result)."""
+    from dmlfast.training import distributed
+
+    embeddings, labels = embed(model, loader, device, dtype, progress, desc, dim)
+    positions = [i for batch in loader.sampler for i in batch]
+    return distributed.gather_in_order((embeddings, labels), positions, len(loader.sampler.labels))
+
+
 def evaluate_model(model, loaders, config: Dict[str, Any], device, dtype, progress: bool) -> Dict[str, float]:
-    """Recall@K (the dataset's Ks), MAP@R and R-Precision of ``model`` on the held-out classes."""
-    from dmlfast.evaluation import retrieval_metrics
+    """Recall@K (the dataset's Ks), MAP@R and R-Precision of ``model`` on the held-out classes.
+
+    Under torchrun the loaders are sharded (:func:`make_eval_loaders`): every rank embeds its share,
+    rank 0 computes the metrics on the gathered embeddings and every rank returns rank 0's dict."""
+    from dmlfast.training import distributed
 
     query_loader, reference_loader = loaders
-    q, ql = embed(model, query_loader, device, dtype, progress, "embed test")
+    dim = config["embedding_size"]
+    q, ql = embed_all(model, query_loader, device, dtype, progress, "embed test", dim)
     reference = reference_labels = None
     if reference_loader is not None:
-        reference, reference_labels = embed(model, reference_loader, device, dtype, progress, "embed gallery")
+        reference, reference_labels = embed_all(model, reference_loader, device, dtype, progress, "embed gallery", dim)
+    result = _retrieval_metrics(q, ql, reference, reference_labels, config) if distributed.is_main() else None
+    return distributed.broadcast_object(result)
+
+
+def _retrieval_metrics(q, ql, reference, reference_labels, config: Dict[str, Any]) -> Dict[str, float]:
+    """:func:`evaluate_model`'s dict from the embeddings and labels of the whole query (and reference) set."""
+    from dmlfast.evaluation import retrieval_metrics
+
     count = len(reference_labels) if reference_labels is not None else len(ql) - 1
     ks = tuple(k for k in config["ks"] if k <= count)
     labels = None if reference_labels is None else reference_labels.cpu().numpy()
@@ -494,20 +534,53 @@ def format_summary(before: Dict[str, float], after: Dict[str, float], best: Dict
 
 
 def train(config: Dict[str, Any]) -> Dict[str, Any]:
-    """Run (or resume) the training ``config`` describes; returns ``{"before", "after", "best", "history", ...}``."""
+    """Run (or resume) the training ``config`` describes; returns ``{"before", "after", "best", "history", ...}``.
+
+    Under torchrun (``WORLD_SIZE`` > 1) this process joins the process group on its own device for
+    the run, left again at the end (errors included), and trains data-parallel (module docstring);
+    ``config["world_size"]`` is set to the number of processes (1 otherwise)."""
+    from dmlfast.training import distributed
+
+    try:
+        processes = distributed.requested_world_size()
+        if processes > 1 and config["loss"] == "ProxyISA":
+            raise UsageError(f"--loss ProxyISA cannot train in {processes} processes: its per-class counters and cross-batch "
+                             "memory are updated inside the loss from the local batch, so the ranks would diverge; "
+                             "run it in one process")
+        device = distributed.device_for_rank(config["device"], distributed.local_rank()) if processes > 1 \
+            else resolve_device(config["device"])
+    except distributed.DistributedSetupError as error:
+        raise UsageError(str(error)) from error
+    with distributed.process_group(device):
+        return _train(dict(config, world_size=processes), device)
+
+
+def _check_world_size(saved: Dict[str, Any], current: Dict[str, Any], path: Path) -> None:
+    """``UsageError`` unless the checkpoint's run had as many processes as this one (checkpoints from
+    before multi-process training record none: 1)."""
+    written, now = saved.get("world_size", 1), current["world_size"]
+    if written != now:
+        how = "python -m dmlfast.train" if written == 1 else f"torchrun --nproc-per-node {written}"
+        raise UsageError(f"--resume: {path} was written by {written} process(es), this run has {now}; the batches, their "
+                         f"shards and the optimizer steps depend on it: resume with {how}, or start afresh in another --output")
+
+
+def _train(config: Dict[str, Any], device) -> Dict[str, Any]:
+    """:func:`train`'s run on ``device``, inside the process group when there is one; ``config`` has ``world_size``."""
     import numpy as np
     import torch
     from tqdm import tqdm
 
     from dmlfast.data import make_loader
     from dmlfast.models import NORMALIZATION
-    from dmlfast.training import (CheckpointError, RunLogger, load_checkpoint, mixup_loss, plot_curves, rng_state, save_checkpoint,
-                                  set_rng_state)
+    from dmlfast.training import (CheckpointError, NullLogger, RunLogger, distributed, load_checkpoint, mixup_loss, plot_curves,
+                                  rng_state, save_checkpoint, set_rng_state)
 
     start_time = time.perf_counter()
-    device = resolve_device(config["device"])
     dtype = amp_dtype(config["amp"], device)
     config = dict(config, loader=resolve_loader(config["loader"], device))
+    world, main = config["world_size"], distributed.is_main()
+    say = distributed.print_main
     out = Path(config["output"])
     last_path, best_path = out / "last.pt", out / "best.pt"
     state = None
@@ -516,14 +589,17 @@ def train(config: Dict[str, Any]) -> Dict[str, Any]:
             state = load_checkpoint(last_path)
         except CheckpointError as error:
             raise UsageError(f"--resume: {error}") from error
-        _compare_configs(state["config"], config, last_path)
+        _check_world_size(state["config"], config, last_path)
+        _compare_configs(dict(state["config"], world_size=config["world_size"]), config, last_path)
     elif not config["resume"] and last_path.is_file():
         raise UsageError(f"--output {out} already holds a run (last.pt); pass --resume to continue it or choose another --output")
-    progress = config["progress"]
+    distributed.barrier()  # every rank has looked at last.pt before rank 0 writes anything
+    progress = config["progress"] and main
 
-    splits = load_splits(config)
-    _seed_everything(config["seed"])
-    model = make_model(config).to(device)
+    with distributed.main_first():  # a dataset rendered or weights downloaded into a shared cache: by rank 0 alone
+        splits = load_splits(config)
+        _seed_everything(config["seed"])
+        model = make_model(config).to(device)
     loss_fn = make_loss(config, splits.train.num_classes).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -532,19 +608,25 @@ def train(config: Dict[str, Any]) -> Dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=config["lr_gamma"])
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
+    if len(splits.train) < config["batch_size"] * world:
+        processes = f" x {world} processes" if world > 1 else ""
+        raise UsageError(f"--batch-size {config['batch_size']}{processes} is larger than the training set ({len(splits.train)} images)")
     train_loader = make_loader(splits.train, train=True, batch_size=config["batch_size"], device=device, loader=config["loader"],
                                image_size=config["image_size"], resize_size=config["resize_size"] if config["image_size"] else None,
                                normalization=NORMALIZATION[config["model"]], samples_per_class=config["samples_per_class"],
-                               seed=config["seed"], num_workers=config["workers"])
-    if len(train_loader) == 0:
-        raise UsageError(f"--batch-size {config['batch_size']} is larger than the training set ({len(splits.train)} images)")
+                               seed=config["seed"], num_workers=config["workers"], shard_id=distributed.rank(), num_shards=world)
     eval_loaders = make_eval_loaders(config, splits, device)
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    print("configuration:\n" + "\n".join(f"  {k}: {v}" for k, v in config.items()), flush=True)
-    print(f"device {device}, autocast {dtype or 'off'}, loader {train_loader.backend}, train {splits.train!r}", flush=True)
-    logger = RunLogger(out, tensorboard=config.get("tensorboard", False), wandb=config.get("wandb", False), config=config)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    say("configuration:\n" + "\n".join(f"  {k}: {v}" for k, v in config.items()))
+    say(f"device {device}, autocast {dtype or 'off'}, loader {train_loader.backend}, train {splits.train!r}")
+    if world > 1:
+        say(f"data-parallel: {world} processes ({distributed.backend_for(device)}), global batch {world} x "
+            f"{config['batch_size']} = {world * config['batch_size']} images per step")
+    logger = RunLogger(out, tensorboard=config.get("tensorboard", False), wandb=config.get("wandb", False), config=config) \
+        if main else NullLogger()
 
     if state is not None:
         model.load_state_dict(state["model"])
@@ -555,33 +637,40 @@ def train(config: Dict[str, Any]) -> Dict[str, Any]:
             scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         history, best, start_epoch = state["history"], state["best"], state["epoch"]
-        print(f"resumed from {last_path} after epoch {start_epoch}", flush=True)
+        say(f"resumed from {last_path} after epoch {start_epoch}")
     else:
         before = evaluate_model(model, eval_loaders, config, device, dtype, progress)
         history = [{"epoch": 0, "loss": None, **before}]
         best = {"epoch": 0, "recall@1": before["recall@1"]}
         start_epoch = 0
         logger.log("eval", 0, epoch=0, **before)
-        print(f"before training: Recall@1 {100 * before['recall@1']:.2f}, MAP@R {100 * before['map@r']:.2f}", flush=True)
+        say(f"before training: Recall@1 {100 * before['recall@1']:.2f}, MAP@R {100 * before['map@r']:.2f}")
 
-    def checkpoint(epoch: int) -> Dict[str, Any]:
-        return {"config": config, "epoch": epoch, "model": model.state_dict(), "loss": loss_fn.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": None if scaler is None else scaler.state_dict(), "rng": rng_state(), "history": history, "best": best}
+    def save(epoch: int, *paths: Path) -> None:
+        """The checkpoint after ``epoch`` to ``paths``, written by the rank(s) :func:`writes_checkpoints` names."""
+        if not distributed.writes_checkpoints():
+            return
+        state_now = {"config": config, "epoch": epoch, "model": model.state_dict(), "loss": loss_fn.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": None if scaler is None else scaler.state_dict(), "rng": rng_state(), "history": history,
+                     "best": best}
+        for path in paths:
+            save_checkpoint(state_now, path)
 
     if state is None:
-        save_checkpoint(checkpoint(0), last_path)
-        save_checkpoint(checkpoint(0), best_path)
+        save(0, last_path, best_path)
     step = start_epoch * len(train_loader)
     images_seen, train_seconds = 0, 0.0
     params = [p for p in model.parameters() if p.requires_grad]
     proxy_params = list(loss_fn.parameters())  # empty for moving proxies (a buffer)
     backbone_params = model.backbone_parameters()  # fixed now: warm-up toggles requires_grad on them
+    model_inputs = distributed.LossInputs(model, uncertainty=config["loss"] == "IDML")
+    replicated_for, forward, criterion = None, model_inputs, loss_fn
 
     def loss_inputs(images):
         """The model outputs the loss takes before the labels: (μ,), or IDML's (μ, v)."""
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return model.forward_with_uncertainty(images) if config["loss"] == "IDML" else (model(images),)
+            return forward(images)
 
     for epoch in range(start_epoch + 1, config["epochs"] + 1):
         _seed_everything(epoch_seed(config["seed"], epoch))
@@ -591,6 +680,10 @@ def train(config: Dict[str, Any]) -> Dict[str, Any]:
         warm = epoch <= config["warmup_epochs"]
         for p in backbone_params:
             p.requires_grad_(not warm)
+        if distributed.trainable_signature(model_inputs, loss_fn) != replicated_for:  # first epoch, end of warm-up
+            forward = criterion = None  # the old DDP wrappers go before the new ones hook the parameters
+            forward, criterion = distributed.replicate(model_inputs, loss_fn, device)
+            replicated_for = distributed.trainable_signature(model_inputs, loss_fn)
         model.train()
         losses = []
         epoch_start = time.perf_counter()
@@ -600,9 +693,9 @@ def train(config: Dict[str, Any]) -> Dict[str, Any]:
             if device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
             inputs = loss_inputs(images)
-            loss = loss_fn(*inputs, labels)
+            loss = criterion(*inputs, labels)
             if config.get("mixup"):
-                loss = loss + mixup_loss(loss_inputs, loss_fn, images, labels)
+                loss = loss + mixup_loss(loss_inputs, criterion, images, labels)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -618,15 +711,15 @@ def train(config: Dict[str, Any]) -> Dict[str, Any]:
                 scaler.update()
             else:
                 optimizer.step()
-            if hasattr(loss_fn, "update_proxies"):
-                loss_fn.update_proxies(inputs[0].detach(), labels)
-            value = loss.item()
+            if hasattr(loss_fn, "update_proxies"):  # every rank moves its copy by the whole global batch
+                loss_fn.update_proxies(distributed.all_gather_rows(inputs[0].detach()), distributed.all_gather_rows(labels))
+            value = distributed.mean_over_ranks(loss)
             if not math.isfinite(value):
                 raise FloatingPointError(f"the loss became {value} at epoch {epoch}, step {step}; lower --lr or use --amp off")
             losses.append(value)
             step += 1
-            images_seen += len(labels)
-            rate = len(losses) * config["batch_size"] / max(time.perf_counter() - epoch_start, 1e-9)
+            images_seen += len(labels) * world
+            rate = len(losses) * config["batch_size"] * world / max(time.perf_counter() - epoch_start, 1e-9)
             bar.set_postfix(loss=f"{value:.4f}", img_s=f"{rate:.0f}")
             logger.log("step", step, epoch=epoch, loss=value, lr=optimizer.param_groups[0]["lr"], images_per_s=rate)
         train_seconds += time.perf_counter() - epoch_start
@@ -635,41 +728,49 @@ def train(config: Dict[str, Any]) -> Dict[str, Any]:
         if epoch % config["eval_every"] == 0 or epoch == config["epochs"]:
             metrics = evaluate_model(model, eval_loaders, config, device, dtype, progress)
             record.update(metrics)
-            print(f"epoch {epoch}: loss {record['loss']:.4f}, Recall@1 {100 * metrics['recall@1']:.2f}, "
-                  f"MAP@R {100 * metrics['map@r']:.2f}", flush=True)
+            say(f"epoch {epoch}: loss {record['loss']:.4f}, Recall@1 {100 * metrics['recall@1']:.2f}, "
+                f"MAP@R {100 * metrics['map@r']:.2f}")
         else:
-            print(f"epoch {epoch}: loss {record['loss']:.4f}", flush=True)
+            say(f"epoch {epoch}: loss {record['loss']:.4f}")
         history.append(record)
         logger.log("epoch", step, **record)
         improved = record.get("recall@1", -1.0) > best["recall@1"]
         if improved:
             best = {"epoch": epoch, "recall@1": record["recall@1"]}
-        state_now = checkpoint(epoch)
-        if improved:
-            save_checkpoint(state_now, best_path)
-        save_checkpoint(state_now, last_path)
+        save(epoch, *((best_path, last_path) if improved else (last_path,)))
     logger.close()
-    plot_curves(history, out / "curves.png")
     evaluated = [h for h in history if "recall@1" in h]
     before, after = evaluated[0], evaluated[-1]
     seconds = time.perf_counter() - start_time
     images_per_s = images_seen / train_seconds if train_seconds > 0 else float("nan")
     summary = {"before": before, "after": after, "best": best, "history": history, "seconds": seconds, "images_per_s": images_per_s}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    print(format_summary(before, after, best, seconds, images_per_s), flush=True)
+    if main:
+        plot_curves(history, out / "curves.png")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    say(format_summary(before, after, best, seconds, images_per_s))
     return summary
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run the command line; returns the exit status (0, or 2 for user errors, printed as one line)."""
+    """Run the command line; returns the exit status (0, or 2 for user errors, printed as one line;
+    under torchrun each failing process prints its line, naming its rank)."""
     args = build_parser().parse_args(argv)
     try:
         config = make_config(args)
         train(config)
     except UsageError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+        print(f"{PROG}{_rank_tag()}: error: {error}", file=sys.stderr)
         return USAGE_ERROR
     return 0
+
+
+def _rank_tag() -> str:
+    """`` (rank R)`` in a torchrun process (``RANK`` set and ``WORLD_SIZE`` > 1), else empty."""
+    import os
+
+    if os.environ.get("RANK") is None or os.environ.get("WORLD_SIZE", "1") in ("", "0", "1"):
+        return ""
+    return f" (rank {os.environ['RANK']})"
 
 
 if __name__ == "__main__":

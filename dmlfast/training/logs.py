@@ -76,6 +76,16 @@ class RunLogger:
             self._wandb.finish()
 
 
+class NullLogger:
+    """:class:`RunLogger`'s interface, recording nothing: the logger of ranks other than 0 in a torchrun training."""
+
+    def log(self, kind: str, step: int, **values: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 #: ``(history key, legend)`` of the evaluation curves, drawn when a run recorded them (binary: ``--binary-eval``).
 CURVE_METRICS = (("recall@1", "Recall@1"), ("map@r", "MAP@R"), ("binary_recall@1", "Recall@1, binary"),
                  ("binary_map@r", "MAP@R, binary"))

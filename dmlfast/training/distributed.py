@@ -1,0 +1,263 @@
+"""Data-parallel training under ``torchrun``: process group, per-rank device, DDP wrapping and the
+few collectives the training loop needs.
+
+``torchrun --nproc-per-node N -m dmlfast.train ...`` starts N processes with ``WORLD_SIZE``,
+``RANK`` and ``LOCAL_RANK`` in their environment; ``WORLD_SIZE`` > 1 means distributed. One process
+per device: ``cuda:LOCAL_RANK`` with NCCL when the run is on CUDA, the CPU with gloo otherwise.
+
+Every helper also works in a plain single process (no process group): ``rank()`` is 0,
+``world_size()`` 1, the collectives return their input, ``replicate`` wraps nothing, so the
+training loop calls them unconditionally and a single-process run computes what it always did.
+
+What is replicated and who writes what lives in two functions, :func:`replicate` and
+:func:`writes_checkpoints`; a mode with class-sharded proxies changes those two (and the gradient
+reduction of the backbone, see :func:`replicate`), not the loop.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+ENV_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+
+
+class DistributedSetupError(ValueError):
+    """The torchrun environment or the requested device cannot run a distributed training."""
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise DistributedSetupError(f"environment variable {name} must be an integer (torchrun sets it), got {text!r}") from None
+
+
+def requested_world_size() -> int:
+    """``WORLD_SIZE`` from the environment (1 when unset: a plain ``python -m dmlfast.train``)."""
+    size = _env_int("WORLD_SIZE", 1)
+    if size < 1:
+        raise DistributedSetupError(f"environment variable WORLD_SIZE must be >= 1, got {size}")
+    return size
+
+
+def local_rank() -> int:
+    """``LOCAL_RANK`` from the environment (0 when unset): this process's index on its machine."""
+    return _env_int("LOCAL_RANK", 0)
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's global rank (0 without a process group)."""
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    """Number of training processes (1 without a process group)."""
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    """Whether this process is rank 0, the one that prints, logs and writes files."""
+    return rank() == 0
+
+
+def writes_checkpoints() -> bool:
+    """Whether this rank writes ``last.pt`` / ``best.pt``: rank 0 only, since every rank holds the
+    same (replicated) model, proxies, optimizer and RNG state; the files are those of a single-process run."""
+    return is_main()
+
+
+def print_main(*args: Any) -> None:
+    """``print(*args, flush=True)`` on rank 0, nothing elsewhere."""
+    if is_main():
+        print(*args, flush=True)
+
+
+def device_for_rank(name: Optional[str], local: int):
+    """The device of the process with ``LOCAL_RANK`` ``local`` for ``--device name`` under torchrun.
+
+    ``None`` (default) or ``"cuda"``: ``cuda:local`` (NCCL), ``None`` falling back to the CPU when
+    CUDA is unavailable; ``"cpu"``: the CPU (gloo). ``DistributedSetupError`` when ``cuda`` is asked
+    for and this process has no GPU (no CUDA, or ``local`` >= the visible device count: NCCL needs
+    one GPU per process), and for ``cuda:N``, which would put every process on the same GPU.
+    """
+    if name is None:
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        name = "cuda"
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise DistributedSetupError(f"--device: {error}") from error
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise DistributedSetupError(f"--device must be cpu or cuda under torchrun, got {name!r}")
+    if device.index is not None:
+        raise DistributedSetupError(f"--device {name}: under torchrun each process uses cuda:LOCAL_RANK; pass --device cuda "
+                                    "(and CUDA_VISIBLE_DEVICES to choose the GPUs)")
+    if not torch.cuda.is_available():
+        raise DistributedSetupError(f"--device {name}: CUDA is not available on this machine (no GPU, or torch without CUDA), "
+                                    "so NCCL cannot run; use --device cpu (gloo)")
+    count = torch.cuda.device_count()
+    if local >= count:
+        raise DistributedSetupError(f"--device {name}: process LOCAL_RANK {local} has no GPU of its own, {count} are visible "
+                                    f"and NCCL needs one per process; use --nproc-per-node {count} or --device cpu (gloo)")
+    return torch.device("cuda", local)
+
+
+def backend_for(device) -> str:
+    """``"nccl"`` for a CUDA device, ``"gloo"`` for the CPU."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+@contextmanager
+def process_group(device) -> Iterator[None]:
+    """Join the torchrun process group on ``device`` for the duration of the block (nothing when
+    ``WORLD_SIZE`` <= 1); the group is destroyed on exit, errors included."""
+    if requested_world_size() <= 1:
+        yield
+        return
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend_for(device))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing in a single process)."""
+    if is_initialized():
+        dist.barrier()
+
+
+@contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the block first, the other ranks after it finished (e.g. rendering or downloading
+    into a shared cache once)."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
+def mean_over_ranks(value: torch.Tensor) -> float:
+    """The mean of the scalar ``value`` over all ranks, as a Python float (every rank gets the same)."""
+    value = value.detach().float().reshape(1).clone()
+    if is_initialized():
+        dist.all_reduce(value)
+        value /= world_size()
+    return value.item()
+
+
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """The rows of ``tensor`` of every rank, rank 0's first; ranks may hold different row counts."""
+    if not is_initialized():
+        return tensor
+    tensor = tensor.contiguous()
+    count = torch.tensor([tensor.shape[0]], device=tensor.device)
+    counts = [torch.zeros_like(count) for _ in range(world_size())]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+
+def gather_in_order(tensors: Sequence[torch.Tensor], positions: Sequence[int], total: int) -> List[torch.Tensor]:
+    """Reassemble a sharded pass over a dataset: each rank holds ``tensors`` whose rows are the dataset
+    items ``positions`` (in the order its loader produced them); returns, on every rank, each tensor
+    with all ``total`` rows in dataset order, as a single process would have produced them.
+    ``ValueError`` if the ranks' positions do not cover ``0..total-1`` exactly once."""
+    positions = torch.as_tensor(list(positions), dtype=torch.long)
+    for t in tensors:
+        if t.shape[0] != len(positions):
+            raise ValueError(f"gather_in_order: a tensor has {t.shape[0]} rows for {len(positions)} positions")
+    if not is_initialized():
+        if not torch.equal(positions, torch.arange(total)):
+            raise ValueError(f"gather_in_order: positions must be 0..{total - 1} in order in a single process")
+        return list(tensors)
+    device = tensors[0].device if tensors else torch.device("cpu")
+    everywhere = all_gather_rows(positions.to(device))
+    if len(everywhere) != total or not torch.equal(torch.sort(everywhere).values, torch.arange(total, device=device)):
+        raise ValueError(f"gather_in_order: the ranks' positions do not cover 0..{total - 1} exactly once")
+    result = []
+    for t in tensors:
+        rows = all_gather_rows(t)
+        ordered = torch.empty_like(rows)
+        ordered[everywhere] = rows
+        result.append(ordered)
+    return result
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (a picklable object; other ranks' argument is ignored)."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class LossInputs(nn.Module):
+    """The model outputs the loss takes before the labels: ``(μ,)``, or ``(μ, v)`` with the
+    uncertainty head (IDML). A module, so that DDP sees the forward (calling
+    ``model.forward_with_uncertainty`` on a DDP-wrapped model would bypass its gradient sync)."""
+
+    def __init__(self, model: nn.Module, uncertainty: bool):
+        super().__init__()
+        self.model = model
+        self.uncertainty = bool(uncertainty)
+
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        return self.model.forward_with_uncertainty(images) if self.uncertainty else (self.model(images),)
+
+
+def trainable_signature(*modules: nn.Module) -> Tuple[bool, ...]:
+    """Which parameters of ``modules`` require a gradient: :func:`replicate` must run again when it changes."""
+    return tuple(p.requires_grad for m in modules for p in m.parameters())
+
+
+def replicate(forward: nn.Module, loss_fn: nn.Module, device) -> Tuple[nn.Module, nn.Module]:
+    """The modules to call in the training step: ``(forward, loss_fn)`` themselves in a single
+    process; under torchrun each wrapped in its own ``DistributedDataParallel``.
+
+    Replicated proxies are parameters like any other: the ``loss_fn`` DDP all-reduces (averages)
+    their gradients, so every rank applies the same optimizer step and the proxies stay equal. A
+    separate wrapper (rather than one DDP around a model+loss module) keeps the two decisions apart:
+    a loss without trainable parameters (moving proxies, a buffer) is not wrapped, and a mode with
+    class-sharded proxies would leave ``loss_fn`` unwrapped and reduce the backbone's gradients by
+    a sum (a communication hook on the ``forward`` wrapper) instead of DDP's mean.
+
+    DDP only synchronises the parameters that require a gradient when it is built: call this again
+    whenever :func:`trainable_signature` changes (the end of warm-up), and drop the old wrappers.
+    Building a wrapper broadcasts rank 0's parameters and buffers, so the ranks start equal.
+    """
+    if not is_initialized():
+        return forward, loss_fn
+    device = torch.device(device)
+    ids = [device.index] if device.type == "cuda" else None
+
+    def wrap(module: nn.Module) -> nn.Module:
+        if not any(p.requires_grad for p in module.parameters()):
+            return module
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+    return wrap(forward), wrap(loss_fn)
