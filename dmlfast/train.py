@@ -723,6 +723,7 @@ def _train(config: Dict[str, Any], device) -> Dict[str, Any]:
             bar.set_postfix(loss=f"{value:.4f}", img_s=f"{rate:.0f}")
             logger.log("step", step, epoch=epoch, loss=value, lr=optimizer.param_groups[0]["lr"], images_per_s=rate)
         train_seconds += time.perf_counter() - epoch_start
+        distributed.sync_buffers(model)
         scheduler.step()
         record = {"epoch": epoch, "loss": float(np.mean(losses))}
         if epoch % config["eval_every"] == 0 or epoch == config["epochs"]:

@@ -156,6 +156,16 @@ def main_first() -> Iterator[None]:
         barrier()
 
 
+def sync_buffers(module: nn.Module) -> None:
+    """Give every rank rank 0's buffers of ``module`` (e.g. BatchNorm running statistics), as DDP does
+    at the start of each forward: after an epoch's last step each rank's statistics moved with its own
+    batch, and evaluation and checkpoints must use one model, rank 0's."""
+    if not is_initialized():
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def mean_over_ranks(value: torch.Tensor) -> float:
     """The mean of the scalar ``value`` over all ranks, as a Python float (every rank gets the same)."""
     value = value.detach().float().reshape(1).clone()
