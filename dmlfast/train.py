@@ -86,6 +86,8 @@ examples:
   python -m dmlfast.train --loss NormSoftmax --proxy-synthesis 0.4,1.0 --binary-eval
   python -m dmlfast.train --dataset CUB --data-root ~/data/CUB --loss IDML --weights imagenet
   python -m dmlfast.train --output runs/glyphs --resume     # continue a killed run
+  torchrun --nproc-per-node 4 -m dmlfast.train --dataset SOP --data-root ~/data/SOP --model resnet50 --batch-size 30
+                                                            # 4 GPUs, 4 x 30 images per step; rank 0 prints and writes
   python -m dmlfast.train --dataset folder --data-root ~/photos --test-classes 0.5   # DIR/<class>/<image>
   python -m dmlfast.train --dataset csv --data-root ~/shop --list ~/shop/list.csv    # path,label[,split] rows
   python -m dmlfast.evaluate --checkpoint runs/glyphs/best.pt
@@ -161,18 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, help="backbone learning rate (recipe)")
     g.add_argument("--proxy-lr-mult", type=float, metavar="X", help="proxies' learning rate = X * lr (recipe)")
     g.add_argument("--weight-decay", type=float, metavar="WD", help="weight decay of every group (recipe)")
-    g.add_argument("--batch-size", type=int, metavar="B", help="images per training batch (recipe)")
+    g.add_argument("--batch-size", type=int, metavar="B", help="images per training batch, per process under torchrun (recipe)")
     g.add_argument("--epochs", type=int, metavar="E", help="training epochs (recipe)")
     g.add_argument("--warmup-epochs", type=int, metavar="W", help="first epochs training only the embedding and proxies (recipe)")
     g.add_argument("--lr-step", type=int, metavar="S", help="StepLR period in epochs, 0 = constant (recipe)")
     g.add_argument("--lr-gamma", type=float, metavar="G", help="StepLR factor (recipe)")
     g.add_argument("--grad-clip", type=float, metavar="V", help="clip gradient values at +-V, 0 = off (recipe: 10)")
     g = p.add_argument_group("run")
-    g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu); under torchrun "
+                   "cuda (each process on cuda:LOCAL_RANK, NCCL) or cpu (gloo)")
     g.add_argument("--amp", choices=AMP_MODES, default="auto", help="autocast dtype: bf16, fp16 (with GradScaler) or off; auto = bf16 on CUDA, off on CPU")
     g.add_argument("--eval-every", type=int, default=1, metavar="N", help="evaluate every N epochs and after the last (default: 1)")
     g.add_argument("--output", type=Path, default=Path("runs/train"), metavar="DIR", help="folder for checkpoints, config and logs (default: runs/train)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --output from its last.pt (starts afresh when there is none)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --output from its last.pt (starts afresh when there is none); "
+                   "with as many processes as wrote it")
     g.add_argument("--seed", type=int, default=1, help="seed of initialisation, batches and augmentation (default: 1, as Proxy-Anchor)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     g.add_argument("--tensorboard", action="store_true", help="mirror log.jsonl's scalars to TensorBoard events in OUTPUT/tensorboard "
@@ -766,12 +770,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _rank_tag() -> str:
-    """`` (rank R)`` in a torchrun process (``RANK`` set and ``WORLD_SIZE`` > 1), else empty."""
+    """`` (rank R)`` in a torchrun process (``WORLD_SIZE`` > 1), else empty."""
     import os
 
-    if os.environ.get("RANK") is None or os.environ.get("WORLD_SIZE", "1") in ("", "0", "1"):
-        return ""
-    return f" (rank {os.environ['RANK']})"
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f" (rank {os.environ.get('RANK', '?')})" if world.isdigit() and int(world) > 1 else ""
 
 
 if __name__ == "__main__":
