@@ -553,10 +553,10 @@ def train(config: Dict[str, Any]) -> Dict[str, Any]:
                              "run it in one process")
         device = distributed.device_for_rank(config["device"], distributed.local_rank()) if processes > 1 \
             else resolve_device(config["device"])
+        with distributed.process_group(device):
+            return _train(dict(config, world_size=processes), device)
     except distributed.DistributedSetupError as error:
         raise UsageError(str(error)) from error
-    with distributed.process_group(device):
-        return _train(dict(config, world_size=processes), device)
 
 
 def _check_world_size(saved: Dict[str, Any], current: Dict[str, Any], path: Path) -> None:

@@ -203,6 +203,16 @@ def test_cuda_without_a_gpu_for_this_rank_is_a_usage_error(monkeypatch, data_roo
     assert line.count("\n") == 0 and "(rank 2): error: --device cuda: process LOCAL_RANK 2 has no GPU" in line
 
 
+def test_world_size_without_torchrun_is_a_usage_error(monkeypatch, data_root, tmp_path, capsys):
+    _torchrun_env(monkeypatch)
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert train.main([*COMMON, "--data-root", str(data_root), "--device", "cpu", "--output", str(tmp_path / "x")]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.count("\n") == 0 and "error: WORLD_SIZE is 2 but the process group cannot start" in line
+    assert "launch with torchrun" in line and not distributed.is_initialized()
+
+
 def test_plain_run_is_single_process(monkeypatch):
     for name in distributed.ENV_VARS:
         monkeypatch.delenv(name, raising=False)

@@ -125,14 +125,21 @@ def backend_for(device) -> str:
 @contextmanager
 def process_group(device) -> Iterator[None]:
     """Join the torchrun process group on ``device`` for the duration of the block (nothing when
-    ``WORLD_SIZE`` <= 1); the group is destroyed on exit, errors included."""
+    ``WORLD_SIZE`` <= 1); the group is destroyed on exit, errors included. ``DistributedSetupError``
+    when the environment does not describe a group (``WORLD_SIZE`` set by hand, without torchrun)."""
     if requested_world_size() <= 1:
         yield
         return
     device = torch.device(device)
+    options = {}
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend_for(device))
+        options["device_id"] = device  # NCCL binds to this GPU (collectives and barriers need not guess it)
+    try:
+        dist.init_process_group(backend_for(device), **options)
+    except ValueError as error:  # e.g. MASTER_ADDR or RANK missing
+        raise DistributedSetupError(f"WORLD_SIZE is {requested_world_size()} but the process group cannot start ({error}); "
+                                    "launch with torchrun --nproc-per-node N -m dmlfast.train") from error
     try:
         yield
     finally:
