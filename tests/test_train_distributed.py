@@ -303,6 +303,7 @@ def _worker(rank: int, port: int, folder: str, data_root: str) -> None:
         moving.update_proxies(distributed.all_gather_rows(embeddings), distributed.all_gather_rows(labels))
         results["moving"], results["moving_batch"] = moving.proxies.clone(), (embeddings, labels)
         torch.save(results, Path(folder) / f"rank{rank}.pt")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -142,6 +142,7 @@ def process_group(device) -> Iterator[None]:
                                     "launch with torchrun --nproc-per-node N -m dmlfast.train") from error
     try:
         yield
+        dist.barrier()  # a normal end: no rank leaves while another still communicates
     finally:
         dist.destroy_process_group()
 
