@@ -1,0 +1,295 @@
+"""Class-sharded proxy losses: each process of a ``torch.distributed`` group holds a slice of the proxies.
+
+For catalogues of 10⁵–10⁷ classes the proxy table and its optimizer state outgrow one device. Here
+rank r of N holds classes ``[class_offset, class_offset + count)`` of :func:`shard_range` (uneven
+shards allowed: the first C mod N ranks hold one more), so proxies and their Adam state take 1/N of
+the memory on each rank. Every forward:
+
+1. all-gathers the embeddings and labels of every rank (:func:`gather_rows`; its backward sums each
+   rank's gradient contributions back onto the rows it owns);
+2. runs the fused op on (all embeddings × this rank's proxies) with the class offset and the
+   global class count;
+3. anchor family (Proxy-Anchor, IDML): every term belongs to one proxy column, so the loss is the
+   all-reduced sum of the shards' shares (|P⁺| is counted from the gathered labels, C is global);
+   softmax family (ProxyNCA(++), Norm-SoftMax): a distributed log-sum-exp, as in Partial FC: pass 1
+   gives each row's (max, sum-exp) over the local proxies, two all-reduces (max, then the rescaled
+   sums with the logit sums) complete them, pass 2 forms the gradient from the global row LSE.
+
+The returned loss is the loss of the whole global batch against all C proxies, the same value on
+every rank; its gradients (local proxies exact, own embeddings exact through the gather) equal the
+unsharded loss's. So the backbone's gradient is the *sum* over ranks of their contributions: with
+DDP, register :func:`allreduce_sum_hook` (DDP averages by default). Proxies are not DDP parameters.
+Communication per step: an all-gather of B·D embeddings (and B labels), its backward an all-reduce
+of B·D; the softmax family adds two all-reduces of B and 3·B float64.
+
+Proxy-ISA (normalizers summed over all classes' multipliers), the moving proxies and Proxy
+Synthesis are not sharded. Without an initialized process group the modules run as one shard.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import functional
+from . import _ops  # noqa: F401  (loads the kernels and registers autograd/fake/autocast)
+
+
+def _require_int(owner, name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def shard_range(num_classes, rank, world_size):
+    """``(first class, count)`` of ``rank``'s shard of ``num_classes`` over ``world_size`` ranks:
+    contiguous blocks, the first ``num_classes % world_size`` ranks holding one class more."""
+    num_classes = _require_int("shard_range", "num_classes", num_classes, 1)
+    world_size = _require_int("shard_range", "world_size", world_size, 1)
+    rank = _require_int("shard_range", "rank", rank, 0)
+    if rank >= world_size:
+        raise ValueError(f"shard_range: rank must be in [0, {world_size}), got {rank}")
+    base, extra = divmod(num_classes, world_size)
+    return rank * base + min(rank, extra), base + (1 if rank < extra else 0)
+
+
+def group_rank_and_size(group=None):
+    """``(rank, world size)`` in ``group``, or ``(0, 1)`` without an initialized process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather along dim 0 (uneven row counts allowed); backward: the sum over ranks of the
+    gradient of the gathered tensor, restricted to this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        rank, world = group_rank_and_size(group)
+        count = torch.tensor([tensor.shape[0]], device=tensor.device)
+        counts = [torch.empty_like(count) for _ in range(world)]
+        dist.all_gather(counts, count, group=group)
+        counts = [int(c) for c in torch.cat(counts).tolist()]
+        longest = max(counts)
+        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+        ctx.group, ctx.counts, ctx.rank = group, counts, rank
+        return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, group=ctx.group)
+        first = sum(ctx.counts[: ctx.rank])
+        return total[first:first + ctx.counts[ctx.rank]], None
+
+
+def gather_rows(tensor, group=None):
+    """``tensor`` of every rank of ``group`` concatenated along dim 0, in rank order (row counts
+    may differ). Differentiable: the gradient of each rank's rows is summed over the ranks that
+    used them. Without a process group (or with one rank) ``tensor`` itself."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"gather_rows: tensor must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dim() < 1:
+        raise ValueError("gather_rows: tensor must have at least one dimension (the rows to gather)")
+    if group_rank_and_size(group)[1] == 1:
+        return tensor
+    return _GatherRows.apply(tensor, group)
+
+
+def _sum_over_ranks(local_loss, group):
+    """The sum of every rank's ``local_loss`` as the value; its gradient reaches ``local_loss`` only
+    (each rank back-propagates its own share)."""
+    if group_rank_and_size(group)[1] == 1:
+        return local_loss
+    total = local_loss.detach().clone()
+    dist.all_reduce(total, group=group)
+    return local_loss + (total - local_loss.detach())
+
+
+def allreduce_sum_hook(process_group, bucket):
+    """A DDP communication hook that sums gradients over ranks instead of averaging them, for
+    backbones trained through a sharded loss (``ddp.register_comm_hook(None, allreduce_sum_hook)``):
+    each rank's backward holds only its own samples' share of the global-batch gradient."""
+    group = process_group if process_group is not None else dist.group.WORLD
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda future: future.value()[0])
+
+
+class _ShardedProxyLoss(nn.Module):
+    """Holds this rank's proxy rows ``proxies`` ((count, embedding_size), float32) of ``num_classes``."""
+
+    def __init__(self, num_classes, embedding_size, group=None):
+        super().__init__()
+        owner = type(self).__name__
+        num_classes = _require_int(owner, "num_classes", num_classes, 1)
+        embedding_size = _require_int(owner, "embedding_size", embedding_size, 1)
+        self.group = group
+        self.rank, self.world_size = group_rank_and_size(group)
+        if num_classes < self.world_size:
+            raise ValueError(f"{owner}: num_classes ({num_classes}) must be at least the number of ranks "
+                             f"({self.world_size}): every rank holds one proxy or more")
+        self.num_classes = num_classes
+        self.class_offset, count = shard_range(num_classes, self.rank, self.world_size)
+        self.proxies = nn.Parameter(torch.empty(count, embedding_size, dtype=torch.float32))
+
+    @property
+    def embedding_size(self):
+        return self.proxies.shape[1]
+
+    def reset_parameters(self):
+        """Draw this shard's initial proxies (``_initial_proxies``) from a CPU generator seeded by
+        torch's seed and the class offset: shards differ, and a run is reproducible for a given
+        world size."""
+        generator = torch.Generator().manual_seed((torch.initial_seed() + 1_000_003 * self.class_offset) % 2**63)
+        with torch.no_grad():
+            self.proxies.copy_(self._initial_proxies(tuple(self.proxies.shape), generator))
+
+    def _initial_proxies(self, shape, generator):
+        raise NotImplementedError
+
+    def load_full_proxies(self, proxies):
+        """Copy this rank's rows of the full ``proxies`` table ((num_classes, embedding_size)) in."""
+        owner = f"{type(self).__name__}.load_full_proxies"
+        if not isinstance(proxies, torch.Tensor):
+            raise TypeError(f"{owner}: proxies must be a torch.Tensor, got {type(proxies).__name__}")
+        expected = (self.num_classes, self.embedding_size)
+        if tuple(proxies.shape) != expected:
+            raise ValueError(f"{owner}: proxies must have shape {expected}, got {tuple(proxies.shape)}")
+        with torch.no_grad():
+            self.proxies.copy_(proxies[self.class_offset:self.class_offset + self.proxies.shape[0]])
+
+    def _gather(self, embeddings, labels, **extra):
+        """Checks this rank's inputs, then gathers them (and ``extra`` (B, ·) tensors) from all ranks."""
+        owner = type(self).__name__
+        tensors = dict(embeddings=embeddings, **extra, labels=labels)
+        for name, value in tensors.items():
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(value).__name__}")
+            if value.device != self.proxies.device:
+                raise ValueError(f"{owner}: {name} must be on the proxies' device {self.proxies.device}, got {value.device}")
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
+            raise ValueError(f"{owner}: embeddings must have shape (batch, {self.embedding_size}), got {tuple(embeddings.shape)}")
+        if labels.dtype != torch.long or labels.shape != (embeddings.shape[0],):
+            raise ValueError(f"{owner}: labels must be int64 of shape ({embeddings.shape[0]},), got {labels.dtype} "
+                             f"of shape {tuple(labels.shape)}")
+        for name, value in extra.items():
+            if value.dim() != 2 or value.shape[0] != embeddings.shape[0]:
+                raise ValueError(f"{owner}: {name} must have shape ({embeddings.shape[0]}, K), got {tuple(value.shape)}")
+        return [gather_rows(value, self.group) for value in tensors.values()]
+
+    def extra_repr(self):
+        return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
+                f"shard=[{self.class_offset}, {self.class_offset + self.proxies.shape[0]}), rank={self.rank}/{self.world_size}")
+
+
+class ShardedProxyAnchorLoss(_ShardedProxyLoss):
+    """Proxy-Anchor (:func:`dmlfast.functional.proxy_anchor_loss`) with class-sharded proxies:
+    ``forward(embeddings, labels)`` on this rank's batch returns the loss of the global batch.
+    Initial proxies N(0, 2/num_classes), Proxy-Anchor's kaiming_normal_(mode='fan_out')."""
+
+    def __init__(self, num_classes, embedding_size, margin=0.1, alpha=32.0, group=None):
+        super().__init__(num_classes, embedding_size, group)
+        owner = type(self).__name__
+        self.margin = functional._require_number(owner, "margin", margin)
+        self.alpha = functional._require_number(owner, "alpha", alpha, low=0.0, low_inclusive=False)
+        self.reset_parameters()
+
+    def _initial_proxies(self, shape, generator):
+        return torch.randn(shape, generator=generator) * math.sqrt(2.0 / self.num_classes)
+
+    def forward(self, embeddings, labels):
+        x, y = self._gather(embeddings, labels)
+        local = torch.ops.dmlfast.proxy_anchor_loss(x, self.proxies, y, self.margin, self.alpha, None, False,
+                                                    self.class_offset, self.num_classes)[0]
+        return _sum_over_ranks(local, self.group)
+
+
+class ShardedIntrospectiveProxyAnchorLoss(_ShardedProxyLoss):
+    """IDML's introspective Proxy-Anchor (:func:`dmlfast.functional.idml_proxy_anchor_loss`) with
+    class-sharded proxies: ``forward(embeddings, uncertainty, labels)``; initialised as Proxy-Anchor's."""
+
+    def __init__(self, num_classes, embedding_size, margin=0.1, alpha=32.0, group=None):
+        super().__init__(num_classes, embedding_size, group)
+        owner = type(self).__name__
+        self.margin = functional._require_number(owner, "margin", margin)
+        self.alpha = functional._require_number(owner, "alpha", alpha, low=0.0, low_inclusive=False)
+        self.reset_parameters()
+
+    _initial_proxies = ShardedProxyAnchorLoss._initial_proxies
+
+    def forward(self, embeddings, uncertainty, labels):
+        x, v, y = self._gather(embeddings, labels, uncertainty=uncertainty)
+        local = torch.ops.dmlfast.idml_proxy_anchor_loss(x, v, self.proxies, y, self.margin, self.alpha,
+                                                         self.class_offset, self.num_classes)[0]
+        return _sum_over_ranks(local, self.group)
+
+
+def reduce_softmax_row_stats(stats, group=None):
+    """Complete per-shard softmax row statistics ([4, B] float64: max, sum of e^{z - max}, logit sum,
+    target logit) over the ranks: all-reduce the max, then the sums rescaled to it (a shard with no
+    denominator logit in a row has max -inf and contributes 0)."""
+    if group_rank_and_size(group)[1] == 1:
+        return stats
+    row_max = stats[0].clone()
+    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+    sums = torch.stack([stats[1] * torch.exp(stats[0] - row_max), stats[2], stats[3]])
+    dist.all_reduce(sums, group=group)
+    return torch.cat([row_max.unsqueeze(0), sums])
+
+
+class ShardedProxyNCALoss(_ShardedProxyLoss):
+    """ProxyNCA / ProxyNCA++ (:func:`dmlfast.functional.proxy_nca_loss`) with class-sharded proxies
+    and a distributed log-sum-exp; initial proxies randn / 8 as :class:`dmlfast.ProxyNCALoss`."""
+
+    def __init__(self, num_classes, embedding_size, scale=18.0, smoothing=0.0, exclude_positive=False, group=None):
+        super().__init__(num_classes, embedding_size, group)
+        owner = type(self).__name__
+        self.scale = functional._require_number(owner, "scale", scale, low=0.0, low_inclusive=False)
+        self.smoothing = functional._require_number(owner, "smoothing", smoothing, low=0.0, high=1.0)
+        if not isinstance(exclude_positive, bool):
+            raise TypeError(f"{owner}: exclude_positive must be a bool, got {type(exclude_positive).__name__}")
+        self.exclude_positive = exclude_positive
+        self.reset_parameters()
+
+    def _initial_proxies(self, shape, generator):
+        return torch.randn(shape, generator=generator) / 8.0
+
+    def forward(self, embeddings, labels):
+        x, y = self._gather(embeddings, labels)
+        shard = (self.class_offset, self.num_classes)
+        stats = torch.ops.dmlfast.proxy_nca_shard_row_stats(x.detach(), self.proxies.detach(), y, self.scale,
+                                                             self.exclude_positive, *shard)
+        stats = reduce_softmax_row_stats(stats, self.group)
+        return torch.ops.dmlfast.proxy_nca_shard_loss_and_grads(x, self.proxies, y, stats, self.scale, self.smoothing,
+                                                                self.exclude_positive, *shard)[0]
+
+
+class ShardedNormSoftmaxLoss(ShardedProxyNCALoss):
+    """Norm-SoftMax (softmax cross-entropy on scale · cos) with class-sharded proxies; initial
+    proxies U(-1/√D, 1/√D), :class:`dmlfast.NormSoftmaxLoss`'s kaiming_uniform_(a=√5)."""
+
+    def __init__(self, num_classes, embedding_size, scale=23.0, group=None):
+        super().__init__(num_classes, embedding_size, scale=scale, group=group)
+
+    def _initial_proxies(self, shape, generator):
+        bound = 1.0 / math.sqrt(shape[1])
+        return torch.rand(shape, generator=generator) * (2 * bound) - bound
+
+
+#: The sharded loss of each trainer loss name (``python -m dmlfast.train --loss NAME --shard-proxies``).
+SHARDED_LOSSES = {"ProxyAnchor": ShardedProxyAnchorLoss, "ProxyNCA": ShardedProxyNCALoss,
+                  "NormSoftmax": ShardedNormSoftmaxLoss, "IDML": ShardedIntrospectiveProxyAnchorLoss}
+
+
+def make_sharded_loss(name, num_classes, embedding_size, group=None, **loss_kwargs):
+    """The sharded loss module for the trainer's loss ``name`` (a key of :data:`SHARDED_LOSSES`)."""
+    if name not in SHARDED_LOSSES:
+        raise ValueError(f"make_sharded_loss: class-sharded proxies exist for {', '.join(SHARDED_LOSSES)}, not {name!r}")
+    return SHARDED_LOSSES[name](num_classes, embedding_size, group=group, **loss_kwargs)
