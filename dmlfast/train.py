@@ -19,6 +19,10 @@ dataset order, its metrics computed on rank 0 and sent to all; rank 0 alone prin
 writes the files, which are those of a single-process run (no ``module.`` prefix) plus
 ``world_size`` in the configuration. ``--resume`` needs the same N. ``--loss ProxyISA`` runs in
 one process only. Without torchrun's environment (``WORLD_SIZE`` unset or 1) nothing changes.
+``--shard-proxies`` splits the proxies instead (:mod:`dmlfast.sharded`): each process holds 1/N of
+them and of their optimizer state, the loss is the global batch's, the backbone's gradients are
+summed over ranks, and every process saves its shard beside ``last.pt``/``best.pt``
+(``last.shard-R-of-N.pt``).
 """
 from __future__ import annotations
 
@@ -41,6 +45,8 @@ DATASET_KS = {"CUB": (1, 2, 4, 8), "Cars196": (1, 2, 4, 8), "SOP": (1, 10, 100, 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 #: Configuration keys that may differ between a checkpoint and the run resuming it.
 RESUMABLE_CHANGES = {"resume", "output", "device", "workers", "data_root", "progress", "loader", "tensorboard", "wandb"}
+#: Configuration keys added after checkpoints were first written, with the value older runs had.
+LATER_KEYS = {"shard_proxies": False}
 
 
 class UsageError(Exception):
@@ -69,6 +75,8 @@ recipes (dmlfast/recipes.py; every flag below overrides the recipe's value):
                      wd 1e-4, StepLR 5/0.5 (Cars 10/0.5, SOP 10/0.25), batch 120, warm-up 5, frozen BN, 60 epochs,
                      mixup on, uncertainty L2-normalised as released (--uncertainty-l2-norm off lets it carry ||v||)
   --proxy-synthesis  wraps ProxyAnchor, ProxyNCA or NormSoftmax (published with NormSoftmax: 0.4,1.0)
+  --shard-proxies    under torchrun, each process holds 1/N of the proxies and their optimizer state; the loss is
+                     the whole global batch's (ProxyAnchor, ProxyNCA, NormSoftmax, IDML; dmlfast/sharded.py)
   --mixup            image-level mixup, lambda ~ Beta(1,1): adds lambda L(x_mix,y) + (1-lambda) L(x_mix,y_perm) (IDML: on)
   all                gradient values clipped at 10 (Moving: not clipped)
   folder, csv        your own data: the loss's recipe above on resnet50 with torchvision's ImageNet weights
@@ -158,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--uncertainty-l2-norm", choices=("on", "off"),
                    help="IDML: L2-normalise the uncertainty embedding (recipe: on, as released, which leaves the "
                         "uncertainty head without gradient)")
+    g.add_argument("--shard-proxies", action="store_true",
+                   help="class-sharded proxies: each torchrun process holds 1/N of the proxies and their optimizer state "
+                        "(ProxyAnchor, ProxyNCA, NormSoftmax, IDML); the loss is that of the global batch against all proxies")
     g.add_argument("--binary-eval", action="store_true", help="also report the metrics of sign-binarised embeddings")
     g.add_argument("--optimizer", choices=OPTIMIZERS, help="optimizer (recipe)")
     g.add_argument("--lr", type=float, help="backbone learning rate (recipe)")
@@ -228,7 +239,7 @@ def make_config(args: argparse.Namespace) -> Dict[str, Any]:
                   output=str(args.output), resume=args.resume, seed=args.seed, progress=args.progress,
                   ks=list(DATASET_KS[args.dataset]), binary_eval=args.binary_eval,
                   data_list=None if args.list is None else str(args.list), test_classes=args.test_classes,
-                  tensorboard=args.tensorboard, wandb=args.wandb)
+                  tensorboard=args.tensorboard, wandb=args.wandb, shard_proxies=args.shard_proxies)
     _check_config(config)
     return config
 
@@ -257,6 +268,7 @@ def _check_config(c: Dict[str, Any]) -> None:
     if c["data_root"] is not None and c["dataset"] != "glyphs" and not Path(c["data_root"]).is_dir():
         raise UsageError(f"--data-root: no such folder: {c['data_root']}")
     check_dataset_options(c)
+    check_shard_proxies(c)
     from dmlfast.training import TrackingUnavailableError, check_trackers
 
     try:
@@ -265,6 +277,19 @@ def _check_config(c: Dict[str, Any]) -> None:
         raise UsageError(str(error)) from error
     if c["weights"] not in ("imagenet", "none") and not Path(c["weights"]).is_file():  # before any data is prepared
         raise UsageError(f"--weights: no such file: {c['weights']} (give 'imagenet', 'none' or the path of a state dict)")
+
+
+def check_shard_proxies(c: Dict[str, Any]) -> None:
+    """``--shard-proxies`` only for the losses :mod:`dmlfast.sharded` has, without Proxy Synthesis."""
+    if not c.get("shard_proxies"):
+        return
+    from dmlfast.sharded import SHARDED_LOSSES
+
+    if c["loss"] not in SHARDED_LOSSES:
+        raise UsageError(f"--shard-proxies: class-sharded proxies exist for --loss {', '.join(SHARDED_LOSSES)}, not {c['loss']}")
+    if c["proxy_synthesis"] is not None:
+        raise UsageError("--shard-proxies cannot be combined with --proxy-synthesis (its synthetic proxies mix rows of "
+                         "every shard)")
 
 
 def check_dataset_options(c: Dict[str, Any]) -> None:
@@ -356,6 +381,10 @@ def make_loss(config: Dict[str, Any], num_classes: int):
     if config["loss"] not in classes:
         raise UsageError(f"unknown loss {config['loss']!r}; choose one of {', '.join(classes)}")
     try:
+        if config.get("shard_proxies"):
+            from dmlfast.sharded import make_sharded_loss
+
+            return make_sharded_loss(config["loss"], num_classes, config["embedding_size"], **config["loss_kwargs"])
         loss_fn = classes[config["loss"]](num_classes, config["embedding_size"], **config["loss_kwargs"])
     except (ValueError, TypeError) as error:
         raise UsageError(f"--loss {config['loss']}: {error}") from error
@@ -516,6 +545,7 @@ def _seed_everything(seed: int) -> None:
 
 
 def _compare_configs(saved: Dict[str, Any], current: Dict[str, Any], path: Path) -> None:
+    saved = {**LATER_KEYS, **saved}
     differ = sorted(k for k in set(saved) | set(current) if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
     if differ:
         shown = ", ".join(f"{k}: {saved.get(k)!r} in the checkpoint vs {current.get(k)!r} now" for k in differ[:4])
@@ -567,6 +597,18 @@ def _check_world_size(saved: Dict[str, Any], current: Dict[str, Any], path: Path
         how = "python -m dmlfast.train" if written == 1 else f"torchrun --nproc-per-node {written}"
         raise UsageError(f"--resume: {path} was written by {written} process(es), this run has {now}; the batches, their "
                          f"shards and the optimizer steps depend on it: resume with {how}, or start afresh in another --output")
+
+
+def _load_proxy_shard(last_path: Path, config: Dict[str, Any]) -> Dict[str, Any]:
+    """This rank's ``{"loss", "optimizer"}`` state saved beside ``last_path`` by a run with sharded proxies."""
+    from dmlfast.training import CheckpointError, distributed, load_checkpoint
+
+    path = distributed.shard_checkpoint_path(last_path, distributed.rank(), config["world_size"])
+    try:
+        shard = load_checkpoint(path)
+    except CheckpointError as error:
+        raise UsageError(f"--resume: {error} (with --shard-proxies every process saves its proxies there)") from error
+    return shard
 
 
 def _train(config: Dict[str, Any], device) -> Dict[str, Any]:
@@ -632,10 +674,12 @@ def _train(config: Dict[str, Any], device) -> Dict[str, Any]:
     logger = RunLogger(out, tensorboard=config.get("tensorboard", False), wandb=config.get("wandb", False), config=config) \
         if main else NullLogger()
 
+    sharded = bool(config.get("shard_proxies"))
     if state is not None:
         model.load_state_dict(state["model"])
-        loss_fn.load_state_dict(state["loss"])
-        optimizer.load_state_dict(state["optimizer"])
+        own = _load_proxy_shard(last_path, config) if sharded else state
+        loss_fn.load_state_dict(own["loss"])
+        optimizer.load_state_dict(own["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state["scaler"] is not None:
             scaler.load_state_dict(state["scaler"])
@@ -651,13 +695,19 @@ def _train(config: Dict[str, Any], device) -> Dict[str, Any]:
         say(f"before training: Recall@1 {100 * before['recall@1']:.2f}, MAP@R {100 * before['map@r']:.2f}")
 
     def save(epoch: int, *paths: Path) -> None:
-        """The checkpoint after ``epoch`` to ``paths``, written by the rank(s) :func:`writes_checkpoints` names."""
+        """The checkpoint after ``epoch`` to ``paths``, written by the rank(s) :func:`writes_checkpoints` names.
+        With sharded proxies, every rank also writes its proxies and optimizer state beside each path
+        (:func:`distributed.shard_checkpoint_path`); the main file then holds neither."""
+        own = {"loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict()}
+        if sharded:
+            for path in paths:
+                save_checkpoint({"config": config, "epoch": epoch, **own},
+                                distributed.shard_checkpoint_path(path, distributed.rank(), world))
         if not distributed.writes_checkpoints():
             return
-        state_now = {"config": config, "epoch": epoch, "model": model.state_dict(), "loss": loss_fn.state_dict(),
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": None if scaler is None else scaler.state_dict(), "rng": rng_state(), "history": history,
-                     "best": best}
+        state_now = {"config": config, "epoch": epoch, "model": model.state_dict(), **(dict.fromkeys(own) if sharded else own),
+                     "scheduler": scheduler.state_dict(), "scaler": None if scaler is None else scaler.state_dict(),
+                     "rng": rng_state(), "history": history, "best": best}
         for path in paths:
             save_checkpoint(state_now, path)
 
@@ -686,7 +736,7 @@ def _train(config: Dict[str, Any], device) -> Dict[str, Any]:
             p.requires_grad_(not warm)
         if distributed.trainable_signature(model_inputs, loss_fn) != replicated_for:  # first epoch, end of warm-up
             forward = criterion = None  # the old DDP wrappers go before the new ones hook the parameters
-            forward, criterion = distributed.replicate(model_inputs, loss_fn, device)
+            forward, criterion = distributed.replicate(model_inputs, loss_fn, device, sharded_loss=sharded)
             replicated_for = distributed.trainable_signature(model_inputs, loss_fn)
         model.train()
         losses = []

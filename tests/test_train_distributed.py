@@ -225,6 +225,71 @@ def test_plain_run_is_single_process(monkeypatch):
         distributed.requested_world_size()
 
 
+# --- class-sharded proxies (--shard-proxies) -----------------------------------------------------
+
+def _relabel_epochs(folder: Path, epochs: int) -> None:
+    """Make a finished run's last.pt and its proxy shards look like part of an ``epochs``-epoch run."""
+    for path in [folder / "last.pt", *folder.glob("last.shard-*-of-*.pt")]:
+        state = torch.load(path, weights_only=False)
+        state["config"]["epochs"] = epochs
+        dmlfast.training.save_checkpoint({k: v for k, v in state.items() if k != "format"}, path)
+
+
+def test_sharded_proxies_split_the_table_and_resume_like_an_uninterrupted_run(data_root, tmp_path):
+    args = [*COMMON, "--data-root", data_root, "--shard-proxies", "--resume"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    _ok(torchrun([*args, "--epochs", "2", "--output", full]))
+    _ok(torchrun([*args, "--epochs", "1", "--output", cut]))
+    _relabel_epochs(cut, 2)
+    resumed = _ok(torchrun([*args, "--epochs", "2", "--output", cut]))
+    assert resumed.stdout.count("resumed from") == 1
+    main_a, main_b = (torch.load(d / "last.pt", weights_only=False) for d in (full, cut))
+    assert main_a["epoch"] == main_b["epoch"] == 2 and main_a["config"]["shard_proxies"] is True
+    assert main_a["loss"] is None and main_a["optimizer"] is None  # the proxies live in the shard files
+    for key, value in main_a["model"].items():
+        torch.testing.assert_close(main_b["model"][key], value, rtol=0, atol=1e-6, msg=key)
+    rows = []
+    for rank in range(2):
+        a, b = (torch.load(d / f"last.shard-{rank}-of-2.pt", weights_only=False) for d in (full, cut))
+        assert (full / f"best.shard-{rank}-of-2.pt").is_file()
+        torch.testing.assert_close(b["loss"]["proxies"], a["loss"]["proxies"], rtol=0, atol=1e-6)
+        proxy_group = a["optimizer"]["param_groups"][-1]["params"][-1]
+        assert a["optimizer"]["state"][proxy_group]["exp_avg"].shape == a["loss"]["proxies"].shape  # Adam state sharded too
+        rows.append(a["loss"]["proxies"].shape)
+    assert rows == [(2, 16), (2, 16)]  # 4 training classes over 2 processes
+
+
+def test_sharded_proxies_uneven_over_three_processes_learn(data_root, tmp_path):
+    out = tmp_path / "three"
+    _ok(torchrun([*COMMON, "--data-root", data_root, "--shard-proxies", "--loss", "NormSoftmax", "--epochs", "2",
+                  "--output", out], nproc=3))
+    shapes = [torch.load(out / f"last.shard-{rank}-of-3.pt", weights_only=False)["loss"]["proxies"].shape for rank in range(3)]
+    assert shapes == [(2, 16), (1, 16), (1, 16)]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["after"]["map@r"] > summary["before"]["map@r"]
+
+
+def test_sharded_proxies_resume_without_the_shard_file_is_a_usage_error(data_root, tmp_path):
+    out = tmp_path / "run"
+    args = [*COMMON, "--data-root", data_root, "--shard-proxies", "--output", out, "--resume"]
+    _ok(torchrun([*args, "--epochs", "1"]))
+    _relabel_epochs(out, 2)
+    (out / "last.shard-1-of-2.pt").unlink()
+    result = torchrun([*args, "--epochs", "2"])
+    assert result.returncode != 0
+    assert "(rank 1): error: --resume: no such checkpoint:" in result.stderr and "last.shard-1-of-2.pt" in result.stderr
+
+
+def test_shard_proxies_flag_checks(data_root, tmp_path, capsys):
+    base = [*COMMON, "--data-root", str(data_root), "--shard-proxies", "--output", str(tmp_path / "x")]
+    assert train.main([*base, "--loss", "ProxyISA"]) == 2
+    assert "--shard-proxies: class-sharded proxies exist for --loss ProxyAnchor, ProxyNCA, NormSoftmax, IDML, not ProxyISA" \
+        in capsys.readouterr().err
+    assert train.main([*base, "--loss", "NormSoftmax", "--proxy-synthesis", "0.4,1.0"]) == 2
+    assert "--shard-proxies cannot be combined with --proxy-synthesis" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 # --- two gloo processes driving the helpers directly ---------------------------------------------
 
 def _config(data_root) -> dict:

@@ -9,14 +9,15 @@ Every helper also works in a plain single process (no process group): ``rank()``
 ``world_size()`` 1, the collectives return their input, ``replicate`` wraps nothing, so the
 training loop calls them unconditionally and a single-process run computes what it always did.
 
-What is replicated and who writes what lives in two functions, :func:`replicate` and
-:func:`writes_checkpoints`; a mode with class-sharded proxies changes those two (and the gradient
-reduction of the backbone, see :func:`replicate`), not the loop.
+What is replicated and who writes what lives in :func:`replicate` and :func:`writes_checkpoints`;
+with class-sharded proxies (``--shard-proxies``) the loss stays unwrapped, the backbone's gradients
+are summed (:func:`replicate`), and each rank also saves its shard (:func:`shard_checkpoint_path`).
 """
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -253,7 +254,7 @@ def trainable_signature(*modules: nn.Module) -> Tuple[bool, ...]:
     return tuple(p.requires_grad for m in modules for p in m.parameters())
 
 
-def replicate(forward: nn.Module, loss_fn: nn.Module, device) -> Tuple[nn.Module, nn.Module]:
+def replicate(forward: nn.Module, loss_fn: nn.Module, device, sharded_loss: bool = False) -> Tuple[nn.Module, nn.Module]:
     """The modules to call in the training step: ``(forward, loss_fn)`` themselves in a single
     process; under torchrun each wrapped in its own ``DistributedDataParallel``.
 
@@ -267,6 +268,10 @@ def replicate(forward: nn.Module, loss_fn: nn.Module, device) -> Tuple[nn.Module
     DDP only synchronises the parameters that require a gradient when it is built: call this again
     whenever :func:`trainable_signature` changes (the end of warm-up), and drop the old wrappers.
     Building a wrapper broadcasts rank 0's parameters and buffers, so the ranks start equal.
+
+    ``sharded_loss``: ``loss_fn`` holds this rank's shard of the proxies (:mod:`dmlfast.sharded`) and
+    returns the global batch's loss, so it stays unwrapped and the ``forward`` wrapper sums the
+    ranks' gradients (:func:`dmlfast.sharded.allreduce_sum_hook`) instead of averaging them.
     """
     if not is_initialized():
         return forward, loss_fn
@@ -278,4 +283,18 @@ def replicate(forward: nn.Module, loss_fn: nn.Module, device) -> Tuple[nn.Module
             return module
         return nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
+    if sharded_loss:
+        from dmlfast.sharded import allreduce_sum_hook
+
+        wrapped = wrap(forward)
+        if wrapped is not forward:
+            wrapped.register_comm_hook(None, allreduce_sum_hook)
+        return wrapped, loss_fn
     return wrap(forward), wrap(loss_fn)
+
+
+def shard_checkpoint_path(path, rank_index: int, world: int) -> Path:
+    """Where rank ``rank_index`` of ``world`` keeps its proxy shard of checkpoint ``path``: ``last.pt``
+    -> ``last.shard-1-of-2.pt``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.shard-{rank_index}-of-{world}{path.suffix}")
