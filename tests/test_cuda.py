@@ -176,3 +176,24 @@ def test_cuda_evaluation_matches_cpu(gallery):
         kwargs.update(reference=kwargs["reference"].cuda())
     on_gpu = retrieval_metrics(embeddings.cuda(), labels, **kwargs)
     assert on_gpu == on_cpu
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_class_shard_ops_match_cpu(dtype):
+    """The sharded ops (a middle shard of 30,000 of 100,000 classes, spanning several GPU tiles)."""
+    ops = torch.ops.dmlfast
+    x, v, p, labels = idml_case(256, 30_000, 512, dtype)
+    labels = torch.randint(0, 100_000, (256,), generator=torch.Generator().manual_seed(5))
+    labels[:64] = 40_000 + labels[:64] % 30_000  # a quarter of the batch in this shard
+    shard = (40_000, 100_000)
+
+    def outputs(device):
+        xs, vs, ps, ys = (t.to(device) for t in (x, v, p, labels))
+        stats = ops.proxy_nca_shard_row_stats(xs, ps, ys, 18.0, False, *shard)
+        stats[0] = stats[0].clamp_min(0.0)  # as if reduced with other shards: a finite max everywhere
+        stats[1] = stats[1] + 1.0
+        return (*ops.proxy_anchor_loss(xs, ps, ys, 0.1, 32.0, None, False, *shard),
+                *ops.idml_proxy_anchor_loss(xs, vs, ps, ys, 0.1, 32.0, *shard),
+                stats, *ops.proxy_nca_shard_loss_and_grads(xs, ps, ys, stats, 18.0, 0.1, False, *shard))
+
+    assert_gpu_matches_cpu(outputs("cpu"), outputs("cuda"), dtype)
