@@ -438,7 +438,7 @@ at::Tensor softmax_loss(const SoftmaxRows& rows, double smoothing, int64_t num_c
       .to(acc.dtype());
 }
 
-// One softmax-family call's view of its proxies: how they are tiled, and the two passes.
+// One softmax-family call: its checked inputs, how its proxies are tiled, and the two passes.
 template <typename T>
 class SoftmaxTiles {
  public:
@@ -449,18 +449,23 @@ class SoftmaxTiles {
     at::Tensor shift;
   };
 
-  SoftmaxTiles(const at::Tensor& x, const UnitRows& xs, const at::Tensor& p,
-               const at::Tensor& kernel_labels, double scale, bool exclude_positive)
+  // `x` and `p` must outlive the object. Starts the value checks and normalizes the embeddings.
+  SoftmaxTiles(const at::Tensor& x, const at::Tensor& p, const at::Tensor& labels,
+               const ClassShard& shard, double scale, bool exclude_positive, const char* op)
       : x_(x),
-        x_hat_(xs.unit),
         p_(p),
-        label_ptr_(kernel_labels.const_data_ptr<int64_t>()),
+        acc_(x.options().dtype(c10::CppTypeToScalarType<T>::value)),
+        checks_(labels, shard.total, op),
+        labels_(shard_labels(labels, shard, acc_)),
+        xs_(normalize_rows(x.to(acc_.dtype()))),
+        num_classes_(shard.total),
         scale_(scale),
         exclude_positive_(exclude_positive),
-        acc_(x.options().dtype(c10::CppTypeToScalarType<T>::value)),
         tile_(tile_columns(x, p.size(0))),
         chunk_cols_(x.is_cuda() ? kSoftmaxChunkColumnsCuda : kSoftmaxChunkColumnsCpu),
-        column_contiguous_(x.is_cuda()) {}  // neighbouring threads own neighbouring rows
+        column_contiguous_(x.is_cuda()) {  // neighbouring threads own neighbouring rows
+    checks_.add_norms(xs_.norm, /*embeddings=*/true);
+  }
 
   // Whether pass 1's tiles fit the reuse budget (otherwise pass 2 recomputes them).
   bool tiles_fit() const {
@@ -470,8 +475,7 @@ class SoftmaxTiles {
 
   // Pass 1: merges every row's statistics over these proxies into `rows` (logit sums only when
   // `with_logit_sum`); returns the tiles when `keep`, else nothing.
-  std::vector<Tile> row_pass(SoftmaxRows& rows, bool with_logit_sum, bool keep,
-                             ValueChecks& checks) const {
+  std::vector<Tile> row_pass(SoftmaxRows& rows, bool with_logit_sum, bool keep) {
     const int64_t B = x_.size(0), C = p_.size(0);
     const SoftmaxRowState state{rows.max.data_ptr<double>(), rows.sum.data_ptr<double>(),
                                 with_logit_sum ? rows.logit_sum.data_ptr<double>() : nullptr,
@@ -487,7 +491,7 @@ class SoftmaxTiles {
       const int64_t chunks = blocks_for(cols, chunk_cols_);
       Tile t = compute_tile(first, cols);
       if (keep) t.shift = at::empty({chunks * B}, acc_);
-      checks.add_norms(t.proxies.norm, /*embeddings=*/false);
+      checks_.add_norms(t.proxies.norm, /*embeddings=*/false);
       launch(x_, chunks * B, args(t, first, cols, state, partials));
       launch(x_, B, SoftmaxCombineArgs{partials, B, chunks, state});
       if (keep) kept.push_back(std::move(t));
@@ -495,13 +499,18 @@ class SoftmaxTiles {
     return kept;
   }
 
-  // Pass 2: G = (scale / B)(softmax(z) - targets) from the complete row LSE, tile by tile (pass
-  // 1's `kept` tiles, or recomputed when empty), accumulated into dX (before the projection of
-  // the embeddings' normalization) and written into dP.
-  void grad_pass(const at::Tensor& row_lse, double smoothing, int64_t num_classes,
-                 const std::vector<Tile>& kept, at::Tensor& grad_x_acc, at::Tensor& grad_p) const {
+  // Pass 2 from complete row statistics: the loss, and G = (scale / B)(softmax(z) - targets) tile
+  // by tile (pass 1's `kept` tiles, or recomputed when empty) into dL/dx and dL/dp. Raises if a
+  // value check failed.
+  LossAndGrads loss_and_grads(const SoftmaxRows& rows, double smoothing,
+                              const std::vector<Tile>& kept) const {
     const int64_t B = x_.size(0), C = p_.size(0);
-    const double other_weight = num_classes > 1 ? smoothing / static_cast<double>(num_classes - 1) : 0.0;
+    const at::Tensor loss = softmax_loss(rows, smoothing, num_classes_, acc_);
+    const at::Tensor row_lse = (rows.max + at::log(rows.sum)).to(acc_.dtype());
+    at::Tensor grad_x_acc = at::zeros({B, x_.size(1)}, acc_);
+    at::Tensor grad_p = at::empty_like(p_, at::MemoryFormat::Contiguous);
+    const double other_weight =
+        num_classes_ > 1 ? smoothing / static_cast<double>(num_classes_ - 1) : 0.0;
     const SoftmaxRowState no_state{nullptr, nullptr, nullptr, nullptr};
     const SoftmaxChunkPartials no_partials{nullptr, nullptr, nullptr};
     for (int64_t first = 0, index = 0; first < C; first += tile_, ++index) {
@@ -512,67 +521,53 @@ class SoftmaxTiles {
                                 row_lse.const_data_ptr<T>(), T(1.0 - smoothing), T(other_weight),
                                 T(scale_ / static_cast<double>(B))});
       grad_x_acc.addmm_(t.sim, t.proxies.unit);
-      project_rows(at::mm(t.sim.t(), x_hat_), t.proxies, grad_p.narrow(0, first, cols));
+      project_rows(at::mm(t.sim.t(), xs_.unit), t.proxies, grad_p.narrow(0, first, cols));
     }
+    at::Tensor grad_x = at::empty_like(x_, at::MemoryFormat::Contiguous);
+    project_rows(grad_x_acc, xs_, grad_x);
+    raise_if_failed();
+    return {loss, grad_x, grad_p};
   }
+
+  void raise_if_failed() const { checks_.raise_if_failed(x_, p_); }
 
  private:
   Tile compute_tile(int64_t first, int64_t cols) const {
     UnitRows ps = normalize_rows(p_.narrow(0, first, cols).to(acc_.dtype()));
-    at::Tensor sim = similarity_tile(x_hat_, ps.unit, column_contiguous_);
+    at::Tensor sim = similarity_tile(xs_.unit, ps.unit, column_contiguous_);
     return Tile{std::move(ps), std::move(sim), at::Tensor()};
   }
 
   SoftmaxTileArgs<T> args(const Tile& t, int64_t first, int64_t cols, const SoftmaxRowState& state,
                           const SoftmaxChunkPartials& partials) const {
-    return SoftmaxTileArgs<T>{view_of<T>(t.sim), label_ptr_, x_.size(0), cols, chunk_cols_, first,
+    return SoftmaxTileArgs<T>{view_of<T>(t.sim), labels_.kernel.template const_data_ptr<int64_t>(),
+                              x_.size(0), cols, chunk_cols_, first,
                               T(scale_), exclude_positive_, state, partials,
                               t.shift.defined() ? t.shift.template data_ptr<T>() : nullptr};
   }
 
   const at::Tensor& x_;
-  const at::Tensor& x_hat_;
   const at::Tensor& p_;
-  const int64_t* label_ptr_;
+  at::TensorOptions acc_;
+  ValueChecks checks_;
+  ShardLabels labels_;
+  UnitRows xs_;
+  int64_t num_classes_;
   double scale_;
   bool exclude_positive_;
-  at::TensorOptions acc_;
   int64_t tile_;
   int64_t chunk_cols_;
   bool column_contiguous_;
 };
 
-// dL/dx from the accumulated G P_hat, through the embeddings' normalization.
-at::Tensor embedding_grad(const at::Tensor& x, const at::Tensor& grad_x_acc, const UnitRows& xs) {
-  at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);
-  project_rows(grad_x_acc, xs, grad_x);
-  return grad_x;
-}
-
 template <typename T>
 LossAndGrads proxy_softmax_impl(const at::Tensor& x, const at::Tensor& p, const at::Tensor& labels,
                                 double scale, double smoothing, bool exclude_positive) {
-  const char* op = "proxy_nca_loss";
   const int64_t C = p.size(0);
-  const auto acc = x.options().dtype(c10::CppTypeToScalarType<T>::value);
-  ValueChecks checks(labels, C, op);
-  const ShardLabels shard_label = shard_labels(labels, ClassShard{0, C, C}, acc);
-  const UnitRows xs = normalize_rows(x.to(acc.dtype()));
-  checks.add_norms(xs.norm, /*embeddings=*/true);
-  const SoftmaxTiles<T> tiles(x, xs, p, shard_label.kernel, scale, exclude_positive);
-
+  SoftmaxTiles<T> tiles(x, p, labels, ClassShard{0, C, C}, scale, exclude_positive, "proxy_nca_loss");
   SoftmaxRows rows = empty_softmax_rows(x);
-  const bool keep = tiles.tiles_fit();
-  const auto kept = tiles.row_pass(rows, /*with_logit_sum=*/smoothing > 0, keep, checks);
-  const at::Tensor loss = softmax_loss(rows, smoothing, C, acc);
-  const at::Tensor row_lse = (rows.max + at::log(rows.sum)).to(acc.dtype());
-
-  at::Tensor grad_x_acc = at::zeros({x.size(0), x.size(1)}, acc);
-  at::Tensor grad_p = at::empty_like(p, at::MemoryFormat::Contiguous);
-  tiles.grad_pass(row_lse, smoothing, C, kept, grad_x_acc, grad_p);
-  const at::Tensor grad_x = embedding_grad(x, grad_x_acc, xs);
-  checks.raise_if_failed(x, p);
-  return {loss, grad_x, grad_p};
+  const auto kept = tiles.row_pass(rows, /*with_logit_sum=*/smoothing > 0, tiles.tiles_fit());
+  return tiles.loss_and_grads(rows, smoothing, kept);
 }
 
 // Sharded pass 1: [4, B] float64 rows (max, sum of e^{z - max}, logit sum, target logit) over
@@ -581,17 +576,11 @@ template <typename T>
 at::Tensor softmax_shard_stats_impl(const at::Tensor& x, const at::Tensor& p,
                                     const at::Tensor& labels, double scale, bool exclude_positive,
                                     const ClassShard& shard) {
-  const char* op = "proxy_nca_shard_row_stats";
-  const auto acc = x.options().dtype(c10::CppTypeToScalarType<T>::value);
-  ValueChecks checks(labels, shard.total, op);
-  const ShardLabels shard_label = shard_labels(labels, shard, acc);
-  const UnitRows xs = normalize_rows(x.to(acc.dtype()));
-  checks.add_norms(xs.norm, /*embeddings=*/true);
-  const SoftmaxTiles<T> tiles(x, xs, p, shard_label.kernel, scale, exclude_positive);
+  SoftmaxTiles<T> tiles(x, p, labels, shard, scale, exclude_positive, "proxy_nca_shard_row_stats");
   SoftmaxRows rows = empty_softmax_rows(x);
-  tiles.row_pass(rows, /*with_logit_sum=*/true, /*keep=*/false, checks);
+  tiles.row_pass(rows, /*with_logit_sum=*/true, /*keep=*/false);
   const at::Tensor max = at::where(rows.sum > 0, rows.max, -std::numeric_limits<double>::infinity());
-  checks.raise_if_failed(x, p);
+  tiles.raise_if_failed();
   return at::stack({max, rows.sum, rows.logit_sum, rows.target});
 }
 
@@ -601,22 +590,10 @@ LossAndGrads softmax_shard_grads_impl(const at::Tensor& x, const at::Tensor& p,
                                       const at::Tensor& labels, const at::Tensor& row_stats,
                                       double scale, double smoothing, bool exclude_positive,
                                       const ClassShard& shard) {
-  const char* op = "proxy_nca_shard_loss_and_grads";
-  const auto acc = x.options().dtype(c10::CppTypeToScalarType<T>::value);
-  ValueChecks checks(labels, shard.total, op);
-  const ShardLabels shard_label = shard_labels(labels, shard, acc);
-  const UnitRows xs = normalize_rows(x.to(acc.dtype()));
-  checks.add_norms(xs.norm, /*embeddings=*/true);
-  const SoftmaxTiles<T> tiles(x, xs, p, shard_label.kernel, scale, exclude_positive);
-  const SoftmaxRows rows{row_stats[0], row_stats[1], row_stats[2], row_stats[3]};
-  const at::Tensor loss = softmax_loss(rows, smoothing, shard.total, acc);
-  const at::Tensor row_lse = (rows.max + at::log(rows.sum)).to(acc.dtype());
-  at::Tensor grad_x_acc = at::zeros({x.size(0), x.size(1)}, acc);
-  at::Tensor grad_p = at::empty_like(p, at::MemoryFormat::Contiguous);
-  tiles.grad_pass(row_lse, smoothing, shard.total, {}, grad_x_acc, grad_p);
-  const at::Tensor grad_x = embedding_grad(x, grad_x_acc, xs);
-  checks.raise_if_failed(x, p);
-  return {loss, grad_x, grad_p};
+  const SoftmaxTiles<T> tiles(x, p, labels, shard, scale, exclude_positive,
+                              "proxy_nca_shard_loss_and_grads");
+  return tiles.loss_and_grads(SoftmaxRows{row_stats[0], row_stats[1], row_stats[2], row_stats[3]},
+                              smoothing, {});
 }
 
 }  // namespace

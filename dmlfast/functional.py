@@ -50,6 +50,21 @@ def _require_number(op, name, value, *, low=-math.inf, low_inclusive=True, high=
     return value
 
 
+def _anchor_hyperparameters(op, margin, alpha):
+    """``(margin, alpha)`` checked for the anchor family: margin finite, alpha > 0."""
+    return _require_number(op, "margin", margin), _require_number(op, "alpha", alpha, low=0.0, low_inclusive=False)
+
+
+def _softmax_hyperparameters(op, scale, smoothing, exclude_positive):
+    """``(scale, smoothing, exclude_positive)`` checked for the softmax family: scale > 0,
+    smoothing in [0, 1), exclude_positive a bool."""
+    scale = _require_number(op, "scale", scale, low=0.0, low_inclusive=False)
+    smoothing = _require_number(op, "smoothing", smoothing, low=0.0, high=1.0)
+    if not isinstance(exclude_positive, bool):
+        raise TypeError(f"{op}: exclude_positive must be a bool, got {type(exclude_positive).__name__}")
+    return scale, smoothing, exclude_positive
+
+
 def proxy_anchor_loss(embeddings, proxies, labels, margin=0.1, alpha=32.0):
     """Proxy-Anchor loss (Kim et al., CVPR 2020; SPEC §1.1), on cosines S = x̂ p̂ᵀ:
 
@@ -59,8 +74,7 @@ def proxy_anchor_loss(embeddings, proxies, labels, margin=0.1, alpha=32.0):
     """
     op = "proxy_anchor_loss"
     _require_tensors(op, embeddings=embeddings, proxies=proxies, labels=labels)
-    margin = _require_number(op, "margin", margin)
-    alpha = _require_number(op, "alpha", alpha, low=0.0, low_inclusive=False)
+    margin, alpha = _anchor_hyperparameters(op, margin, alpha)
     return torch.ops.dmlfast.proxy_anchor_loss(embeddings, proxies, labels, margin, alpha)[0]
 
 
@@ -74,10 +88,7 @@ def proxy_nca_loss(embeddings, proxies, labels, scale=18.0, smoothing=0.0, exclu
     """
     op = "proxy_nca_loss"
     _require_tensors(op, embeddings=embeddings, proxies=proxies, labels=labels)
-    scale = _require_number(op, "scale", scale, low=0.0, low_inclusive=False)
-    smoothing = _require_number(op, "smoothing", smoothing, low=0.0, high=1.0)
-    if not isinstance(exclude_positive, bool):
-        raise TypeError(f"{op}: exclude_positive must be a bool, got {type(exclude_positive).__name__}")
+    scale, smoothing, exclude_positive = _softmax_hyperparameters(op, scale, smoothing, exclude_positive)
     return torch.ops.dmlfast.proxy_nca_loss(embeddings, proxies, labels, scale, smoothing, exclude_positive)[0]
 
 
@@ -127,8 +138,7 @@ def proxy_isa_loss(
             raise ValueError(f"{op}: {name} must be on {proxies.device}, got {value.device}")
     if not isinstance(filter_positives, bool):
         raise TypeError(f"{op}: filter_positives must be a bool, got {type(filter_positives).__name__}")
-    margin = _require_number(op, "margin", margin)
-    alpha = _require_number(op, "alpha", alpha, low=0.0, low_inclusive=False)
+    margin, alpha = _anchor_hyperparameters(op, margin, alpha)
     # The op accumulates in float64 when either input is float64 (float32 otherwise): hand it the
     # class vectors in that dtype, so none is rounded on the way.
     wide = torch.float64 in (embeddings.dtype, proxies.dtype)
@@ -152,6 +162,5 @@ def idml_proxy_anchor_loss(embeddings, uncertainty, proxies, labels, margin=0.1,
     """
     op = "idml_proxy_anchor_loss"
     _require_tensors(op, embeddings=embeddings, uncertainty=uncertainty, proxies=proxies, labels=labels)
-    margin = _require_number(op, "margin", margin)
-    alpha = _require_number(op, "alpha", alpha, low=0.0, low_inclusive=False)
+    margin, alpha = _anchor_hyperparameters(op, margin, alpha)
     return torch.ops.dmlfast.idml_proxy_anchor_loss(embeddings, uncertainty, proxies, labels, margin, alpha)[0]

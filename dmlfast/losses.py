@@ -55,8 +55,7 @@ class ProxyAnchorLoss(_ProxyLoss):
 
     def __init__(self, num_classes, embedding_size, margin=0.1, alpha=32.0):
         super().__init__(num_classes, embedding_size)
-        self.margin = functional._require_number(type(self).__name__, "margin", margin)
-        self.alpha = functional._require_number(type(self).__name__, "alpha", alpha, low=0.0, low_inclusive=False)
+        self.margin, self.alpha = functional._anchor_hyperparameters(type(self).__name__, margin, alpha)
         nn.init.kaiming_normal_(self.proxies, mode="fan_out")
 
     def loss_with_proxies(self, embeddings, proxies, labels):
@@ -75,12 +74,8 @@ class ProxyNCALoss(_ProxyLoss):
 
     def __init__(self, num_classes, embedding_size, scale=18.0, smoothing=0.0, exclude_positive=False):
         super().__init__(num_classes, embedding_size)
-        owner = type(self).__name__
-        self.scale = functional._require_number(owner, "scale", scale, low=0.0, low_inclusive=False)
-        self.smoothing = functional._require_number(owner, "smoothing", smoothing, low=0.0, high=1.0)
-        if not isinstance(exclude_positive, bool):
-            raise TypeError(f"{owner}: exclude_positive must be a bool, got {type(exclude_positive).__name__}")
-        self.exclude_positive = exclude_positive
+        self.scale, self.smoothing, self.exclude_positive = functional._softmax_hyperparameters(
+            type(self).__name__, scale, smoothing, exclude_positive)
         with torch.no_grad():
             self.proxies.normal_().div_(8.0)
 
@@ -143,8 +138,7 @@ class ProxyISALoss(_ProxyLoss):
         super().__init__(num_classes, embedding_size)
         owner = type(self).__name__
         number = functional._require_number
-        self.margin = number(owner, "margin", margin)
-        self.alpha = number(owner, "alpha", alpha, low=0.0, low_inclusive=False)
+        self.margin, self.alpha = functional._anchor_hyperparameters(owner, margin, alpha)
         self.k = number(owner, "k", k, low=0.0)
         self.V = number(owner, "V", V, low=1.0, low_inclusive=False)
         self.lam = number(owner, "lam", lam)
@@ -243,8 +237,7 @@ class IntrospectiveProxyAnchorLoss(_ProxyLoss):
 
     def __init__(self, num_classes, embedding_size, margin=0.1, alpha=32.0):
         super().__init__(num_classes, embedding_size)
-        self.margin = functional._require_number(type(self).__name__, "margin", margin)
-        self.alpha = functional._require_number(type(self).__name__, "alpha", alpha, low=0.0, low_inclusive=False)
+        self.margin, self.alpha = functional._anchor_hyperparameters(type(self).__name__, margin, alpha)
         nn.init.kaiming_normal_(self.proxies, mode="fan_out")
 
     def forward(self, embeddings, uncertainty, labels):

@@ -189,20 +189,22 @@ class _ShardedProxyLoss(nn.Module):
                 f"shard=[{self.class_offset}, {self.class_offset + self.proxies.shape[0]}), rank={self.rank}/{self.world_size}")
 
 
-class ShardedProxyAnchorLoss(_ShardedProxyLoss):
-    """Proxy-Anchor (:func:`dmlfast.functional.proxy_anchor_loss`) with class-sharded proxies:
-    ``forward(embeddings, labels)`` on this rank's batch returns the loss of the global batch.
-    Initial proxies N(0, 2/num_classes), Proxy-Anchor's kaiming_normal_(mode='fan_out')."""
+class _ShardedAnchorLoss(_ShardedProxyLoss):
+    """The anchor family's margin δ and scale α; initial proxies N(0, 2/num_classes), Proxy-Anchor's
+    kaiming_normal_(mode='fan_out')."""
 
     def __init__(self, num_classes, embedding_size, margin=0.1, alpha=32.0, group=None):
         super().__init__(num_classes, embedding_size, group)
-        owner = type(self).__name__
-        self.margin = functional._require_number(owner, "margin", margin)
-        self.alpha = functional._require_number(owner, "alpha", alpha, low=0.0, low_inclusive=False)
+        self.margin, self.alpha = functional._anchor_hyperparameters(type(self).__name__, margin, alpha)
         self.reset_parameters()
 
     def _initial_proxies(self, shape, generator):
         return torch.randn(shape, generator=generator) * math.sqrt(2.0 / self.num_classes)
+
+
+class ShardedProxyAnchorLoss(_ShardedAnchorLoss):
+    """Proxy-Anchor (:func:`dmlfast.functional.proxy_anchor_loss`) with class-sharded proxies:
+    ``forward(embeddings, labels)`` on this rank's batch returns the loss of the global batch."""
 
     def forward(self, embeddings, labels):
         x, y = self._gather(embeddings, labels)
@@ -211,18 +213,9 @@ class ShardedProxyAnchorLoss(_ShardedProxyLoss):
         return _sum_over_ranks(local, self.group)
 
 
-class ShardedIntrospectiveProxyAnchorLoss(_ShardedProxyLoss):
+class ShardedIntrospectiveProxyAnchorLoss(_ShardedAnchorLoss):
     """IDML's introspective Proxy-Anchor (:func:`dmlfast.functional.idml_proxy_anchor_loss`) with
-    class-sharded proxies: ``forward(embeddings, uncertainty, labels)``; initialised as Proxy-Anchor's."""
-
-    def __init__(self, num_classes, embedding_size, margin=0.1, alpha=32.0, group=None):
-        super().__init__(num_classes, embedding_size, group)
-        owner = type(self).__name__
-        self.margin = functional._require_number(owner, "margin", margin)
-        self.alpha = functional._require_number(owner, "alpha", alpha, low=0.0, low_inclusive=False)
-        self.reset_parameters()
-
-    _initial_proxies = ShardedProxyAnchorLoss._initial_proxies
+    class-sharded proxies: ``forward(embeddings, uncertainty, labels)``."""
 
     def forward(self, embeddings, uncertainty, labels):
         x, v, y = self._gather(embeddings, labels, uncertainty=uncertainty)
@@ -250,12 +243,8 @@ class ShardedProxyNCALoss(_ShardedProxyLoss):
 
     def __init__(self, num_classes, embedding_size, scale=18.0, smoothing=0.0, exclude_positive=False, group=None):
         super().__init__(num_classes, embedding_size, group)
-        owner = type(self).__name__
-        self.scale = functional._require_number(owner, "scale", scale, low=0.0, low_inclusive=False)
-        self.smoothing = functional._require_number(owner, "smoothing", smoothing, low=0.0, high=1.0)
-        if not isinstance(exclude_positive, bool):
-            raise TypeError(f"{owner}: exclude_positive must be a bool, got {type(exclude_positive).__name__}")
-        self.exclude_positive = exclude_positive
+        self.scale, self.smoothing, self.exclude_positive = functional._softmax_hyperparameters(
+            type(self).__name__, scale, smoothing, exclude_positive)
         self.reset_parameters()
 
     def _initial_proxies(self, shape, generator):
