@@ -75,7 +75,8 @@ def is_main() -> bool:
 
 def writes_checkpoints() -> bool:
     """Whether this rank writes ``last.pt`` / ``best.pt``: rank 0 only, since every rank holds the
-    same (replicated) model, proxies, optimizer and RNG state; the files are those of a single-process run."""
+    same (replicated) model, proxies, optimizer and RNG state; the files are those of a single-process run.
+    (With sharded proxies every rank also writes its own shard file: :func:`shard_checkpoint_path`.)"""
     return is_main()
 
 
@@ -185,19 +186,11 @@ def mean_over_ranks(value: torch.Tensor) -> float:
 
 
 def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """The rows of ``tensor`` of every rank, rank 0's first; ranks may hold different row counts."""
-    if not is_initialized():
-        return tensor
-    tensor = tensor.contiguous()
-    count = torch.tensor([tensor.shape[0]], device=tensor.device)
-    counts = [torch.zeros_like(count) for _ in range(world_size())]
-    dist.all_gather(counts, count)
-    counts = [int(c) for c in counts]
-    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[:n] for part, n in zip(parts, counts)])
+    """The rows of ``tensor`` of every rank, rank 0's first; ranks may hold different row counts.
+    No gradient: :func:`dmlfast.sharded.gather_rows` of the detached tensor."""
+    from dmlfast.sharded import gather_rows
+
+    return gather_rows(tensor.detach())
 
 
 def gather_in_order(tensors: Sequence[torch.Tensor], positions: Sequence[int], total: int) -> List[torch.Tensor]:
