@@ -599,8 +599,9 @@ def _check_world_size(saved: Dict[str, Any], current: Dict[str, Any], path: Path
                          f"shards and the optimizer steps depend on it: resume with {how}, or start afresh in another --output")
 
 
-def _load_proxy_shard(last_path: Path, config: Dict[str, Any]) -> Dict[str, Any]:
-    """This rank's ``{"loss", "optimizer"}`` state saved beside ``last_path`` by a run with sharded proxies."""
+def _load_proxy_shard(last_path: Path, config: Dict[str, Any], epoch: int) -> Dict[str, Any]:
+    """This rank's ``{"loss", "optimizer"}`` state saved beside ``last_path`` by a run with sharded
+    proxies; ``UsageError`` when it is missing or from another epoch than ``last_path`` (``epoch``)."""
     from dmlfast.training import CheckpointError, distributed, load_checkpoint
 
     path = distributed.shard_checkpoint_path(last_path, distributed.rank(), config["world_size"])
@@ -608,6 +609,9 @@ def _load_proxy_shard(last_path: Path, config: Dict[str, Any]) -> Dict[str, Any]
         shard = load_checkpoint(path)
     except CheckpointError as error:
         raise UsageError(f"--resume: {error} (with --shard-proxies every process saves its proxies there)") from error
+    if shard["epoch"] != epoch:
+        raise UsageError(f"--resume: {path} holds the proxies after epoch {shard['epoch']}, {last_path} the model after "
+                         f"epoch {epoch} (a run stopped while saving); start afresh in another --output")
     return shard
 
 
@@ -677,7 +681,7 @@ def _train(config: Dict[str, Any], device) -> Dict[str, Any]:
     sharded = bool(config.get("shard_proxies"))
     if state is not None:
         model.load_state_dict(state["model"])
-        own = _load_proxy_shard(last_path, config) if sharded else state
+        own = _load_proxy_shard(last_path, config, state["epoch"]) if sharded else state
         loss_fn.load_state_dict(own["loss"])
         optimizer.load_state_dict(own["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -269,15 +269,21 @@ def test_sharded_proxies_uneven_over_three_processes_learn(data_root, tmp_path):
     assert summary["after"]["map@r"] > summary["before"]["map@r"]
 
 
-def test_sharded_proxies_resume_without_the_shard_file_is_a_usage_error(data_root, tmp_path):
+def test_sharded_proxies_resume_without_a_matching_shard_file_is_a_usage_error(data_root, tmp_path):
     out = tmp_path / "run"
     args = [*COMMON, "--data-root", data_root, "--shard-proxies", "--output", out, "--resume"]
     _ok(torchrun([*args, "--epochs", "1"]))
     _relabel_epochs(out, 2)
+    shard = torch.load(out / "last.shard-1-of-2.pt", weights_only=False)
     (out / "last.shard-1-of-2.pt").unlink()
     result = torchrun([*args, "--epochs", "2"])
     assert result.returncode != 0
     assert "(rank 1): error: --resume: no such checkpoint:" in result.stderr and "last.shard-1-of-2.pt" in result.stderr
+    shard["epoch"] = 0  # as if the run stopped after rank 0 saved epoch 1 but before rank 1 did
+    dmlfast.training.save_checkpoint({k: v for k, v in shard.items() if k != "format"}, out / "last.shard-1-of-2.pt")
+    result = torchrun([*args, "--epochs", "2"])
+    assert result.returncode != 0
+    assert "(rank 1): error: --resume:" in result.stderr and "holds the proxies after epoch 0" in result.stderr
 
 
 def test_shard_proxies_flag_checks(data_root, tmp_path, capsys):
