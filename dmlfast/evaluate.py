@@ -20,12 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dmlfast._cli import InputError, run_command
+
 PROG = "python -m dmlfast.evaluate"
-USAGE_ERROR = 2
-
-
-class InputError(Exception):
-    """A problem with the user's input, reported as one line and exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,10 +80,7 @@ def apply_dataset_arguments(config: dict, args: argparse.Namespace) -> dict:
         config["test_classes"] = args.test_classes
     if config["dataset"] != "glyphs" and config["data_root"] is None:
         raise InputError(f"--dataset {config['dataset']} needs --data-root DIR, the folder holding it")
-    try:
-        train.check_dataset_options(config)
-    except train.UsageError as error:
-        raise InputError(str(error)) from error
+    train.check_dataset_options(config)
     return config
 
 
@@ -127,13 +121,10 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         raise InputError(f"--workers must be >= 0, got {args.workers}")
     config.update(workers=args.workers, weights="none",
                   ks=list(args.ks) if args.ks else list(train.DATASET_KS[config["dataset"]]))
-    try:
-        device = train.resolve_device(args.device)
-        config["loader"] = train.resolve_loader(args.loader, device)
-        splits = train.load_splits(config)
-        model = train.restore_model(config, state["model"], device)
-    except train.UsageError as error:
-        raise InputError(str(error)) from error
+    device = train.resolve_device(args.device)
+    config["loader"] = train.resolve_loader(args.loader, device)
+    splits = train.load_splits(config)
+    model = train.restore_model(config, state["model"], device)
     dtype = train.amp_dtype(config["amp"], device)
     loaders = train.make_eval_loaders(config, splits, device)
     try:
@@ -154,10 +145,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         raise InputError("--reference and --reference-labels must be given together")
     from dmlfast import train
 
-    try:
-        device = train.resolve_device(args.device)
-    except train.UsageError as error:
-        raise InputError(str(error)) from error
+    device = train.resolve_device(args.device)
     embeddings = torch.from_numpy(load_array(args.embeddings, "--embeddings")).to(device)
     labels = load_array(args.labels, "--labels")
     reference = reference_labels = None
@@ -181,22 +169,21 @@ def evaluate(args: argparse.Namespace) -> dict:
         raise InputError(str(error)) from error
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0, or 2 for input errors)."""
-    args = build_parser().parse_args(argv)
-    try:
-        metrics = evaluate_checkpoint(args) if args.checkpoint is not None else evaluate(args)
-        if args.json is not None:
-            try:
-                json_ready = {name: None if value != value else value for name, value in metrics.items()}
-                args.json.write_text(json.dumps(json_ready, indent=2) + "\n")
-            except OSError as error:
-                raise InputError(f"--json: cannot write {args.json} ({error.strerror or error})") from error
-    except InputError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return USAGE_ERROR
+def _run(args) -> None:
+    """The command: the metrics, written to ``--json`` when given, printed as a table."""
+    metrics = evaluate_checkpoint(args) if args.checkpoint is not None else evaluate(args)
+    if args.json is not None:
+        try:
+            json_ready = {name: None if value != value else value for name, value in metrics.items()}
+            args.json.write_text(json.dumps(json_ready, indent=2) + "\n")
+        except OSError as error:
+            raise InputError(f"--json: cannot write {args.json} ({error.strerror or error})") from error
     print(format_table(metrics))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0, or 2 for input errors, printed as one line)."""
+    return run_command(PROG, _run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

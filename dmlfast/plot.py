@@ -20,14 +20,11 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from dmlfast._cli import InputError, run_command
+
 PROG = "python -m dmlfast.plot"
-USAGE_ERROR = 2
 METHODS = ("auto", "tsne", "umap")
 PACKAGES = {"tsne": ("sklearn", "scikit-learn"), "umap": ("umap", "umap-learn")}
-
-
-class InputError(Exception):
-    """A problem with the user's input, reported as one line and exit status 2."""
 
 
 def _installed(module: str) -> bool:
@@ -156,7 +153,6 @@ def plot(args: argparse.Namespace) -> Path:
     import numpy as np
 
     from dmlfast.data import ImageList
-    from dmlfast.retrieve import InputError as RetrieveInputError
     from dmlfast.retrieve import dataset_split, embed_list, load_model
 
     if args.classes < 1:
@@ -167,11 +163,8 @@ def plot(args: argparse.Namespace) -> Path:
         raise InputError(f"--workers must be >= 0, got {args.workers}")
     method = resolve_method(args.method)
     out = args.out if args.out is not None else args.checkpoint.parent / "embeddings.png"
-    try:
-        model, config, device, dtype = load_model(args.checkpoint, args.device)
-        split, data_config = dataset_split(config, args, args.split)
-    except RetrieveInputError as error:
-        raise InputError(str(error)) from error
+    model, config, device, dtype = load_model(args.checkpoint, args.device)
+    split, data_config = dataset_split(config, args, args.split)
     chosen = pick_classes(split.labels, args.classes, args.seed)
     keep = np.flatnonzero(np.isin(split.labels, chosen))
     if len(keep) < 4:
@@ -198,13 +191,7 @@ def plot(args: argparse.Namespace) -> Path:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; returns the exit status (0, or 2 for input errors, printed as one line)."""
-    args = build_parser().parse_args(argv)
-    try:
-        plot(args)
-    except InputError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return USAGE_ERROR
-    return 0
+    return run_command(PROG, plot, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

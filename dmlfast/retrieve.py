@@ -32,8 +32,9 @@ import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
+from dmlfast._cli import InputError, run_command
+
 PROG = "python -m dmlfast.retrieve"
-USAGE_ERROR = 2
 TILE = 160
 FRAME = 6
 CAPTION = 40
@@ -41,10 +42,6 @@ GRID_COLUMNS = 8
 CELL_WIDTH = TILE + 2 * FRAME
 CELL_HEIGHT = TILE + 2 * FRAME + CAPTION
 COLOURS = {"query": (40, 90, 220), "correct": (20, 170, 60), "wrong": (210, 40, 40), "unknown": (170, 170, 170)}
-
-
-class InputError(Exception):
-    """A problem with the user's input, reported as one line and exit status 2."""
 
 
 def grid_size(k: int) -> Tuple[int, int]:
@@ -94,11 +91,8 @@ def load_model(checkpoint: Path, device_name: Optional[str]):
     except CheckpointError as error:
         raise InputError(f"--checkpoint: {error}") from error
     config = dict(state["config"], weights="none")
-    try:
-        device = train.resolve_device(device_name)
-        model = train.restore_model(config, state["model"], device).eval()
-    except train.UsageError as error:
-        raise InputError(str(error)) from error
+    device = train.resolve_device(device_name)
+    model = train.restore_model(config, state["model"], device).eval()
     return model, config, device, train.amp_dtype(config["amp"], device)
 
 
@@ -124,14 +118,10 @@ def embed_list(model, image_list, config, device, dtype, *, batch_size: int, wor
 def dataset_split(config, args, split: Optional[str]):
     """The ``ImageList`` of ``split`` (default: the held-out one) of the dataset the arguments name."""
     from dmlfast import train
-    from dmlfast.evaluate import InputError as EvaluateInputError
     from dmlfast.evaluate import apply_dataset_arguments
 
-    try:
-        data_config = apply_dataset_arguments(config, args)
-        splits = train.load_splits(data_config)
-    except (EvaluateInputError, train.UsageError) as error:
-        raise InputError(str(error)) from error
+    data_config = apply_dataset_arguments(config, args)
+    splits = train.load_splits(data_config)
     available = splits.splits()
     name = split or ("test" if "test" in available else "gallery")
     if name not in available:
@@ -345,13 +335,7 @@ def retrieve(args: argparse.Namespace) -> List[Tuple[str, Optional[str], float]]
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; returns the exit status (0, or 2 for input errors, printed as one line)."""
-    args = build_parser().parse_args(argv)
-    try:
-        retrieve(args)
-    except InputError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return USAGE_ERROR
-    return 0
+    return run_command(PROG, retrieve, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

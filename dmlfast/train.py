@@ -35,8 +35,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from dmlfast._cli import InputError, run_command
+
 PROG = "python -m dmlfast.train"
-USAGE_ERROR = 2
 
 #: Recall@K cut-offs of each dataset's published evaluation.
 DATASET_KS = {"CUB": (1, 2, 4, 8), "Cars196": (1, 2, 4, 8), "SOP": (1, 10, 100, 1000),
@@ -49,8 +50,9 @@ RESUMABLE_CHANGES = {"resume", "output", "device", "workers", "data_root", "prog
 LATER_KEYS = {"shard_proxies": False}
 
 
-class UsageError(Exception):
-    """A problem with the user's input: printed as one ``error:`` line, exit status 2."""
+#: A problem with the user's input: printed as one ``error:`` line, exit status 2 (the error type
+#: every command-line tool shares, so evaluate, retrieve and plot pass it on as it is).
+UsageError = InputError
 
 
 EPILOG = """\
@@ -813,14 +815,7 @@ def _train(config: Dict[str, Any], device) -> Dict[str, Any]:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; returns the exit status (0, or 2 for user errors, printed as one line;
     under torchrun each failing process prints its line, naming its rank)."""
-    args = build_parser().parse_args(argv)
-    try:
-        config = make_config(args)
-        train(config)
-    except UsageError as error:
-        print(f"{PROG}{_rank_tag()}: error: {error}", file=sys.stderr)
-        return USAGE_ERROR
-    return 0
+    return run_command(f"{PROG}{_rank_tag()}", lambda args: train(make_config(args)), build_parser().parse_args(argv))
 
 
 def _rank_tag() -> str:
