@@ -126,10 +126,18 @@ class ValueChecks {
   at::Tensor label_range_, x_finite_, p_finite_, u_finite_;
 };
 
-// The accumulation dtype: float64 when an input is float64, float32 otherwise.
-at::ScalarType accumulation_type(const at::Tensor& x, const at::Tensor& p) {
-  return (x.scalar_type() == at::kDouble || p.scalar_type() == at::kDouble) ? at::kDouble
-                                                                            : at::kFloat;
+// Whether the math accumulates in float64: an input is float64 (float32 otherwise).
+bool has_float64(const at::Tensor& x, const at::Tensor& p) {
+  return x.scalar_type() == at::kDouble || p.scalar_type() == at::kDouble;
+}
+
+// `impl(T{})` with the accumulation type T (double when `wide`, else float), on the device of
+// `on` with autocast excluded: the ATen calls inside run in the dtype the op chose.
+template <typename Impl>
+auto run_accumulating(const at::Tensor& on, bool wide, Impl&& impl) {
+  const c10::DeviceGuard guard(on.device());
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  return wide ? impl(double{}) : impl(float{});
 }
 
 // The classes this call's proxies stand for: rows 0..local-1 of `proxies` are classes
@@ -624,14 +632,10 @@ LossAndGrads proxy_anchor_loss(const at::Tensor& embeddings, const at::Tensor& p
                       "proxy_anchor_loss: isa_class_params cannot be combined with a class shard "
                       "(Proxy-ISA's normalizers are sums over all classes' multipliers)");
   }
-  const c10::DeviceGuard guard(embeddings.device());
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  if (accumulation_type(embeddings, proxies) == at::kDouble) {
-    return proxy_anchor_impl<double>(embeddings, proxies, labels, margin, alpha, isa,
-                                     isa_filter_positives, shard);
-  }
-  return proxy_anchor_impl<float>(embeddings, proxies, labels, margin, alpha, isa,
-                                  isa_filter_positives, shard);
+  return run_accumulating(embeddings, has_float64(embeddings, proxies), [&](auto zero) {
+    return proxy_anchor_impl<decltype(zero)>(embeddings, proxies, labels, margin, alpha, isa,
+                                             isa_filter_positives, shard);
+  });
 }
 
 IdmlLossAndGrads idml_proxy_anchor_loss(const at::Tensor& embeddings,
@@ -657,12 +661,10 @@ IdmlLossAndGrads idml_proxy_anchor_loss(const at::Tensor& embeddings,
   TORCH_CHECK_VALUE(std::isfinite(margin), op, ": margin must be finite, got ", margin);
   TORCH_CHECK_VALUE(std::isfinite(alpha) && alpha > 0, op,
                     ": alpha must be a finite number > 0, got ", alpha);
-  const c10::DeviceGuard guard(embeddings.device());
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const bool wide = accumulation_type(embeddings, proxies) == at::kDouble ||
-                    uncertainty.scalar_type() == at::kDouble;
-  if (wide) return idml_impl<double>(embeddings, uncertainty, proxies, labels, margin, alpha, shard);
-  return idml_impl<float>(embeddings, uncertainty, proxies, labels, margin, alpha, shard);
+  const bool wide = has_float64(embeddings, proxies) || uncertainty.scalar_type() == at::kDouble;
+  return run_accumulating(embeddings, wide, [&](auto zero) {
+    return idml_impl<decltype(zero)>(embeddings, uncertainty, proxies, labels, margin, alpha, shard);
+  });
 }
 
 namespace {
@@ -691,14 +693,10 @@ LossAndGrads proxy_nca_loss(const at::Tensor& embeddings, const at::Tensor& prox
                             bool exclude_positive) {
   check_metadata(embeddings, proxies, labels, "proxy_nca_loss");
   check_softmax_params(scale, smoothing, exclude_positive, proxies.size(0), "proxy_nca_loss");
-  const c10::DeviceGuard guard(embeddings.device());
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  if (accumulation_type(embeddings, proxies) == at::kDouble) {
-    return proxy_softmax_impl<double>(embeddings, proxies, labels, scale, smoothing,
-                                      exclude_positive);
-  }
-  return proxy_softmax_impl<float>(embeddings, proxies, labels, scale, smoothing,
-                                   exclude_positive);
+  return run_accumulating(embeddings, has_float64(embeddings, proxies), [&](auto zero) {
+    return proxy_softmax_impl<decltype(zero)>(embeddings, proxies, labels, scale, smoothing,
+                                              exclude_positive);
+  });
 }
 
 at::Tensor proxy_nca_shard_row_stats(const at::Tensor& embeddings, const at::Tensor& proxies,
@@ -709,14 +707,10 @@ at::Tensor proxy_nca_shard_row_stats(const at::Tensor& embeddings, const at::Ten
   check_metadata(embeddings, proxies, labels, op);
   const ClassShard shard = class_shard(proxies, class_offset, num_classes, op);
   check_softmax_params(scale, 0.0, exclude_positive, shard.total, op);
-  const c10::DeviceGuard guard(embeddings.device());
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  if (accumulation_type(embeddings, proxies) == at::kDouble) {
-    return softmax_shard_stats_impl<double>(embeddings, proxies, labels, scale, exclude_positive,
-                                            shard);
-  }
-  return softmax_shard_stats_impl<float>(embeddings, proxies, labels, scale, exclude_positive,
-                                         shard);
+  return run_accumulating(embeddings, has_float64(embeddings, proxies), [&](auto zero) {
+    return softmax_shard_stats_impl<decltype(zero)>(embeddings, proxies, labels, scale,
+                                                    exclude_positive, shard);
+  });
 }
 
 LossAndGrads proxy_nca_shard_loss_and_grads(const at::Tensor& embeddings,
@@ -734,15 +728,11 @@ LossAndGrads proxy_nca_shard_loss_and_grads(const at::Tensor& embeddings,
                     op, ": row_stats must be a float64 tensor of shape (4, ", embeddings.size(0),
                     ") on ", embeddings.device(), " (the reduced proxy_nca_shard_row_stats), got a ",
                     describe(row_stats));
-  const c10::DeviceGuard guard(embeddings.device());
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const at::Tensor stats = row_stats.contiguous();
-  if (accumulation_type(embeddings, proxies) == at::kDouble) {
-    return softmax_shard_grads_impl<double>(embeddings, proxies, labels, stats, scale, smoothing,
-                                            exclude_positive, shard);
-  }
-  return softmax_shard_grads_impl<float>(embeddings, proxies, labels, stats, scale, smoothing,
-                                         exclude_positive, shard);
+  return run_accumulating(embeddings, has_float64(embeddings, proxies), [&](auto zero) {
+    return softmax_shard_grads_impl<decltype(zero)>(embeddings, proxies, labels,
+                                                    row_stats.contiguous(), scale, smoothing,
+                                                    exclude_positive, shard);
+  });
 }
 
 }  // namespace dmlfast
