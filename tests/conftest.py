@@ -1,4 +1,8 @@
 """Shared pytest fixtures and markers for dmlfast's tests."""
+import faulthandler
+import gc
+import os
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -42,3 +46,46 @@ def train_tiny_folder_run(base: Path, *, seed: int, test_classes: str) -> tuple:
                        "--epochs", "1", "--batch-size", "8", "--image-size", "16", "--embedding-size", "16", "--workers", "0",
                        "--loader", "torch", "--no-progress", "--output", str(out)]) == 0
     return root, out / "best.pt"
+
+
+def spawn_gloo_ranks(fn, world: int, folder: Path, *args) -> None:
+    """Run ``fn(rank, world, folder, *args)`` in ``world`` spawned processes joined in one gloo
+    process group; returns when every rank has finished.
+
+    The rendezvous is a file in ``folder`` (no port to race for, and no rank hosts a store that the
+    others still need while it exits). Each rank's stderr, and faulthandler's Python stacks if it
+    crashes, go to ``folder/rank<r>.stderr``: a rank that dies fails the test with those logs, not
+    only with its signal's name.
+    """
+    import torch.multiprocessing as mp
+
+    folder = Path(folder)
+    try:
+        mp.spawn(_gloo_rank, args=(fn, world, str(folder), args), nprocs=world, join=True)
+    except (mp.ProcessExitedException, mp.ProcessRaisedException) as error:
+        logs = []
+        for rank in range(world):
+            path = folder / f"rank{rank}.stderr"
+            text = path.read_text(errors="replace").strip() if path.is_file() else "(no log)"
+            logs.append(f"--- rank {rank} stderr (last 40 lines) ---\n" + "\n".join(text.splitlines()[-40:]))
+        pytest.fail(f"{str(error).strip()}\n" + "\n".join(logs), pytrace=False)
+
+
+def _gloo_rank(rank: int, fn, world: int, folder: str, args: tuple) -> None:
+    """One process of :func:`spawn_gloo_ranks`."""
+    import torch.distributed as dist
+
+    log = open(os.path.join(folder, f"rank{rank}.stderr"), "w")  # kept open until the process is gone
+    os.dup2(log.fileno(), 2)  # C++ messages (e.g. std::terminate's) too, not only Python's
+    faulthandler.enable(log, all_threads=True)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    try:
+        fn(rank, world, folder, *args)
+        gc.collect()  # wrappers left in reference cycles (DDP) go now, while the group is alive
+        dist.barrier()  # no rank tears its connections down while another still talks to it
+    except BaseException:
+        traceback.print_exc()  # into this rank's log: spawn reports only the first rank to fail
+        raise
+    finally:
+        dist.destroy_process_group()

@@ -2,9 +2,8 @@
 equal the unsharded loss and gradients in float64."""
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from conftest import spawn_gloo_ranks
 from dmlfast import functional, sharded
 
 ops = torch.ops.dmlfast
@@ -135,11 +134,9 @@ def module_cases():
     ]
 
 
-def _rank_worker(rank, world, init_file, out_dir):
+def _rank_worker(rank, world, out_dir):
     """One rank: its rows of the problem, each sharded loss's value and gradients, and a DDP
     backbone (a Linear layer) trained through the sharded Proxy-Anchor with the summing hook."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     sizes = RANK_BATCHES[world]
     x_all, v_all, p, labels_all = make_problem(sum(sizes))
     first = sum(sizes[:rank])
@@ -164,13 +161,11 @@ def _rank_worker(rank, world, init_file, out_dir):
     loss_module(ddp(features[rows]), labels_all[rows]).backward()
     results["backbone"] = {"grad_weight": backbone.weight.grad, "grad_bias": backbone.bias.grad}
     torch.save(results, f"{out_dir}/rank{rank}.pt")
-    dist.barrier()  # no rank tears its connections down while another still talks to it
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_gloo_processes_equal_the_unsharded_loss_and_gradients(world, tmp_path):
-    mp.spawn(_rank_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    spawn_gloo_ranks(_rank_worker, world, tmp_path)
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
     sizes = RANK_BATCHES[world]
     x_all, v_all, p, labels = make_problem(sum(sizes))

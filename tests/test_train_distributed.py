@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import dmlfast
-from conftest import write_colour_block_classes
+from conftest import spawn_gloo_ranks, write_colour_block_classes
 from dmlfast import train
 from dmlfast.training import distributed
 
@@ -315,75 +315,68 @@ def _rank_batch(rank: int, step: int):
     return torch.randn(6, 3, 16, 16, generator=g), torch.randint(0, 4, (6,), generator=g)
 
 
-def _worker(rank: int, port: int, folder: str, data_root: str) -> None:
-    """One of two gloo ranks: writes ``folder/rank<r>.pt`` with what the tests compare."""
+def _worker(rank: int, world: int, folder: str, data_root: str) -> None:
+    """One of two gloo ranks (:func:`conftest.spawn_gloo_ranks`): writes ``folder/rank<r>.pt`` with what the tests compare."""
     import torch.distributed as dist
 
     from dmlfast.training import mixup_loss
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        results = {}
-        config = _config(data_root)
-        splits = train.load_splits(config)
-        torch.manual_seed(0)
-        model = train.make_model(config)
-        loader = _eval_loader(config, splits, rank, 2)
-        results["embeddings"], results["labels"] = train.embed_all(model, loader, torch.device("cpu"), None, False, "t", 16)
-        results["metrics"] = train.evaluate_model(model, (loader, None), config, torch.device("cpu"), None, False)
+    results = {}
+    config = _config(data_root)
+    splits = train.load_splits(config)
+    torch.manual_seed(0)
+    model = train.make_model(config)
+    loader = _eval_loader(config, splits, rank, world)
+    results["embeddings"], results["labels"] = train.embed_all(model, loader, torch.device("cpu"), None, False, "t", 16)
+    results["metrics"] = train.evaluate_model(model, (loader, None), config, torch.device("cpu"), None, False)
 
-        # Training steps through replicate(): warm-up (backbone frozen), then the rebuilt wrappers; mixup's second forward.
-        loss_fn = dmlfast.ProxyAnchorLoss(4, 16)
-        inputs_module = distributed.LossInputs(model, uncertainty=False)
-        backbone = model.backbone_parameters()
-        optimizer = torch.optim.SGD([*model.parameters(), *loss_fn.parameters()], lr=0.05)
-        model.train()
-        results["grad_errors"] = []
-        for step, warm in enumerate((True, False, False)):
-            for p in backbone:
-                p.requires_grad_(not warm)
-            forward = criterion = None
-            forward, criterion = distributed.replicate(inputs_module, loss_fn, "cpu")
-            images, labels = _rank_batch(rank, step)
-            trainable = [p for p in (*model.parameters(), *loss_fn.parameters()) if p.requires_grad]
-            plain, plain_loss = copy.deepcopy(inputs_module), copy.deepcopy(loss_fn)
-            torch.manual_seed(step)
-            local = plain_loss(*plain(images), labels) + mixup_loss(plain, plain_loss, images, labels)
-            plain_trainable = [p for p in (*plain.parameters(), *plain_loss.parameters()) if p.requires_grad]
-            expected = torch.autograd.grad(local, plain_trainable)
-            for g in expected:
-                dist.all_reduce(g)
-                g /= 2
-            torch.manual_seed(step)
-            loss = criterion(*forward(images), labels) + mixup_loss(forward, criterion, images, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            results["grad_errors"].append(max((p.grad - g).abs().max().item() for p, g in zip(trainable, expected)))
-            results["frozen_grads"] = [p.grad is None for p in backbone] if warm else results.get("frozen_grads")
-            optimizer.step()
-        distributed.sync_buffers(model)
-        results["model"], results["loss"] = copy.deepcopy(model.state_dict()), copy.deepcopy(loss_fn.state_dict())
+    # Training steps through replicate(): warm-up (backbone frozen), then the rebuilt wrappers; mixup's second forward.
+    loss_fn = dmlfast.ProxyAnchorLoss(4, 16)
+    inputs_module = distributed.LossInputs(model, uncertainty=False)
+    backbone = model.backbone_parameters()
+    optimizer = torch.optim.SGD([*model.parameters(), *loss_fn.parameters()], lr=0.05)
+    model.train()
+    results["grad_errors"] = []
+    for step, warm in enumerate((True, False, False)):
+        for p in backbone:
+            p.requires_grad_(not warm)
+        forward = criterion = None
+        forward, criterion = distributed.replicate(inputs_module, loss_fn, "cpu")
+        images, labels = _rank_batch(rank, step)
+        trainable = [p for p in (*model.parameters(), *loss_fn.parameters()) if p.requires_grad]
+        plain, plain_loss = copy.deepcopy(inputs_module), copy.deepcopy(loss_fn)
+        torch.manual_seed(step)
+        local = plain_loss(*plain(images), labels) + mixup_loss(plain, plain_loss, images, labels)
+        plain_trainable = [p for p in (*plain.parameters(), *plain_loss.parameters()) if p.requires_grad]
+        expected = torch.autograd.grad(local, plain_trainable)
+        for g in expected:
+            dist.all_reduce(g)
+            g /= 2
+        torch.manual_seed(step)
+        loss = criterion(*forward(images), labels) + mixup_loss(forward, criterion, images, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        results["grad_errors"].append(max((p.grad - g).abs().max().item() for p, g in zip(trainable, expected)))
+        results["frozen_grads"] = [p.grad is None for p in backbone] if warm else results.get("frozen_grads")
+        optimizer.step()
+    distributed.sync_buffers(model)
+    results["model"], results["loss"] = copy.deepcopy(model.state_dict()), copy.deepcopy(loss_fn.state_dict())
 
-        moving = dmlfast.MovingProxyLoss(4, 16)  # same initial proxies on both ranks (seeded below)
-        moving.proxies.copy_(torch.nn.functional.normalize(torch.randn(4, 16, generator=torch.Generator().manual_seed(5)), dim=1))
-        g = torch.Generator().manual_seed(rank)
-        embeddings = torch.nn.functional.normalize(torch.randn(6, 16, generator=g), dim=1)
-        labels = torch.randint(0, 4, (6,), generator=g)
-        moving.update_proxies(distributed.all_gather_rows(embeddings), distributed.all_gather_rows(labels))
-        results["moving"], results["moving_batch"] = moving.proxies.clone(), (embeddings, labels)
-        torch.save(results, Path(folder) / f"rank{rank}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    moving = dmlfast.MovingProxyLoss(4, 16)  # same initial proxies on both ranks (seeded below)
+    moving.proxies.copy_(torch.nn.functional.normalize(torch.randn(4, 16, generator=torch.Generator().manual_seed(5)), dim=1))
+    g = torch.Generator().manual_seed(rank)
+    embeddings = torch.nn.functional.normalize(torch.randn(6, 16, generator=g), dim=1)
+    labels = torch.randint(0, 4, (6,), generator=g)
+    moving.update_proxies(distributed.all_gather_rows(embeddings), distributed.all_gather_rows(labels))
+    results["moving"], results["moving_batch"] = moving.proxies.clone(), (embeddings, labels)
+    torch.save(results, Path(folder) / f"rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
 def spawned(data_root, tmp_path_factory):
     """The two ranks' results of :func:`_worker`."""
     folder = tmp_path_factory.mktemp("spawned")
-    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(folder), str(data_root)), nprocs=2, join=True)
+    spawn_gloo_ranks(_worker, 2, folder, str(data_root))
     return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
