@@ -6,11 +6,13 @@ that drive the helpers directly (gathered evaluation, DDP gradients across the w
 mixup's second forward, moving proxies, replicas equal after training).
 """
 import copy
+import gc
 import json
 import os
 import socket
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -336,12 +338,18 @@ def _worker(rank: int, world: int, folder: str, data_root: str) -> None:
     backbone = model.backbone_parameters()
     optimizer = torch.optim.SGD([*model.parameters(), *loss_fn.parameters()], lr=0.05)
     model.train()
-    results["grad_errors"] = []
+    results["grad_errors"], results["old_wrappers_alive"], old_wrappers = [], [], []
+    gc.disable()  # wrappers are freed by replicate() itself, not by a collection that happens to run
     for step, warm in enumerate((True, False, False)):
         for p in backbone:
             p.requires_grad_(not warm)
-        forward = criterion = None
+        forward = criterion = cycle = None
         forward, criterion = distributed.replicate(inputs_module, loss_fn, "cpu")
+        results["old_wrappers_alive"].append(sum(ref() is not None for ref in old_wrappers))
+        old_wrappers = [weakref.ref(forward), weakref.ref(criterion)]
+        assert all(isinstance(m, torch.nn.parallel.DistributedDataParallel) for m in (forward, criterion))
+        cycle = [forward, criterion]
+        cycle.append(cycle)  # as DDP's own construction sometimes leaves one: dropping the names does not free them
         images, labels = _rank_batch(rank, step)
         trainable = [p for p in (*model.parameters(), *loss_fn.parameters()) if p.requires_grad]
         plain, plain_loss = copy.deepcopy(inputs_module), copy.deepcopy(loss_fn)
@@ -359,6 +367,7 @@ def _worker(rank: int, world: int, folder: str, data_root: str) -> None:
         results["grad_errors"].append(max((p.grad - g).abs().max().item() for p, g in zip(trainable, expected)))
         results["frozen_grads"] = [p.grad is None for p in backbone] if warm else results.get("frozen_grads")
         optimizer.step()
+    gc.enable()
     distributed.sync_buffers(model)
     results["model"], results["loss"] = copy.deepcopy(model.state_dict()), copy.deepcopy(loss_fn.state_dict())
 
@@ -399,6 +408,7 @@ def test_ddp_gradients_are_the_ranks_mean_across_warm_up_rebuild_and_mixup(spawn
     for result in spawned:
         assert len(result["grad_errors"]) == 3 and max(result["grad_errors"]) < 1e-5, result["grad_errors"]
         assert result["frozen_grads"] and all(result["frozen_grads"])  # warm-up: the frozen backbone got no gradient
+        assert result["old_wrappers_alive"] == [0, 0, 0]  # each rebuild freed the previous wrappers and their reducers
 
 
 def test_replicas_are_identical_after_training(spawned, data_root):

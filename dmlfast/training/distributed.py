@@ -15,6 +15,7 @@ are summed (:func:`replicate`), and each rank also saves its shard (:func:`shard
 """
 from __future__ import annotations
 
+import gc
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -144,6 +145,7 @@ def process_group(device) -> Iterator[None]:
                                     "launch with torchrun --nproc-per-node N -m dmlfast.train") from error
     try:
         yield
+        gc.collect()  # DDP wrappers left in reference cycles go while the group lives, not at interpreter exit
         dist.barrier()  # a normal end: no rank leaves while another still communicates
     finally:
         dist.destroy_process_group()
@@ -259,7 +261,11 @@ def replicate(forward: nn.Module, loss_fn: nn.Module, device, sharded_loss: bool
     a sum (a communication hook on the ``forward`` wrapper) instead of DDP's mean.
 
     DDP only synchronises the parameters that require a gradient when it is built: call this again
-    whenever :func:`trainable_signature` changes (the end of warm-up), and drop the old wrappers.
+    whenever :func:`trainable_signature` changes (the end of warm-up), and drop the old wrappers
+    first. A dropped DDP wrapper can sit in a reference cycle (seen with torch 2.14: the first one a
+    process builds, held through a frame of its own constructor), so dropping it need not free it:
+    this call collects such cycles, and the old reducers leave the parameters' gradient hooks at the
+    same point on every rank instead of whenever each process's garbage collector happens to run.
     Building a wrapper broadcasts rank 0's parameters and buffers, so the ranks start equal.
 
     ``sharded_loss``: ``loss_fn`` holds this rank's shard of the proxies (:mod:`dmlfast.sharded`) and
@@ -268,6 +274,7 @@ def replicate(forward: nn.Module, loss_fn: nn.Module, device, sharded_loss: bool
     """
     if not is_initialized():
         return forward, loss_fn
+    gc.collect()
     device = torch.device(device)
     ids = [device.index] if device.type == "cuda" else None
 
