@@ -68,7 +68,7 @@ def spawn_gloo_ranks(fn, world: int, folder: Path, *args) -> None:
             path = folder / f"rank{rank}.stderr"
             text = path.read_text(errors="replace").strip() if path.is_file() else "(no log)"
             logs.append(f"--- rank {rank} stderr (last 40 lines) ---\n" + "\n".join(text.splitlines()[-40:]))
-        pytest.fail(f"{str(error).strip()}\n" + "\n".join(logs), pytrace=False)
+        raise pytest.fail.Exception(f"{str(error).strip()}\n" + "\n".join(logs), pytrace=False) from None
 
 
 def _gloo_rank(rank: int, fn, world: int, folder: str, args: tuple) -> None:
