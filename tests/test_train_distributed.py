@@ -359,7 +359,7 @@ def _worker(rank: int, world: int, folder: str, data_root: str) -> None:
         expected = torch.autograd.grad(local, plain_trainable)
         for g in expected:
             dist.all_reduce(g)
-            g /= 2
+            g /= world
         torch.manual_seed(step)
         loss = criterion(*forward(images), labels) + mixup_loss(forward, criterion, images, labels)
         optimizer.zero_grad(set_to_none=True)
