@@ -1,6 +1,6 @@
-// One launcher per thread function of proxy_loss_math.h, for each device.
+// Launchers for the kernels of proxy_loss_math.h, on either device.
 //
-// `launch(on, threads, args)` runs `threads` logical CUDA threads (rounded up to whole blocks of
+// `launch(on, threads, kernel)` runs `threads` logical CUDA threads (rounded up to whole blocks of
 // kThreadsPerBlock) on the device of tensor `on`: a CUDA kernel on the current stream there, or
 // the same grid walked block by block on the CPU.
 #pragma once
@@ -11,34 +11,42 @@
 
 namespace dmlfast {
 
-// (argument struct, thread function) of every kernel, for float and double accumulation where
-// the math depends on it.
-#define DMLFAST_FOR_EACH_KERNEL_T(X, T)                     \
-  X(AnchorNegativeArgs<T>, anchor_negative_column_thread<T>) \
-  X(AnchorPositiveArgs<T>, anchor_positive_thread<T>)        \
-  X(PositiveScatterArgs<T>, positive_scatter_thread<T>)      \
-  X(IdmlPositiveArgs<T>, idml_positive_thread<T>)            \
-  X(IdmlTileArgs<T>, idml_similarity_column_thread<T>)       \
-  X(IdmlChainArgs<T>, idml_chain_column_thread<T>)           \
-  X(SoftmaxTileArgs<T>, softmax_chunk_reduce_thread<T>)      \
-  X(SoftmaxGradArgs<T>, softmax_chunk_grad_thread<T>)
-#define DMLFAST_FOR_EACH_KERNEL(X)                                          \
-  DMLFAST_FOR_EACH_KERNEL_T(X, float) DMLFAST_FOR_EACH_KERNEL_T(X, double) \
-  X(SoftmaxCombineArgs, softmax_row_combine_thread)
+// Every kernel type the drivers launch; each launcher file instantiates its launcher for these.
+// The list is variadic (X(...)) because template argument lists hold commas.
+#define DMLFAST_KERNELS_OF_ACC(X, T)                                                          \
+  X(PositivePairs<T>) X(PositiveScatter<T>) X(IdmlPositive<T>)                               \
+  X(ColumnScales<T>) X(AnchorPositive<T>) X(AnchorPositiveFinish<T>) X(AnchorPartial<T>)     \
+  X(AnchorMerge<T>) X(AnchorLoss<T>) X(ColumnSum<T>) X(IdmlPairs<T>) X(SoftmaxSlices<T>)      \
+  X(SoftmaxMerge<T>) X(SoftmaxRowUpdate<T>) X(SoftmaxLoss<T>)
+// T with each dtype the tile GEMMs read (O) or the embeddings' gradient is written in.
+#define DMLFAST_KERNELS_OF_ACC_STORE(X, T, O) \
+  X(AnchorApply<T, O>) X(IdmlChain<T, O>) X(SoftmaxGrad<T, O>) X(EmbeddingBackward<T, O>) X(ProxyGradFinish<T, O>)
 
-#define DMLFAST_DECLARE_LAUNCHERS(Args, fn)             \
-  void launch_cpu(int64_t threads, const Args& args); \
-  void launch_cuda(int64_t threads, const Args& args);
-DMLFAST_FOR_EACH_KERNEL(DMLFAST_DECLARE_LAUNCHERS)
-#undef DMLFAST_DECLARE_LAUNCHERS
+#define DMLFAST_FOR_EACH_KERNEL(X)                                                                      \
+  DMLFAST_KERNELS_OF_ACC(X, float)                                                                      \
+  DMLFAST_KERNELS_OF_ACC(X, double)                                                                     \
+  DMLFAST_KERNELS_OF_ACC_STORE(X, float, float)                                                         \
+  DMLFAST_KERNELS_OF_ACC_STORE(X, float, c10::BFloat16)                                                 \
+  DMLFAST_KERNELS_OF_ACC_STORE(X, float, c10::Half)                                                     \
+  DMLFAST_KERNELS_OF_ACC_STORE(X, double, double)                                                       \
+  X(EmbeddingRows<float, float, float>) X(EmbeddingRows<double, double, double>)                        \
+  X(EmbeddingRows<c10::BFloat16, float, float>) X(EmbeddingRows<c10::BFloat16, float, c10::BFloat16>)   \
+  X(EmbeddingRows<c10::Half, float, float>) X(EmbeddingRows<c10::Half, float, c10::Half>)               \
+  X(ScaleUnlessOne<float, float>) X(ScaleUnlessOne<double, double>)                                     \
+  X(ScaleUnlessOne<c10::BFloat16, float>) X(ScaleUnlessOne<c10::Half, float>)
 
-template <typename Args>
-void launch(const at::Tensor& on, int64_t threads, const Args& args) {
+template <typename Kernel>
+void launch_cpu(int64_t threads, const Kernel& kernel);
+template <typename Kernel>
+void launch_cuda(int64_t threads, const Kernel& kernel);
+
+template <typename Kernel>
+void launch(const at::Tensor& on, int64_t threads, const Kernel& kernel) {
   if (threads <= 0) return;
   if (on.is_cuda()) {
-    launch_cuda(threads, args);
+    launch_cuda(threads, kernel);
   } else {
-    launch_cpu(threads, args);
+    launch_cpu(threads, kernel);
   }
 }
 

@@ -1,14 +1,25 @@
 // The per-element math of every fused proxy loss, written once for the CPU and the GPU.
 //
-// Each "thread" function below is the whole work of one CUDA thread, written as a function of
-// its launch coordinates (block, thread, block size) and plain pointers. The CUDA kernels in
-// csrc/cuda/launch.cu are one-line shells around them; the CPU kernels in csrc/cpu/launch.cpp
-// walk the same launch grid, so the index arithmetic, bounds checks and epilogues the GPU runs
-// are the ones CI runs on the CPU. Notation follows SPEC-losses.md §0 and §7.
+// Each kernel is a struct that holds its arguments (plain pointers and sizes); its
+// operator()(block, thread, block_dim) is the whole work of one CUDA thread. csrc/cuda/launch.cu
+// runs it as a CUDA kernel; csrc/cpu/launch.cpp walks the same launch grid block by block, so the
+// index arithmetic, bounds checks and epilogues that the GPU runs are the ones CI runs. The math
+// and its notation are docs/losses.md §0 and §7; how the drivers tile the work is csrc/tiles.h.
 //
-// Every function is a template over the accumulation type T: float for float32, bfloat16 and
-// float16 inputs, double for float64 inputs (so that gradcheck runs in double precision).
+// T is the accumulation type: float for float32, bfloat16 and float16 inputs, double for float64
+// (gradcheck); proxies are read in T. Other template parameters are storage types: the
+// embeddings' (In), the GEMMs' (G, O, S) and the embeddings' gradient's (Out).
+//
+// Raw proxies (docs/losses.md §7.1): a tile's GEMM gives S_bc = x_hat_b . p_c on the proxies as
+// they are; the cosine is S_bc / m_c with m_c = sqrt(||p_c||^2 + eps). With G = dL/dcos and
+// G' = G / m_c, dL/dx_hat = G' P and dL/dp_c = sum_b G'_bc x_hat_b - kappa_c p_c, where
+// kappa_c = sum_b G_bc cos_bc / m_c^2. That is the normalization backward (1/m)(g - (p_hat . g) p_hat)
+// of g = sum_b G_bc x_hat_b, because p_hat . g = sum_b G_bc cos_bc: no normalized copy of P and
+// no projection pass over it are needed.
 #pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cmath>
 #include <cstdint>
@@ -17,15 +28,6 @@
 #define DMLFAST_HD __host__ __device__ __forceinline__
 #else
 #define DMLFAST_HD inline
-#endif
-
-// Lets the host compiler vectorize a sum over a row (OpenMP SIMD; a no-op on the device and
-// without OpenMP). The summation order it picks is fixed at compile time: still deterministic.
-#define DMLFAST_PRAGMA(text) _Pragma(#text)
-#if defined(_OPENMP) && !defined(__CUDA_ARCH__)
-#define DMLFAST_SIMD_SUM(var) DMLFAST_PRAGMA(omp simd reduction(+ : var))
-#else
-#define DMLFAST_SIMD_SUM(var)
 #endif
 
 namespace dmlfast {
@@ -38,51 +40,210 @@ DMLFAST_HD float log(float x) { return logf(x); }
 DMLFAST_HD double log(double x) { return ::log(x); }
 DMLFAST_HD float log1p(float x) { return log1pf(x); }
 DMLFAST_HD double log1p(double x) { return ::log1p(x); }
-// A plain comparison (fmax is a library call on the host); the inputs are finite or the call
-// fails its value checks anyway.
-DMLFAST_HD float max(float a, float b) { return a > b ? a : b; }
-DMLFAST_HD double max(double a, double b) { return a > b ? a : b; }
 DMLFAST_HD float sqrt(float x) { return sqrtf(x); }
 DMLFAST_HD double sqrt(double x) { return ::sqrt(x); }
+// Comparisons, not library calls (fmax is one on the host): the inputs are finite, or the call
+// fails its value checks anyway. `finite` is written out so that no compiler flag can drop it.
+template <typename T>
+DMLFAST_HD T max(T a, T b) { return a > b ? a : b; }
+template <typename T>
+DMLFAST_HD T min(T a, T b) { return a < b ? a : b; }
+template <typename T>
+DMLFAST_HD bool finite(T x) { return x - x == T(0); }
 }  // namespace math
 
-// Official normalization x / sqrt(sum x^2 + eps) (SPEC §0). Its exact gradient is the projection
-// (1/n)(g - <x_hat, g> x_hat) of project_row, so the two agree even for (near-)zero rows.
+// Official normalization x / sqrt(sum x^2 + eps) (docs/losses.md §0).
 constexpr double kNormEps = 1e-12;
 constexpr int kThreadsPerBlock = 128;
 
-DMLFAST_HD int64_t blocks_for(int64_t n, int64_t threads) { return (n + threads - 1) / threads; }
+DMLFAST_HD int64_t blocks_for(int64_t n, int64_t per_block) { return (n + per_block - 1) / per_block; }
 
-// LSE0(u) = log(1 + sum_i e^{u_i}) (SPEC §0) from shift = max(0, max_i u_i) and
+// m = sqrt(n^2 + eps) from the plain Euclidean norm n (ATen's, one coalesced reduction per tile).
+template <typename T>
+DMLFAST_HD T norm_with_eps(T plain_norm) {
+  return math::sqrt(plain_norm * plain_norm + T(kNormEps));
+}
+
+// LSE0(u) = log(1 + sum_i e^{u_i}) (docs/losses.md §0) from shift = max(0, max_i u_i) and
 // sum = sum_i e^{u_i - shift}; an empty set gives 0. With shift = 0 it is log1p(sum), which keeps
-// the digits of the tiny sums that well-separated negatives produce (SPEC §7.6).
+// the digits of the tiny sums that well-separated negatives produce (docs/losses.md §7.6).
 template <typename T>
 DMLFAST_HD T lse0_from_shifted(T shift, T sum) {
   return shift == T(0) ? math::log1p(sum) : shift + math::log(math::exp(-shift) + sum);
 }
 
-// A tile of S (or of G, written over it) of shape [rows, cols] addressed with explicit strides,
-// so that each device can pick the layout its threads walk best (see csrc/fused_losses.cpp).
-template <typename T>
+// ---------------------------------------------------------------------------------------------
+// Value checks. Kernels that meet an input they check clear its flag (flags start at 1). Every
+// writer stores the same 0, so the unsynchronized stores are harmless; a null `flags` means the
+// checks are off.
+enum ValueFlag : int { kLabelsInRange = 0, kEmbeddingsFinite, kProxiesFinite, kUncertaintyFinite, kNumValueFlags };
+
+DMLFAST_HD void clear_flag(int32_t* flags, int which) {
+  if (flags != nullptr) flags[which] = 0;
+}
+
+// A [rows, cols] matrix addressed with explicit strides, so that each device can lay tiles out as
+// its threads walk them best (csrc/tiles.h).
+template <typename E>
 struct TileView {
-  T* data;
+  E* data;
   int64_t row_stride;
   int64_t col_stride;
-  DMLFAST_HD T& at(int64_t row, int64_t col) const {
-    return data[row * row_stride + col * col_stride];
+  DMLFAST_HD E& at(int64_t row, int64_t col) const { return data[row * row_stride + col * col_stride]; }
+};
+
+// The (column, group of rows) a tile thread owns: consecutive threads own consecutive columns
+// (coalesced reads of a row-major tile), and the groups split the batch so that a tile of a few
+// hundred columns still has thousands of threads.
+struct ColumnGroup {
+  int64_t column, group, first_row, last_row;
+};
+DMLFAST_HD bool column_group(int64_t index, int64_t cols, int64_t rows, int64_t rows_per_group,
+                             ColumnGroup& out) {
+  out.column = index % cols;
+  out.group = index / cols;
+  out.first_row = out.group * rows_per_group;
+  out.last_row = math::min(out.first_row + rows_per_group, rows);
+  return out.first_row < rows;
+}
+
+// The proxy row that sample b's label selects in this call's proxies, clamped into range so that
+// gathers stay in bounds; an out-of-range label fails the label check and its results are never
+// returned. `label` is local to the call's proxies (label - class_offset when sharded).
+DMLFAST_HD int64_t safe_row(int64_t label, int64_t local_classes) {
+  return label < 0 ? 0 : (label >= local_classes ? local_classes - 1 : label);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embedding rows, one thread per sample b: n_b = sqrt(||x_b||^2 + eps), x_hat_b = x_b / n_b, the
+// copy the GEMMs read (x_hat, or x itself for IDML, in the GEMM dtype), and the checks that belong
+// to a sample: its label in [0, num_classes) and a finite norm. The per-sample kernels sum over D
+// in double: a thread's sequential float sum loses digits that alpha = 32 in an exponent would
+// magnify, and B x D is small.
+template <typename In, typename T, typename G>
+struct EmbeddingRows {
+  const In* x;              // [B, D]
+  const int64_t* labels;    // [B], global
+  int64_t rows, dim, num_classes;
+  T* unit;                  // [B, D] out: x_hat, or null
+  G* gemm;                  // [B, D] out: what the GEMMs read, or null
+  bool gemm_is_raw;         // gemm gets x (IDML) instead of x_hat
+  T* sq_norm;               // [B] out: ||x_b||^2, or null
+  T* norm;                  // [B] out: n_b
+  int32_t* flags;
+
+  DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
+    const int64_t b = block * block_dim + thread;
+    if (b >= rows) return;
+    const In* row = x + b * dim;
+    double wide_sq = 0;
+    for (int64_t d = 0; d < dim; ++d) {
+      const double v = static_cast<double>(static_cast<T>(row[d]));
+      wide_sq += v * v;
+    }
+    const T sq = static_cast<T>(wide_sq);
+    const T n = static_cast<T>(math::sqrt(wide_sq + kNormEps));
+    norm[b] = n;
+    if (sq_norm != nullptr) sq_norm[b] = sq;
+    if (!math::finite(n)) clear_flag(flags, kEmbeddingsFinite);
+    if (labels[b] < 0 || labels[b] >= num_classes) clear_flag(flags, kLabelsInRange);
+    const T inv = T(1) / n;
+    for (int64_t d = 0; d < dim; ++d) {
+      const T v = static_cast<T>(row[d]);
+      if (unit != nullptr) unit[b * dim + d] = v * inv;
+      if (gemm != nullptr) gemm[b * dim + d] = static_cast<G>(gemm_is_raw ? v : v * inv);
+    }
+  }
+};
+
+// Backward of the normalization, one thread per sample b: dL/dx_b = (1/n_b)(g_b - <x_hat_b, g_b> x_hat_b)
+// with g = dL/dx_hat (docs/losses.md §7.1), written in the embeddings' dtype.
+template <typename T, typename Out>
+struct EmbeddingBackward {
+  const T* grad_unit;  // [B, D]
+  const T* unit;       // [B, D]
+  const T* norm;       // [B]
+  int64_t rows, dim;
+  Out* out;            // [B, D]
+
+  DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
+    const int64_t b = block * block_dim + thread;
+    if (b >= rows) return;
+    const T* g = grad_unit + b * dim;
+    const T* u = unit + b * dim;
+    double wide_dot = 0;
+    for (int64_t d = 0; d < dim; ++d) wide_dot += static_cast<double>(g[d]) * static_cast<double>(u[d]);
+    const T dot = static_cast<T>(wide_dot);
+    const T inv = T(1) / norm[b];
+    for (int64_t d = 0; d < dim; ++d) out[b * dim + d] = static_cast<Out>(inv * (g[d] - dot * u[d]));
+  }
+};
+
+// dL/dp for one tile of proxies, one thread per element (c, d): out = gemm - kappa_c p_c, where
+// gemm = G'^T X_hat (or H^T X for IDML) and kappa as in the header comment. S is the GEMMs' dtype:
+// with low-precision GEMMs both the product and p_c are read in it (the tile's converted copy),
+// which halves this pass's reads; `gemm` may be `out` when S = T.
+template <typename T, typename S>
+struct ProxyGradFinish {
+  const S* gemm;      // [cols, D]
+  const S* proxies;   // [cols, D]
+  const T* kappa;     // [cols]
+  int64_t elements;   // cols * D
+  int64_t dim;
+  T* out;             // [cols, D]
+
+  DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
+    const int64_t i = block * block_dim + thread;
+    if (i >= elements) return;
+    out[i] = static_cast<T>(gemm[i]) - kappa[i / dim] * static_cast<T>(proxies[i]);
+  }
+};
+
+// One thread per proxy column c of a tile: 1 / m_c from the plain norm ||p_c|| (ATen's coalesced
+// row reduction) and the check that the proxy is finite.
+template <typename T>
+struct ColumnScales {
+  const T* column_norm;     // [cols] ||p_c||
+  int64_t cols;
+  T* inv_norm;              // [cols] out: 1 / m_c
+  int32_t* flags;
+
+  DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
+    const int64_t c = block * block_dim + thread;
+    if (c >= cols) return;
+    if (!math::finite(column_norm[c])) clear_flag(flags, kProxiesFinite);
+    inv_norm[c] = T(1) / norm_with_eps(column_norm[c]);
+  }
+};
+
+// The autograd backward's scaling by the upstream gradient, skipped on the device when it is
+// exactly 1 (loss.backward()), so no host read is needed to skip it. A grid-stride loop over a
+// bounded grid: blocks that have nothing to do must not be launched by the million.
+template <typename E, typename F>
+struct ScaleUnlessOne {
+  E* data;
+  int64_t elements;
+  int64_t stride;     // threads in the grid
+  const F* factor;    // one value on the device
+
+  DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
+    const int64_t first = block * block_dim + thread;
+    if (first >= stride) return;  // the grid's last block may have more threads than `stride`
+    const F f = *factor;
+    if (f == F(1)) return;
+    for (int64_t i = first; i < elements; i += stride) {
+      data[i] = static_cast<E>(static_cast<F>(data[i]) * f);
+    }
   }
 };
 
 // ---------------------------------------------------------------------------------------------
-// Anchor family (Proxy-Anchor, SPEC §1.1 and §7.2).
-//
-// The dense pass over class tiles handles the negative pairs; the B positive pairs are handled
-// sparsely (one gathered similarity per sample), so the dense pass needs no positive normalizer.
-// Proxy-ISA (SPEC §3) is the same loss with a multiplier M in every exponent, computed here from
-// per-class vectors, and normalizers that are sums of per-class mean multipliers.
+// Anchor family: Proxy-Anchor (docs/losses.md §1.1, §7.2), Proxy-ISA (§3, §7.4), and IDML's
+// negatives (§6, §7.5). The B positive pairs are handled sparsely (one similarity per sample);
+// the dense tiles handle the negative pairs, whose gradient is 0 at the positive entries.
 
-// Per-class inputs of Proxy-ISA's multipliers M (SPEC §3.3, §7.4), each [C]. With `center` null
-// every M is 1: plain Proxy-Anchor. M scales the exponents and takes no gradient.
+// Per-class inputs of Proxy-ISA's multipliers M (docs/losses.md §3.3, §7.4), each [C]. With
+// `center` null every M is 1: plain Proxy-Anchor. M scales the exponents and takes no gradient.
 template <typename T>
 struct IsaClassParams {
   const T* center;          // s_bar_c: a positive above it is easy
@@ -100,57 +261,6 @@ struct IsaClassParams {
   }
 };
 
-template <typename T>
-struct AnchorNegativeArgs {
-  TileView<T> tile;        // [B, cols]: S on entry, G on exit
-  const int64_t* labels;   // [B]
-  int64_t rows;            // B
-  int64_t cols;            // proxies in this tile
-  int64_t first_class;     // global class index of column 0
-  T alpha;
-  T margin;
-  IsaClassParams<T> isa;
-  const T* neg_scale;      // one value on the device: dL/dS factor of the negatives (alpha / C)
-  T* column_lse;           // [cols] out: the column's negative loss term
-  T* column_mean_weight;   // [cols] out: mean of M over the column's negatives (0 if none)
-};
-
-// One thread per proxy column c: with v_bc = alpha M_bc (S_bc + margin) over the negatives
-// (y_b != c), l_c = LSE0({v_bc}) and G_bc = neg_scale * M_bc * e^{v_bc - l_c}; 0 for positives.
-// Three walks down the column (max, exponentials, scaling): one exponential per entry.
-template <typename T>
-DMLFAST_HD void anchor_negative_column_thread(int64_t block, int64_t thread, int64_t block_dim,
-                                              const AnchorNegativeArgs<T>& a) {
-  const int64_t c = block * block_dim + thread;
-  if (c >= a.cols) return;
-  const int64_t cls = a.first_class + c;
-  T shift = 0;  // max(0, max_b v_bc): the zero logit of LSE0 takes part in the max
-  for (int64_t b = 0; b < a.rows; ++b) {
-    if (a.labels[b] == cls) continue;
-    const T s = a.tile.at(b, c);
-    shift = math::max(shift, a.alpha * a.isa.negative(cls, s) * (s + a.margin));
-  }
-  T sum = 0, weight_sum = 0;
-  int64_t count = 0;
-  for (int64_t b = 0; b < a.rows; ++b) {
-    T& entry = a.tile.at(b, c);
-    if (a.labels[b] == cls) {
-      entry = 0;
-      continue;
-    }
-    const T weight = a.isa.negative(cls, entry);
-    const T e = math::exp(a.alpha * weight * (entry + a.margin) - shift);
-    sum += e;
-    weight_sum += weight;
-    ++count;
-    entry = weight * e;
-  }
-  a.column_lse[c] = lse0_from_shifted(shift, sum);
-  a.column_mean_weight[c] = count > 0 ? weight_sum / T(count) : T(0);
-  const T factor = *a.neg_scale / (math::exp(-shift) + sum);
-  for (int64_t b = 0; b < a.rows; ++b) a.tile.at(b, c) *= factor;
-}
-
 // Whether sample b is the first of its class in the batch (the one that speaks for the class).
 DMLFAST_HD bool first_of_its_class(const int64_t* labels, int64_t b) {
   for (int64_t j = 0; j < b; ++j) {
@@ -159,111 +269,318 @@ DMLFAST_HD bool first_of_its_class(const int64_t* labels, int64_t b) {
   return true;
 }
 
+// One thread per sample b: the cosine of its positive pair, s_b = x_hat_b . p_{y_b} / m_{y_b}, and
+// m_{y_b}, gathering the proxy row from the raw proxies.
 template <typename T>
-struct AnchorPositiveArgs {
-  const T* pos_sim;         // [B]: s_b = <x_hat_b, p_hat_{y_b}>
-  const int64_t* labels;    // [B]
-  int64_t rows;             // B
-  T alpha;
-  T margin;
-  IsaClassParams<T> isa;
-  T* class_lse;             // [B] out: l+ of class y_b (the same for all its samples)
-  T* is_first;              // [B] out: 1 where b is the first sample of its class, else 0
-  T* weight;                // [B] out: M_b of the positive pair (b, y_b)
-  T* class_mean_weight;     // [B] out: mean of M over the positives of class y_b
+struct PositivePairs {
+  const T* unit;            // [B, D] x_hat
+  const T* proxies;         // [C_local, D]
+  const int64_t* labels;    // [B], local
+  int64_t rows, dim, local_classes;
+  T* cosine;                // [B] out
+  T* proxy_norm;            // [B] out
+
+  DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
+    const int64_t b = block * block_dim + thread;
+    if (b >= rows) return;
+    const T* p = proxies + safe_row(labels[b], local_classes) * dim;
+    const T* u = unit + b * dim;
+    double sq = 0, dot = 0;
+    for (int64_t d = 0; d < dim; ++d) {
+      const double v = static_cast<double>(p[d]);
+      sq += v * v;
+      dot += static_cast<double>(u[d]) * v;
+    }
+    const double m = math::sqrt(sq + kNormEps);
+    proxy_norm[b] = static_cast<T>(m);
+    cosine[b] = static_cast<T>(dot / m);
+  }
 };
 
 // One thread per sample b: l+_{y_b} = LSE0({-alpha M_j (s_j - margin) : y_j = y_b}), recomputed
 // by every sample of the class in the same order (deterministic, no atomics), the class's mean M,
 // and whether b is the class's first sample (the one that counts the class in the normalizer).
 template <typename T>
-DMLFAST_HD void anchor_positive_thread(int64_t block, int64_t thread, int64_t block_dim,
-                                       const AnchorPositiveArgs<T>& a) {
-  const int64_t b = block * block_dim + thread;
-  if (b >= a.rows) return;
-  const int64_t cls = a.labels[b];
-  T shift = 0, weight_sum = 0;
-  int64_t count = 0;
-  for (int64_t j = 0; j < a.rows; ++j) {
-    if (a.labels[j] != cls) continue;
-    const T weight = a.isa.positive(cls, a.pos_sim[j]);
-    shift = math::max(shift, -a.alpha * weight * (a.pos_sim[j] - a.margin));
-    weight_sum += weight;
-    ++count;
-  }
-  T sum = 0;
-  for (int64_t j = 0; j < a.rows; ++j) {
-    if (a.labels[j] != cls) continue;
-    const T weight = a.isa.positive(cls, a.pos_sim[j]);
-    sum += math::exp(-a.alpha * weight * (a.pos_sim[j] - a.margin) - shift);
-  }
-  a.class_lse[b] = lse0_from_shifted(shift, sum);
-  a.is_first[b] = first_of_its_class(a.labels, b) ? T(1) : T(0);
-  a.weight[b] = a.isa.positive(cls, a.pos_sim[b]);
-  a.class_mean_weight[b] = weight_sum / T(count);
-}
-
-template <typename T>
-struct PositiveScatterArgs {
-  const T* pos_grad;          // [B]: g_b = dL/dS at the positive pair (b, y_b)
-  const T* pos_sim;           // [B]: s_b
-  const T* x_hat;             // [B, D]
-  const T* p_hat_of_label;    // [B, D]: p_hat_{y_b}
-  const T* norm_of_label;     // [B]: m_{y_b}
-  const int64_t* labels;      // [B]
+struct AnchorPositive {
+  const T* cosine;          // [B]: s_b
+  const int64_t* labels;    // [B], local
   int64_t rows;
-  int64_t dim;
-  int64_t dim_chunk;          // embedding components per thread (1 on the GPU: coalesced rows)
-  T* class_grad;              // [B, D] out
+  T alpha, margin;
+  IsaClassParams<T> isa;
+  T* class_lse;             // [B] out: l+ of class y_b (the same for all its samples)
+  T* is_first;              // [B] out: 1 where b is the first sample of its class, else 0
+  T* weight;                // [B] out: M_b of the positive pair (b, y_b)
+  T* class_mean_weight;     // [B] out: mean of M over the positives of class y_b
+
+  DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
+    const int64_t b = block * block_dim + thread;
+    if (b >= rows) return;
+    const int64_t cls = labels[b];
+    T shift = 0, weight_sum = 0;
+    int64_t count = 0;
+    for (int64_t j = 0; j < rows; ++j) {
+      if (labels[j] != cls) continue;
+      const T m = isa.positive(cls, cosine[j]);
+      shift = math::max(shift, -alpha * m * (cosine[j] - margin));
+      weight_sum += m;
+      ++count;
+    }
+    T sum = 0;
+    for (int64_t j = 0; j < rows; ++j) {
+      if (labels[j] != cls) continue;
+      sum += math::exp(-alpha * isa.positive(cls, cosine[j]) * (cosine[j] - margin) - shift);
+    }
+    class_lse[b] = lse0_from_shifted(shift, sum);
+    is_first[b] = first_of_its_class(labels, b) ? T(1) : T(0);
+    weight[b] = isa.positive(cls, cosine[b]);
+    class_mean_weight[b] = weight_sum / T(count);
+  }
 };
 
-// One thread per (sample b, chunk of dim_chunk components). The first sample of each class sums,
-// in sample order, its class's positive pairs' part of dL/dp_c = (1/m_c) sum_b g_b (x_hat_b -
-// s_b p_hat_c) (SPEC §7.1); every other sample writes zeros, so adding all B rows into dP is
-// exact in any order.
+// One thread per sample b, after AnchorPositive: W+ = sum over classes of their mean M (|P+| when
+// M = 1), g_b = dL/ds_b = -(alpha M_b / W+) e^{u_b - l+} with u_b = -alpha M_b (s_b - margin), and
+// (thread 0) the positives' loss sum_c l+_c / W+. W+ counts every class of the batch; sharded,
+// only the classes of this shard (0 <= local label < local_classes) enter the loss and g.
+// Every thread sums W+ itself, in the same order: B^2 additions instead of a reduction launch.
 template <typename T>
-DMLFAST_HD void positive_scatter_thread(int64_t block, int64_t thread, int64_t block_dim,
-                                        const PositiveScatterArgs<T>& a) {
-  const int64_t chunks = blocks_for(a.dim, a.dim_chunk);
-  const int64_t index = block * block_dim + thread;
-  const int64_t b = index / chunks;
-  if (b >= a.rows) return;
-  const int64_t first = (index % chunks) * a.dim_chunk;
-  const int64_t last = first + a.dim_chunk < a.dim ? first + a.dim_chunk : a.dim;
-  T* out = a.class_grad + b * a.dim;
-  for (int64_t d = first; d < last; ++d) out[d] = 0;
-  if (!first_of_its_class(a.labels, b)) return;
-  const int64_t cls = a.labels[b];
-  const T* unit = a.p_hat_of_label + b * a.dim;
-  for (int64_t j = b; j < a.rows; ++j) {
-    if (a.labels[j] != cls) continue;
-    const T g = a.pos_grad[j];
-    const T gs = g * a.pos_sim[j];
-    const T* x = a.x_hat + j * a.dim;
-    for (int64_t d = first; d < last; ++d) out[d] += g * x[d] - gs * unit[d];
+struct AnchorPositiveFinish {
+  const T* cosine;
+  const T* class_lse;
+  const T* is_first;
+  const T* weight;
+  const T* class_mean_weight;
+  const int64_t* labels;    // [B], local
+  int64_t rows, local_classes;
+  T alpha, margin;
+  T* grad;                  // [B] out: g_b
+  T* loss;                  // [1] out: the positives' part of the loss
+
+  DMLFAST_HD bool owned(int64_t b) const { return labels[b] >= 0 && labels[b] < local_classes; }
+
+  DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
+    const int64_t b = block * block_dim + thread;
+    if (b >= rows) return;
+    T normalizer = 0;
+    for (int64_t j = 0; j < rows; ++j) normalizer += is_first[j] * class_mean_weight[j];
+    normalizer = math::max(normalizer, T(1e-30));
+    const T exponent = -alpha * weight[b] * (cosine[b] - margin) - class_lse[b];
+    grad[b] = owned(b) ? -(alpha * weight[b] / normalizer) * math::exp(exponent) : T(0);
+    if (b == 0) {
+      T sum = 0;
+      for (int64_t j = 0; j < rows; ++j) {
+        if (owned(j)) sum += is_first[j] * class_lse[j];
+      }
+      *loss = sum / normalizer;
+    }
   }
-  const T inv_norm = T(1) / a.norm_of_label[b];
-  for (int64_t d = first; d < last; ++d) out[d] *= inv_norm;
-}
+};
+
+// One thread per (sample b, chunk of dim_chunk components), after the dense tiles:
+// - the positive pair's share of dL/dx_hat_b, g_b p_{y_b} / m_{y_b}, added to grad_unit;
+// - the first sample of each class sums, in sample order, its class's positive pairs' share of
+//   dL/dp_c = (1/m_c) sum_b g_b (x_hat_b - s_b p_c / m_c) into class_grad row b (each pair's
+//   difference first: when the x_hat_b lie close to p_c, that cancels less than subtracting
+//   two sums); every other sample writes zeros, so adding all B rows into dP (index_add_) is exact
+//   in any order.
+template <typename T>
+struct PositiveScatter {
+  const T* grad;            // [B]: g_b
+  const T* cosine;          // [B]: s_b
+  const T* proxy_norm;      // [B]: m_{y_b}
+  const T* unit;            // [B, D]
+  const T* proxies;         // [C_local, D]
+  const int64_t* labels;    // [B], local
+  int64_t rows, dim, dim_chunk, local_classes;
+  T* grad_unit;             // [B, D] in/out
+  T* class_grad;            // [B, D] out
+
+  DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
+    const int64_t chunks = blocks_for(dim, dim_chunk);
+    const int64_t index = block * block_dim + thread;
+    const int64_t b = index / chunks;
+    if (b >= rows) return;
+    const int64_t first = (index % chunks) * dim_chunk;
+    const int64_t last = math::min(first + dim_chunk, dim);
+    const T* p = proxies + safe_row(labels[b], local_classes) * dim;
+    const T inv_norm = T(1) / proxy_norm[b];
+    const T own = grad[b] * inv_norm;
+    for (int64_t d = first; d < last; ++d) grad_unit[b * dim + d] += own * p[d];
+    T* out = class_grad + b * dim;
+    for (int64_t d = first; d < last; ++d) out[d] = 0;
+    if (!first_of_its_class(labels, b)) return;
+    for (int64_t j = b; j < rows; ++j) {
+      if (labels[j] != labels[b]) continue;
+      const T g = grad[j], along_proxy = cosine[j] * inv_norm;
+      for (int64_t d = first; d < last; ++d) out[d] += g * (unit[j * dim + d] - along_proxy * p[d]);
+    }
+    for (int64_t d = first; d < last; ++d) out[d] *= inv_norm;
+  }
+};
+
+// Per (group, column) results of AnchorPartial, each [groups * cols] with slot group * cols + column.
+template <typename T>
+struct AnchorPartials {
+  T* max;        // the group's largest negative exponent v (0 when it has none)
+  T* sum;        // sum of e^{v - max} over the group's negatives
+  T* weight_sum; // sum of M over them
+  T* count;      // how many there are
+  T* cos_sum;    // sum of M e^{v - max} cos: kappa's share (docs/losses.md §7.1)
+};
+
+// The negatives' exponent v_bc = alpha M_bc (cos_bc + margin) over a tile of S (docs/losses.md §7.2).
+template <typename T>
+struct AnchorTile {
+  TileView<T> sim;          // [B, cols]: S (or, with inv_norm null, the similarity itself: IDML's S')
+  const int64_t* labels;    // [B], local
+  int64_t rows, cols, rows_per_group, first_class;
+  const T* inv_norm;        // [cols] 1 / m_c, or null
+  T alpha, margin;
+  IsaClassParams<T> isa;
+};
+
+// Pass 1 of the dense negatives, one thread per (column c, group of rows): the group's max of v,
+// sum of e^{v - max}, its M and cos sums. Each negative entry of the tile is overwritten with
+// M e^{v - max}, so that AnchorApply needs one multiplication per entry and no exponential.
+template <typename T>
+struct AnchorPartial {
+  AnchorTile<T> tile;
+  AnchorPartials<T> out;
+
+  DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
+    const AnchorTile<T>& t = tile;
+    ColumnGroup cg;
+    if (!column_group(block * block_dim + thread, t.cols, t.rows, t.rows_per_group, cg)) return;
+    const int64_t c = cg.column, cls = t.first_class + c;
+    const T inv_norm = t.inv_norm == nullptr ? T(1) : t.inv_norm[c];
+    T group_max = 0;
+    bool any = false;
+    for (int64_t b = cg.first_row; b < cg.last_row; ++b) {
+      if (t.labels[b] == cls) continue;
+      const T s = t.sim.at(b, c) * inv_norm;
+      const T v = t.alpha * t.isa.negative(cls, s) * (s + t.margin);
+      group_max = any ? math::max(group_max, v) : v;
+      any = true;
+    }
+    T sum = 0, weight_sum = 0, count = 0, cos_sum = 0;
+    for (int64_t b = cg.first_row; b < cg.last_row; ++b) {
+      if (t.labels[b] == cls) continue;
+      T& entry = t.sim.at(b, c);
+      const T s = entry * inv_norm;
+      const T m = t.isa.negative(cls, s);
+      const T e = math::exp(t.alpha * m * (s + t.margin) - group_max);
+      sum += e;
+      weight_sum += m;
+      count += T(1);
+      cos_sum += m * e * s;
+      entry = m * e;
+    }
+    const int64_t slot = cg.group * t.cols + c;
+    out.max[slot] = group_max;
+    out.sum[slot] = sum;
+    out.weight_sum[slot] = weight_sum;
+    out.count[slot] = count;
+    out.cos_sum[slot] = cos_sum;
+  }
+};
+
+// Pass 2, one thread per column c: the groups merged in a fixed order. With shift = max(0, max v)
+// and Z = e^{-shift} + sum e^{v - shift}: the column's loss term l_c = LSE0(v) = shift + log Z,
+// its mean negative M, the factor that turns each group's stored M e^{v - group max} into
+// G'_bc = neg_scale M e^{v - shift} / (Z m_c), and kappa_c (not for IDML, whose tile holds S').
+template <typename T>
+struct AnchorMerge {
+  AnchorPartials<T> in;
+  int64_t groups, cols;
+  const T* inv_norm;        // [cols] 1 / m_c, or null: G' = G and no kappa (IDML)
+  T neg_scale;              // dL/dl_c: alpha / C (Proxy-Anchor), alpha (ISA: divided by W- at the end)
+  T* column_lse;            // [cols] out: l_c
+  T* column_mean_weight;    // [cols] out: mean M over the column's negatives (0 if none)
+  T* group_scale;           // [groups * cols] out
+  T* kappa;                 // [cols] out (with inv_norm)
+
+  DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
+    const int64_t c = block * block_dim + thread;
+    if (c >= cols) return;
+    T shift = 0, weight_sum = 0, count = 0;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t slot = g * cols + c;
+      if (in.count[slot] > T(0)) shift = math::max(shift, in.max[slot]);
+      weight_sum += in.weight_sum[slot];
+      count += in.count[slot];
+    }
+    T sum = 0, cos_sum = 0;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t slot = g * cols + c;
+      if (in.count[slot] == T(0)) continue;
+      const T rescale = math::exp(in.max[slot] - shift);
+      sum += in.sum[slot] * rescale;
+      cos_sum += in.cos_sum[slot] * rescale;
+    }
+    column_lse[c] = lse0_from_shifted(shift, sum);
+    column_mean_weight[c] = count > T(0) ? weight_sum / count : T(0);
+    const T factor = neg_scale / (math::exp(-shift) + sum);
+    const T scale = inv_norm == nullptr ? T(1) : inv_norm[c];
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t slot = g * cols + c;
+      group_scale[slot] = in.count[slot] > T(0) ? factor * math::exp(in.max[slot] - shift) * scale : T(0);
+    }
+    if (inv_norm != nullptr) kappa[c] = factor * cos_sum * scale * scale;
+  }
+};
+
+// Pass 3, one thread per (column c, group): G' into `out` (0 at the positive entries), in the
+// dtype the next GEMMs read. `out` may be the tile itself.
+template <typename T, typename O>
+struct AnchorApply {
+  TileView<T> sim;          // [B, cols]: AnchorPartial's M e^{v - group max}
+  TileView<O> out;          // [B, cols]
+  const int64_t* labels;
+  int64_t rows, cols, rows_per_group, first_class;
+  const T* group_scale;     // [groups * cols]
+
+  DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
+    ColumnGroup cg;
+    if (!column_group(block * block_dim + thread, cols, rows, rows_per_group, cg)) return;
+    const int64_t c = cg.column, cls = first_class + c;
+    const T scale = group_scale[cg.group * cols + c];
+    for (int64_t b = cg.first_row; b < cg.last_row; ++b) {
+      const T value = labels[b] == cls ? T(0) : sim.at(b, c) * scale;
+      out.at(b, c) = static_cast<O>(value);
+    }
+  }
+};
+
+// One thread: the loss, the positives' part plus the negatives' sum over all columns divided by C
+// (or by W-, the sum of the columns' mean M, for Proxy-ISA, also written out for the gradients).
+template <typename T>
+struct AnchorLoss {
+  const T* positive_loss;   // [1]
+  const T* column_sums;     // [2]: sum of l_c, sum of mean M
+  bool isa;
+  T num_classes;
+  T* loss;                  // [1] out
+  T* neg_normalizer;        // [1] out: the divisor of the negatives' part
+
+  DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
+    if (block * block_dim + thread != 0) return;
+    const T normalizer = isa ? math::max(column_sums[1], T(1e-30)) : num_classes;
+    *neg_normalizer = normalizer;
+    *loss = *positive_loss + column_sums[0] / normalizer;
+  }
+};
 
 // ---------------------------------------------------------------------------------------------
-// IDML (SPEC §6, §7.5): Proxy-Anchor on the introspective similarity
+// IDML (docs/losses.md §6, §7.5): Proxy-Anchor on the introspective similarity
 //   S'_bc = 1 - (1 - S_bc) g_bc,  g_bc = exp(-(a_b + 4) / (5 d_bc)),
 // with S the cosine, d_bc = ||x_b - p_c||^2 of the embedding as given (unit as the model emits
 // it) and the raw proxy, and a_b = ||v_b||^2 of the uncertainty embedding. One raw GEMM
 // R = X P^T gives both: S = R / (n m) and d = ||x||^2 + ||p||^2 - 2R. The dense pass writes S' into
-// a tile, runs the unchanged anchor_negative_column_thread on it, then turns dL/dS' into the
-// coefficients of the two backward GEMMs (idml_chain_column_thread).
+// a tile, runs the anchor kernels on it, then IdmlChain turns dL/dS' into the coefficients of the
+// two backward GEMMs.
 
 // Beyond this exponent g = e^{-(a+4)/(5d)} < 2e-35: g and every derivative are taken as 0, which
 // also guards d -> 0 (and d <= 0 from rounding when x is close to p).
 constexpr double kIdmlMaxExponent = 80.0;
-
-// d = ||x||^2 + ||p||^2 - 2 x.p from the raw dot product and the squared norms.
-template <typename T>
-DMLFAST_HD T introspective_distance(T dot, T x_sq, T p_sq) {
-  return x_sq + p_sq - T(2) * dot;
-}
 
 // g = e^{-(a + 4) / (5 d)}; 0 where d <= 0 or the exponent passes kIdmlMaxExponent.
 template <typename T>
@@ -272,7 +589,7 @@ DMLFAST_HD T introspective_gate(T dist, T uncertainty) {
   return (dist > T(0) && exponent < T(kIdmlMaxExponent)) ? math::exp(-exponent) : T(0);
 }
 
-// S' of one pair and its partial derivatives (SPEC §7.5).
+// S' of one pair and its partial derivatives (docs/losses.md §7.5).
 template <typename T>
 struct IntrospectivePair {
   T cosine;          // S
@@ -283,8 +600,8 @@ struct IntrospectivePair {
 };
 
 // From the raw dot product x.p, ||x||^2 and n = sqrt(||x||^2 + eps), ||p||^2 and m, a, and the
-// pair's gate g = introspective_gate(d, a) (computed once per pair: the similarity pass keeps it
-// for the chain pass). g > 0 implies d > (a + 4) / (5 kIdmlMaxExponent), so the divisions are safe.
+// pair's gate (computed once per pair: the similarity pass keeps it for the chain pass).
+// g > 0 implies d > (a + 4) / (5 kIdmlMaxExponent), so the divisions are safe.
 template <typename T>
 DMLFAST_HD IntrospectivePair<T> introspective_pair(T dot, T x_sq, T x_norm, T p_sq, T p_norm,
                                                    T uncertainty, T gate) {
@@ -293,7 +610,7 @@ DMLFAST_HD IntrospectivePair<T> introspective_pair(T dot, T x_sq, T x_norm, T p_
   const T dissimilarity = T(1) - out.cosine;
   out.by_cosine = gate;
   if (gate > T(0)) {
-    const T dist = introspective_distance(dot, x_sq, p_sq);
+    const T dist = x_sq + p_sq - T(2) * dot;
     out.by_uncertainty = dissimilarity * gate / (T(5) * dist);
     out.by_distance = -out.by_uncertainty * (uncertainty + T(4)) / dist;
   } else {
@@ -303,293 +620,347 @@ DMLFAST_HD IntrospectivePair<T> introspective_pair(T dot, T x_sq, T x_norm, T p_
   return out;
 }
 
+// One thread per sample b: the introspective similarity S'_{b, y_b} of its positive pair,
+// gathering the proxy row, and the check of its uncertainty.
 template <typename T>
-struct IdmlPositiveArgs {
-  const T* dot;          // [B]: x_b . p_{y_b}
-  const T* x_sq;         // [B]: ||x_b||^2
-  const T* x_norm;       // [B]: n_b
-  const T* p_sq;         // [B]: ||p_{y_b}||^2
-  const T* p_norm;       // [B]: m_{y_b}
-  const T* uncertainty;  // [B]: a_b
-  int64_t rows;
-  T* similarity;         // [B] out: S'_{b, y_b}
-};
-
-// One thread per sample b: the introspective similarity of its positive pair.
-template <typename T>
-DMLFAST_HD void idml_positive_thread(int64_t block, int64_t thread, int64_t block_dim,
-                                     const IdmlPositiveArgs<T>& a) {
-  const int64_t b = block * block_dim + thread;
-  if (b >= a.rows) return;
-  const T gate = introspective_gate(introspective_distance(a.dot[b], a.x_sq[b], a.p_sq[b]),
-                                    a.uncertainty[b]);
-  a.similarity[b] = introspective_pair(a.dot[b], a.x_sq[b], a.x_norm[b], a.p_sq[b], a.p_norm[b],
-                                       a.uncertainty[b], gate)
-                        .similarity;
-}
-
-template <typename T>
-struct IdmlTileArgs {
-  TileView<T> dot;          // [B, cols]: R = X P^T on entry; the chain pass overwrites it with H
-  TileView<T> similarity;   // [B, cols]: S' out (then G' = dL/dS' from the anchor kernel)
-  TileView<T> gate;         // [B, cols]: g out, read back by the chain pass
-  const int64_t* labels;    // [B]
-  int64_t rows;             // B
-  int64_t cols;             // proxies in this tile
-  int64_t first_class;      // global class index of column 0
-  const T* x_sq;            // [B]: ||x_b||^2
-  const T* x_norm;          // [B]: n_b
+struct IdmlPositive {
+  const T* x;               // [B, D] as given, in T
+  const T* proxies;         // [C_local, D]
+  const int64_t* labels;    // [B], local
+  int64_t rows, dim, local_classes;
+  const T* x_sq;            // [B]
+  const T* x_norm;          // [B]
   const T* uncertainty;     // [B]: a_b
-  const T* p_sq;            // [cols]: ||p_c||^2
-  const T* p_norm;          // [cols]: m_c
-};
+  T* similarity;            // [B] out
+  int32_t* flags;
 
-// One thread per proxy column c: g_bc and S'_bc for every row.
-template <typename T>
-DMLFAST_HD void idml_similarity_column_thread(int64_t block, int64_t thread, int64_t block_dim,
-                                              const IdmlTileArgs<T>& a) {
-  const int64_t c = block * block_dim + thread;
-  if (c >= a.cols) return;
-  for (int64_t b = 0; b < a.rows; ++b) {
-    const T dot = a.dot.at(b, c);
-    const T gate =
-        introspective_gate(introspective_distance(dot, a.x_sq[b], a.p_sq[c]), a.uncertainty[b]);
-    a.gate.at(b, c) = gate;
-    a.similarity.at(b, c) = introspective_pair(dot, a.x_sq[b], a.x_norm[b], a.p_sq[c], a.p_norm[c],
-                                               a.uncertainty[b], gate)
-                                .similarity;
+  DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
+    const int64_t b = block * block_dim + thread;
+    if (b >= rows) return;
+    if (!math::finite(uncertainty[b])) clear_flag(flags, kUncertaintyFinite);
+    const T* p = proxies + safe_row(labels[b], local_classes) * dim;
+    double wide_sq = 0, wide_dot = 0;
+    for (int64_t d = 0; d < dim; ++d) {
+      const double v = static_cast<double>(p[d]);
+      wide_sq += v * v;
+      wide_dot += static_cast<double>(x[b * dim + d]) * v;
+    }
+    const T p_sq = static_cast<T>(wide_sq), dot = static_cast<T>(wide_dot);
+    const T p_norm = static_cast<T>(math::sqrt(wide_sq + kNormEps));
+    const T gate = introspective_gate(x_sq[b] + p_sq - T(2) * dot, uncertainty[b]);
+    similarity[b] = introspective_pair(dot, x_sq[b], x_norm[b], p_sq, p_norm, uncertainty[b], gate).similarity;
   }
-}
-
-template <typename T>
-struct IdmlChainArgs {
-  IdmlTileArgs<T> tile;     // its similarity tile holds G' = dL/dS' of the negatives (0 at positives)
-  const T* pos_grad;        // [B]: G' of the positive pair (b, y_b)
-  TileView<T> row_coef;     // [B, cols] out: E_bc, summed over c into the coefficient of x_b;
-                            // may be tile.gate's memory (each entry is read before it is written)
-  TileView<T> by_uncert;    // [B, cols] out: dL/da_b's term of pair (b, c), summed over c
-  T* col_coef;              // [cols] out: the coefficient of p_c in dL/dp_c
 };
 
-// One thread per proxy column c. With G_S = G' g, G_d = G' dS'/dd and G_a = G' dS'/da:
+// The inputs of one IDML tile.
+template <typename T>
+struct IdmlTile {
+  TileView<T> dot;          // [B, cols]: R = X P^T; IdmlChain overwrites it with H when O = T
+  TileView<T> similarity;   // [B, cols]: S' (IdmlPairs), then G' = dL/dS' (the anchor kernels)
+  TileView<T> gate;         // [B, cols]: g (IdmlPairs), read by IdmlChain
+  const int64_t* labels;    // [B], local
+  int64_t rows, cols, rows_per_group, first_class;
+  const T* x_sq;            // [B]
+  const T* x_norm;          // [B]
+  const T* uncertainty;     // [B]
+  const T* column_norm;     // [cols] ||p_c||
+
+  DMLFAST_HD IntrospectivePair<T> pair(int64_t b, int64_t c) const {
+    const T p_plain = column_norm[c];
+    return introspective_pair(dot.at(b, c), x_sq[b], x_norm[b], p_plain * p_plain,
+                              norm_with_eps(p_plain), uncertainty[b], gate.at(b, c));
+  }
+};
+
+// One thread per (column c, group): g_bc and S'_bc for the group's rows.
+template <typename T>
+struct IdmlPairs {
+  IdmlTile<T> tile;
+
+  DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
+    const IdmlTile<T>& t = tile;
+    ColumnGroup cg;
+    if (!column_group(block * block_dim + thread, t.cols, t.rows, t.rows_per_group, cg)) return;
+    const int64_t c = cg.column;
+    const T p_plain = t.column_norm[c];
+    for (int64_t b = cg.first_row; b < cg.last_row; ++b) {
+      t.gate.at(b, c) = introspective_gate(t.x_sq[b] + p_plain * p_plain - T(2) * t.dot.at(b, c), t.uncertainty[b]);
+      t.similarity.at(b, c) = t.pair(b, c).similarity;
+    }
+  }
+};
+
+// One thread per (column c, group). With G_S = G' g, G_d = G' dS'/dd and G_a = G' dS'/da:
 //   dL/dx_b = sum_c H_bc p_c + x_b sum_c E_bc,   H = G_S / (n m) - 2 G_d,  E = 2 G_d - G_S S / n^2,
 //   dL/dp_c = sum_b H_bc x_b + p_c sum_b (2 G_d - G_S S / m^2),  dL/da_b = sum_c G_a,
-// (dS/dx = p/(n m) - S x/n^2, dd/dx = 2(x - p), dd/dp = -2(x - p)). H is written over R, so the
-// driver's two GEMMs H P and H^T X finish the gradients.
-template <typename T>
-DMLFAST_HD void idml_chain_column_thread(int64_t block, int64_t thread, int64_t block_dim,
-                                         const IdmlChainArgs<T>& a) {
-  const IdmlTileArgs<T>& t = a.tile;
-  const int64_t c = block * block_dim + thread;
-  if (c >= t.cols) return;
-  const int64_t cls = t.first_class + c;
-  const T inv_p_sq = T(1) / (t.p_norm[c] * t.p_norm[c]);
-  T col_sum = 0;
-  for (int64_t b = 0; b < t.rows; ++b) {
-    const T grad = t.labels[b] == cls ? a.pos_grad[b] : t.similarity.at(b, c);
-    T& entry = t.dot.at(b, c);
-    const IntrospectivePair<T> pair =
-        introspective_pair(entry, t.x_sq[b], t.x_norm[b], t.p_sq[c], t.p_norm[c],
-                           t.uncertainty[b], t.gate.at(b, c));
-    const T grad_cos = grad * pair.by_cosine;
-    const T grad_dist2 = T(2) * grad * pair.by_distance;
-    const T x_norm = t.x_norm[b];
-    entry = grad_cos / (x_norm * t.p_norm[c]) - grad_dist2;
-    a.row_coef.at(b, c) = grad_dist2 - grad_cos * pair.cosine / (x_norm * x_norm);
-    a.by_uncert.at(b, c) = grad * pair.by_uncertainty;
-    col_sum += grad_dist2 - grad_cos * pair.cosine * inv_p_sq;
+// (dS/dx = p/(n m) - S x/n^2, dd/dx = 2(x - p), dd/dp = -2(x - p)). H goes to `out` for the two
+// GEMMs H P and H^T X; E and G_a stay per entry for the row sums; the column coefficient's
+// per-group sums go to col_partial (negated: ProxyGradFinish subtracts kappa p).
+template <typename T, typename O>
+struct IdmlChain {
+  IdmlTile<T> tile;
+  const T* pos_grad;        // [B]: G' of the positive pair (b, y_b)
+  TileView<O> out;          // [B, cols] out: H (may be tile.dot's memory when O = T)
+  TileView<T> row_coef;     // [B, cols] out: E; may be tile.gate's memory (read before written)
+  TileView<T> by_uncert;    // [B, cols] out: G_a
+  T* col_partial;           // [groups * cols] out
+
+  DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
+    const IdmlTile<T>& t = tile;
+    ColumnGroup cg;
+    if (!column_group(block * block_dim + thread, t.cols, t.rows, t.rows_per_group, cg)) return;
+    const int64_t c = cg.column, cls = t.first_class + c;
+    const T p_norm = norm_with_eps(t.column_norm[c]);
+    const T inv_p_sq = T(1) / (p_norm * p_norm);
+    T col_sum = 0;
+    for (int64_t b = cg.first_row; b < cg.last_row; ++b) {
+      const T grad = t.labels[b] == cls ? pos_grad[b] : t.similarity.at(b, c);
+      const IntrospectivePair<T> pair = t.pair(b, c);
+      const T grad_cos = grad * pair.by_cosine;
+      const T grad_dist2 = T(2) * grad * pair.by_distance;
+      const T x_norm = t.x_norm[b];
+      out.at(b, c) = static_cast<O>(grad_cos / (x_norm * p_norm) - grad_dist2);
+      row_coef.at(b, c) = grad_dist2 - grad_cos * pair.cosine / (x_norm * x_norm);
+      by_uncert.at(b, c) = grad * pair.by_uncertainty;
+      col_sum += grad_dist2 - grad_cos * pair.cosine * inv_p_sq;
+    }
+    col_partial[cg.group * t.cols + c] = -col_sum;
   }
-  a.col_coef[c] = col_sum;
-}
+};
+
+// One thread per column c: kappa_c = sum over groups of partial[g, c], times 1 / m_c^2 when
+// inv_norm is given (the softmax family's cos sums), as it is otherwise (IDML).
+template <typename T>
+struct ColumnSum {
+  const T* partial;         // [groups * cols]
+  int64_t groups, cols;
+  const T* inv_norm;        // [cols] 1 / m_c, or null
+  T* kappa;                 // [cols] out
+
+  DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
+    const int64_t c = block * block_dim + thread;
+    if (c >= cols) return;
+    T sum = 0;
+    for (int64_t g = 0; g < groups; ++g) sum += partial[g * cols + c];
+    kappa[c] = inv_norm == nullptr ? sum : sum * inv_norm[c] * inv_norm[c];
+  }
+};
 
 // ---------------------------------------------------------------------------------------------
-// Softmax family (ProxyNCA, ProxyNCA++, Norm-SoftMax; SPEC §2 and §7.3): logits z = scale * S.
-//
-// Pass 1 walks the class tiles and keeps, per row, the running log-sum-exp over the classes of
-// the denominator, the sum of all logits (label smoothing needs it) and the target logit. Each
-// tile row is cut into chunks of `chunk_cols` columns, one thread per (row, chunk), so that a
-// batch of a few hundred rows still fills a GPU; a per-row thread then folds the chunks' partial
-// results into the running state. Pass 2 turns each tile of S into G = (scale / B)(softmax - T).
+// Softmax family (ProxyNCA, ProxyNCA++, Norm-SoftMax; docs/losses.md §2 and §7.3): logits
+// z = scale * cos. Pass 1 walks the class tiles and keeps, per row, a running log-sum-exp over the
+// classes of the denominator, the sum of all logits (label smoothing needs it) and the target
+// logit. Each tile row is cut into slices, one thread per (row, slice), then the slices' partial
+// results are merged in a fixed-order tree (SoftmaxMerge, fan-in at a time) and folded into the
+// running state (SoftmaxRowUpdate). Pass 2 turns each tile into G' (SoftmaxGrad).
 
 // Row sums run over up to millions of classes, so the running state is kept in double whatever T
 // is: a float sum over 10^5 terms would lose ~1e-5 of the loss.
 struct SoftmaxRowState {
   double* lse_max;       // [B] running log-sum-exp over the denominator's classes: max ...
-  double* lse_sum;       // [B] ... and sum of e^{z - max}
+  double* lse_sum;       // [B] ... and sum of e^{z - max} (0 while no logit entered)
   double* logit_sum;     // [B] sum over all classes of z_bc; null when not needed (no smoothing)
-  double* target_logit;  // [B] z_{b, y_b}
+  double* target_logit;  // [B] z_{b, y_b} (0 where the target is not among these proxies)
 };
 
-// Per (chunk, row) results of pass 1 over one tile, each [chunks * B] with slot chunk * B + b.
-struct SoftmaxChunkPartials {
-  double* max;        // the chunk's largest denominator logit
-  double* sum;        // sum of e^{z - max} over the chunk's denominator logits; 0 if it has none
-  double* logit_sum;  // sum of all the chunk's logits
+// Partial results of a run of columns of one row: the largest denominator logit, the sum of
+// e^{z - max} over the run's denominator logits (0 if it has none) and the sum of all its logits.
+template <typename T>
+struct SoftmaxPartials {
+  T* max;
+  double* sum;
+  double* logit_sum;
 };
+
+// Merges partial `slot` of `in` into (max, sum, logit_sum); the exponential is in T, the sums in double.
+template <typename T>
+DMLFAST_HD void merge_softmax_partial(const SoftmaxPartials<T>& in, int64_t slot, T& max,
+                                      double& sum, double& logit_sum) {
+  logit_sum += in.logit_sum[slot];
+  const double part = in.sum[slot];
+  if (part == 0) return;  // no denominator logit in that run (only the excluded target)
+  const T part_max = in.max[slot];
+  if (sum == 0) {
+    max = part_max;
+    sum = part;
+  } else if (part_max > max) {
+    sum = sum * static_cast<double>(math::exp(max - part_max)) + part;
+    max = part_max;
+  } else {
+    sum += part * static_cast<double>(math::exp(part_max - max));
+  }
+}
 
 template <typename T>
-struct SoftmaxTileArgs {
-  TileView<T> tile;        // [B, cols]: S in; see the passes for what is written back
-  const int64_t* labels;   // [B]
-  int64_t rows;
-  int64_t cols;
-  int64_t chunk_cols;      // columns per thread; the tile has blocks_for(cols, chunk_cols) chunks
-  int64_t first_class;
+struct SoftmaxTile {
+  TileView<T> sim;          // [B, cols]: S
+  const int64_t* labels;    // [B], local
+  int64_t rows, cols, first_class;
+  const T* inv_norm;        // [cols] 1 / m_c
   T scale;
-  bool exclude_positive;   // the paper's classic form: the target is not in the denominator
-  SoftmaxRowState state;
-  SoftmaxChunkPartials partials;
-  // [chunks * B] or null. When set, pass 1 overwrites the tile with e^{z - shift} (0 for an
-  // excluded target), shift being the chunk's max, recorded here, so that pass 2 needs one
-  // exponential per (row, chunk), not per entry.
-  T* tile_shift;
+  bool exclude_positive;    // the paper's classic form: the target is not in the denominator
+
+  DMLFAST_HD T logit(int64_t b, int64_t c) const { return scale * sim.at(b, c) * inv_norm[c]; }
 };
 
-// The (row, chunk) a softmax thread owns, and its columns [first, last); false past the tile.
-struct SoftmaxSlot {
-  int64_t row, slot, first, last;
-};
-DMLFAST_HD bool softmax_slot(int64_t index, int64_t rows, int64_t cols, int64_t chunk_cols,
-                             SoftmaxSlot& out) {
-  const int64_t chunk = index / rows;
-  out.row = index % rows;
-  out.slot = index;  // chunk * rows + row
-  out.first = chunk * chunk_cols;
-  out.last = out.first + chunk_cols < cols ? out.first + chunk_cols : cols;
-  return out.first < cols;
-}
-
-// Pass 1, one thread per (row b, chunk): the chunk's max, sum of exponentials and sum of logits.
+// Pass 1, one thread per (row b, slice j) with index b * slices + j: the slice holds the columns
+// j, j + slices, j + 2 slices, ... (neighbouring threads read neighbouring columns; with one
+// slice a row is walked in order). Writes the slice's partials and, where the row's target is
+// among its columns, the target logit.
 template <typename T>
-DMLFAST_HD void softmax_chunk_reduce_thread(int64_t block, int64_t thread, int64_t block_dim,
-                                            const SoftmaxTileArgs<T>& a) {
-  SoftmaxSlot s;
-  if (!softmax_slot(block * block_dim + thread, a.rows, a.cols, a.chunk_cols, s)) return;
-  const int64_t b = s.row;
-  const int64_t target = a.labels[b] - a.first_class;
-  bool any = false;
-  T chunk_max = 0;
-  double logit_sum = 0;
-  for (int64_t c = s.first; c < s.last; ++c) {
-    const T z = a.scale * a.tile.at(b, c);
-    logit_sum += z;
-    if (c == target) {
-      a.state.target_logit[b] = z;
-      if (a.exclude_positive) continue;
-    }
-    chunk_max = any ? math::max(chunk_max, z) : z;
-    any = true;
-  }
-  double chunk_sum = 0;
-  for (int64_t c = s.first; c < s.last; ++c) {
-    T& entry = a.tile.at(b, c);
-    const T e = (c == target && a.exclude_positive) ? T(0) : math::exp(a.scale * entry - chunk_max);
-    if (a.tile_shift != nullptr) entry = e;
-    chunk_sum += e;
-  }
-  if (a.tile_shift != nullptr) a.tile_shift[s.slot] = chunk_max;
-  a.partials.max[s.slot] = chunk_max;
-  a.partials.sum[s.slot] = any ? chunk_sum : 0.0;
-  a.partials.logit_sum[s.slot] = logit_sum;
-}
+struct SoftmaxSlices {
+  SoftmaxTile<T> tile;
+  int64_t slices;
+  SoftmaxPartials<T> out;   // [B * slices]
+  double* target_logit;     // [B]
 
-struct SoftmaxCombineArgs {
-  SoftmaxChunkPartials partials;
-  int64_t rows;
-  int64_t chunks;
-  SoftmaxRowState state;
+  DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
+    const SoftmaxTile<T>& t = tile;
+    const int64_t index = block * block_dim + thread;
+    const int64_t b = index / slices, j = index % slices;
+    if (b >= t.rows) return;
+    const int64_t target = t.labels[b] - t.first_class;
+    bool any = false;
+    T max = 0;
+    double logit_sum = 0;
+    for (int64_t c = j; c < t.cols; c += slices) {
+      const T z = t.logit(b, c);
+      logit_sum += z;
+      if (c == target) {
+        target_logit[b] = z;
+        if (t.exclude_positive) continue;
+      }
+      max = any ? math::max(max, z) : z;
+      any = true;
+    }
+    double sum = 0;
+    for (int64_t c = j; c < t.cols; c += slices) {
+      if (c == target && t.exclude_positive) continue;
+      sum += math::exp(t.logit(b, c) - max);
+    }
+    const int64_t slot = b * slices + j;
+    out.max[slot] = max;
+    out.sum[slot] = any ? sum : 0.0;
+    out.logit_sum[slot] = logit_sum;
+  }
 };
 
-// Pass 1, then one thread per row b: fold the tile's chunks into the row's running state.
-DMLFAST_HD void softmax_row_combine_thread(int64_t block, int64_t thread, int64_t block_dim,
-                                           const SoftmaxCombineArgs& a) {
-  const int64_t b = block * block_dim + thread;
-  if (b >= a.rows) return;
-  double lse_max = a.state.lse_max[b];
-  double lse_sum = a.state.lse_sum[b];
-  double logit_sum = 0;
-  for (int64_t chunk = 0; chunk < a.chunks; ++chunk) {
-    const int64_t slot = chunk * a.rows + b;
-    logit_sum += a.partials.logit_sum[slot];
-    const double sum = a.partials.sum[slot];
-    if (sum == 0) continue;  // the chunk held only the excluded target
-    const double max = a.partials.max[slot];
-    if (lse_sum > 0) {
-      const double new_max = math::max(lse_max, max);
-      lse_sum = lse_sum * math::exp(lse_max - new_max) + sum * math::exp(max - new_max);
-      lse_max = new_max;
+// One level of the merge tree, one thread per (row b, k): partials k * fan_in .. of row b's
+// `in_count` into partial k of its `blocks_for(in_count, fan_in)`.
+template <typename T>
+struct SoftmaxMerge {
+  SoftmaxPartials<T> in;    // [B * in_count]
+  int64_t rows, in_count, fan_in;
+  SoftmaxPartials<T> out;   // [B * out_count]
+
+  DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
+    const int64_t out_count = blocks_for(in_count, fan_in);
+    const int64_t index = block * block_dim + thread;
+    const int64_t b = index / out_count, k = index % out_count;
+    if (b >= rows) return;
+    T max = 0;
+    double sum = 0, logit_sum = 0;
+    const int64_t last = math::min((k + 1) * fan_in, in_count);
+    for (int64_t i = k * fan_in; i < last; ++i) merge_softmax_partial(in, b * in_count + i, max, sum, logit_sum);
+    out.max[index] = max;
+    out.sum[index] = sum;
+    out.logit_sum[index] = logit_sum;
+  }
+};
+
+// One thread per row b: the row's `count` partials folded into its running state, in order.
+template <typename T>
+struct SoftmaxRowUpdate {
+  SoftmaxPartials<T> in;    // [B * count]
+  int64_t rows, count;
+  SoftmaxRowState state;
+
+  DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
+    const int64_t b = block * block_dim + thread;
+    if (b >= rows) return;
+    T max = 0;
+    double sum = 0, logit_sum = 0;
+    for (int64_t i = 0; i < count; ++i) merge_softmax_partial(in, b * count + i, max, sum, logit_sum);
+    if (state.logit_sum != nullptr) state.logit_sum[b] += logit_sum;
+    if (sum == 0) return;
+    double& row_max = state.lse_max[b];
+    double& row_sum = state.lse_sum[b];
+    if (row_sum == 0) {
+      row_max = max;
+      row_sum = sum;
     } else {
-      lse_max = max;
-      lse_sum = sum;
+      const double new_max = math::max(row_max, static_cast<double>(max));
+      row_sum = row_sum * math::exp(row_max - new_max) + sum * math::exp(static_cast<double>(max) - new_max);
+      row_max = new_max;
     }
   }
-  a.state.lse_max[b] = lse_max;
-  a.state.lse_sum[b] = lse_sum;
-  if (a.state.logit_sum != nullptr) a.state.logit_sum[b] += logit_sum;
-}
+};
 
+// One thread per row b, from complete row statistics: lse_b = max + log(sum), and (thread 0) the
+// loss (1/B) sum_b [lse_b - (1 - eps) z_{b,y_b} - eps/(C-1) (sum_c z_bc - z_{b,y_b})]
+// (docs/losses.md §7.3), summed in row order.
 template <typename T>
-struct SoftmaxGradArgs {
-  SoftmaxTileArgs<T> tile;  // its tile_shift says whether the tile holds S or pass 1's e^{z - shift}
-  const T* row_lse;         // [B]: log of the softmax denominator
+struct SoftmaxLoss {
+  const double* lse_max;
+  const double* lse_sum;
+  const double* logit_sum;  // null when smoothing is 0
+  const double* target_logit;
+  int64_t rows;
+  double target_weight;     // 1 - eps
+  double other_weight;      // eps / (C - 1)
+  T* row_lse;               // [B] out
+  T* loss;                  // [1] out
+
+  DMLFAST_HD double row_term(int64_t b) const {
+    const double lse = lse_max[b] + math::log(lse_sum[b]);
+    const double others = logit_sum == nullptr ? 0.0 : logit_sum[b] - target_logit[b];
+    return lse - target_weight * target_logit[b] - other_weight * others;
+  }
+
+  DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
+    const int64_t b = block * block_dim + thread;
+    if (b >= rows) return;
+    row_lse[b] = static_cast<T>(lse_max[b] + math::log(lse_sum[b]));
+    if (b == 0) {
+      double sum = 0;
+      for (int64_t j = 0; j < rows; ++j) sum += row_term(j);
+      *loss = static_cast<T>(sum / static_cast<double>(rows));
+    }
+  }
+};
+
+// Pass 2, one thread per (column c, group of rows): G_bc = (scale/B)(p_bc - T_bc), where
+// p_bc = e^{z_bc - lse_b} (0 for a target excluded from the denominator) and T the smoothed
+// targets; G' = G / m_c into `out`, and the group's sum of G cos for kappa (ColumnSum).
+template <typename T, typename O>
+struct SoftmaxGrad {
+  SoftmaxTile<T> tile;
+  int64_t rows_per_group;
+  const T* row_lse;         // [B]
   T target_weight;          // T_{b,y_b}: 1 - smoothing
   T other_weight;           // T_{b,c != y_b}: smoothing / (C - 1)
   T grad_scale;             // scale / B
-};
+  TileView<O> out;          // [B, cols] (may be the tile itself)
+  T* cos_partial;           // [groups * cols] out
 
-// Pass 2, one thread per (row b, chunk): G_bc = (scale/B) (p_bc - T_bc), where p_bc =
-// e^{z_bc - lse_b} (and p_{b,y_b} = 0 when the target is excluded from the denominator).
-template <typename T>
-DMLFAST_HD void softmax_chunk_grad_thread(int64_t block, int64_t thread, int64_t block_dim,
-                                          const SoftmaxGradArgs<T>& a) {
-  const SoftmaxTileArgs<T>& t = a.tile;
-  SoftmaxSlot s;
-  if (!softmax_slot(block * block_dim + thread, t.rows, t.cols, t.chunk_cols, s)) return;
-  const int64_t b = s.row;
-  const int64_t target = t.labels[b] - t.first_class;
-  const T lse = a.row_lse[b];
-  const bool stored = t.tile_shift != nullptr;
-  const T rescale = stored ? math::exp(t.tile_shift[s.slot] - lse) : T(0);
-  for (int64_t c = s.first; c < s.last; ++c) {
-    T& entry = t.tile.at(b, c);
-    const bool is_target = c == target;
-    T prob;
-    if (stored) {
-      prob = entry * rescale;
-    } else {
-      prob = (is_target && t.exclude_positive) ? T(0) : math::exp(t.scale * entry - lse);
+  DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
+    const SoftmaxTile<T>& t = tile;
+    ColumnGroup cg;
+    if (!column_group(block * block_dim + thread, t.cols, t.rows, rows_per_group, cg)) return;
+    const int64_t c = cg.column, cls = t.first_class + c;
+    const T inv_norm = t.inv_norm[c];
+    T cos_sum = 0;
+    for (int64_t b = cg.first_row; b < cg.last_row; ++b) {
+      const T cosine = t.sim.at(b, c) * inv_norm;
+      const bool is_target = t.labels[b] == cls;
+      // The logit exactly as pass 1 rounded it: with one class, p is then exactly 1.
+      const T prob = (is_target && t.exclude_positive) ? T(0) : math::exp(t.logit(b, c) - row_lse[b]);
+      const T grad = grad_scale * (prob - (is_target ? target_weight : other_weight));
+      cos_sum += grad * cosine;
+      out.at(b, c) = static_cast<O>(grad * inv_norm);
     }
-    entry = a.grad_scale * (prob - (is_target ? a.target_weight : a.other_weight));
+    cos_partial[cg.group * t.cols + c] = cos_sum;
   }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Normalization and its backward, one row at a time (the CPU path; the CUDA path composes the
-// same formulas from ATen reductions, see csrc/rows.cpp).
-
-// out = in / n with n = sqrt(sum in^2 + eps); returns n (non-finite when the row is).
-template <typename T, typename In>
-DMLFAST_HD T normalize_row(const In* in, int64_t dim, T* out) {
-  T sq = 0;
-  DMLFAST_SIMD_SUM(sq)
-  for (int64_t d = 0; d < dim; ++d) {
-    const T v = static_cast<T>(in[d]);
-    sq += v * v;
-  }
-  const T norm = math::sqrt(sq + T(kNormEps));
-  const T inv = T(1) / norm;
-  for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<T>(in[d]) * inv;
-  return norm;
-}
-
-// Backward of the normalization: out = (1/n)(g - <unit, g> unit) (SPEC §7.1).
-template <typename T, typename Out>
-DMLFAST_HD void project_row(const T* g, const T* unit, T norm, int64_t dim, Out* out) {
-  T dot = 0;
-  DMLFAST_SIMD_SUM(dot)
-  for (int64_t d = 0; d < dim; ++d) dot += g[d] * unit[d];
-  const T inv = T(1) / norm;
-  for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<Out>(inv * (g[d] - dot * unit[d]));
-}
+};
 
 }  // namespace dmlfast

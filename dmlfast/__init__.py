@@ -16,6 +16,9 @@ _LAZY = {
     "MovingProxyLoss": "dmlfast.losses",
     "IntrospectiveProxyAnchorLoss": "dmlfast.losses",
     "build_info": "dmlfast._ops",
+    "set_value_checks": "dmlfast._ops",
+    "value_checks": "dmlfast._ops",
+    "value_checks_enabled": "dmlfast._ops",
     "functional": "dmlfast.functional",
     "reference": "dmlfast.reference",
 }

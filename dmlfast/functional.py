@@ -5,14 +5,15 @@ gradients are computed together by one fused op (C++ on the CPU, CUDA on the GPU
 embeddings (B, D) and proxies (C, D) in float32, bfloat16, float16 or float64 (math in float32,
 float64 for float64 inputs; gradients in each input's dtype); labels (B,) int64 in [0, C).
 Bad input raises ValueError/TypeError naming the argument; NaN/Inf inputs are an error, never a
-NaN loss.
+NaN loss (on CUDA raised by the backward when the loss is backpropagated; see
+:func:`dmlfast.set_value_checks`).
 """
 import math
 import numbers
 
 import torch
 
-from . import _ops  # noqa: F401  (loads the kernels and registers autograd/fake/autocast)
+from ._ops import value_check_mode  # (importing _ops loads the kernels and registers autograd/fake/autocast)
 
 
 def _require_tensors(op, **tensors):
@@ -75,7 +76,8 @@ def proxy_anchor_loss(embeddings, proxies, labels, margin=0.1, alpha=32.0):
     op = "proxy_anchor_loss"
     _require_tensors(op, embeddings=embeddings, proxies=proxies, labels=labels)
     margin, alpha = _anchor_hyperparameters(op, margin, alpha)
-    return torch.ops.dmlfast.proxy_anchor_loss(embeddings, proxies, labels, margin, alpha)[0]
+    checks = value_check_mode(embeddings, proxies)
+    return torch.ops.dmlfast.proxy_anchor_loss(embeddings, proxies, labels, margin, alpha, value_checks=checks)[0]
 
 
 def proxy_nca_loss(embeddings, proxies, labels, scale=18.0, smoothing=0.0, exclude_positive=False):
@@ -89,7 +91,9 @@ def proxy_nca_loss(embeddings, proxies, labels, scale=18.0, smoothing=0.0, exclu
     op = "proxy_nca_loss"
     _require_tensors(op, embeddings=embeddings, proxies=proxies, labels=labels)
     scale, smoothing, exclude_positive = _softmax_hyperparameters(op, scale, smoothing, exclude_positive)
-    return torch.ops.dmlfast.proxy_nca_loss(embeddings, proxies, labels, scale, smoothing, exclude_positive)[0]
+    checks = value_check_mode(embeddings, proxies)
+    return torch.ops.dmlfast.proxy_nca_loss(embeddings, proxies, labels, scale, smoothing, exclude_positive,
+                                            value_checks=checks)[0]
 
 
 def proxy_isa_loss(
@@ -143,7 +147,9 @@ def proxy_isa_loss(
     # class vectors in that dtype, so none is rounded on the way.
     wide = torch.float64 in (embeddings.dtype, proxies.dtype)
     params = torch.stack([v.detach().to(torch.float64 if wide else torch.float32) for v in vectors.values()])
-    return torch.ops.dmlfast.proxy_anchor_loss(embeddings, proxies, labels, margin, alpha, params, filter_positives)[0]
+    checks = value_check_mode(embeddings, proxies)
+    return torch.ops.dmlfast.proxy_anchor_loss(embeddings, proxies, labels, margin, alpha, params, filter_positives,
+                                               value_checks=checks)[0]
 
 
 def idml_proxy_anchor_loss(embeddings, uncertainty, proxies, labels, margin=0.1, alpha=32.0):
@@ -163,4 +169,6 @@ def idml_proxy_anchor_loss(embeddings, uncertainty, proxies, labels, margin=0.1,
     op = "idml_proxy_anchor_loss"
     _require_tensors(op, embeddings=embeddings, uncertainty=uncertainty, proxies=proxies, labels=labels)
     margin, alpha = _anchor_hyperparameters(op, margin, alpha)
-    return torch.ops.dmlfast.idml_proxy_anchor_loss(embeddings, uncertainty, proxies, labels, margin, alpha)[0]
+    checks = value_check_mode(embeddings, uncertainty, proxies)
+    return torch.ops.dmlfast.idml_proxy_anchor_loss(embeddings, uncertainty, proxies, labels, margin, alpha,
+                                                    value_checks=checks)[0]

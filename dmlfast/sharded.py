@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import functional
-from . import _ops  # noqa: F401  (loads the kernels and registers autograd/fake/autocast)
+from ._ops import CHECKS_OFF, value_check_mode
 
 
 def _require_int(owner, name, value, minimum):
@@ -209,7 +209,8 @@ class ShardedProxyAnchorLoss(_ShardedAnchorLoss):
     def forward(self, embeddings, labels):
         x, y = self._gather(embeddings, labels)
         local = torch.ops.dmlfast.proxy_anchor_loss(x, self.proxies, y, self.margin, self.alpha, None, False,
-                                                    self.class_offset, self.num_classes)[0]
+                                                    self.class_offset, self.num_classes,
+                                                    value_check_mode(x, self.proxies))[0]
         return _sum_over_ranks(local, self.group)
 
 
@@ -220,7 +221,8 @@ class ShardedIntrospectiveProxyAnchorLoss(_ShardedAnchorLoss):
     def forward(self, embeddings, uncertainty, labels):
         x, v, y = self._gather(embeddings, labels, uncertainty=uncertainty)
         local = torch.ops.dmlfast.idml_proxy_anchor_loss(x, v, self.proxies, y, self.margin, self.alpha,
-                                                         self.class_offset, self.num_classes)[0]
+                                                         self.class_offset, self.num_classes,
+                                                         value_check_mode(x, v, self.proxies))[0]
         return _sum_over_ranks(local, self.group)
 
 
@@ -253,11 +255,13 @@ class ShardedProxyNCALoss(_ShardedProxyLoss):
     def forward(self, embeddings, labels):
         x, y = self._gather(embeddings, labels)
         shard = (self.class_offset, self.num_classes)
+        # Pass 2 checks the same inputs, so pass 1 runs unchecked.
         stats = torch.ops.dmlfast.proxy_nca_shard_row_stats(x.detach(), self.proxies.detach(), y, self.scale,
-                                                             self.exclude_positive, *shard)
+                                                             self.exclude_positive, *shard, CHECKS_OFF)
         stats = reduce_softmax_row_stats(stats, self.group)
         return torch.ops.dmlfast.proxy_nca_shard_loss_and_grads(x, self.proxies, y, stats, self.scale, self.smoothing,
-                                                                self.exclude_positive, *shard)[0]
+                                                                self.exclude_positive, *shard,
+                                                                value_check_mode(x, self.proxies))[0]
 
 
 class ShardedNormSoftmaxLoss(ShardedProxyNCALoss):

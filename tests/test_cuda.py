@@ -197,3 +197,97 @@ def test_cuda_class_shard_ops_match_cpu(dtype):
                 stats, *ops.proxy_nca_shard_loss_and_grads(xs, ps, ys, stats, 18.0, 0.1, False, *shard))
 
     assert_gpu_matches_cpu(outputs("cpu"), outputs("cuda"), dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU fast path (docs/losses.md §7.1): precision of the low-precision and TF32 GEMMs, value
+# checks deferred to the backward, and a whole step captured in a CUDA graph.
+
+def reference_run(fn, x, p, labels):
+    x, p = x.double().detach().requires_grad_(), p.double().detach().requires_grad_()
+    loss = fn(x, p, labels)
+    return (loss, *torch.autograd.grad(loss, (x, p)))
+
+
+@pytest.mark.parametrize("name", ["proxy_anchor_loss", "proxy_nca_loss"])
+@pytest.mark.parametrize("classes", [100, 30_000])
+def test_cuda_bf16_autocast_within_tolerance_of_float64(name, classes):
+    """bf16 embeddings (autocast) and float32 proxies: bf16 tensor-core GEMMs, float32 accumulation."""
+    gen = torch.Generator().manual_seed(11)
+    x, p = torch.randn(256, 512, generator=gen), torch.randn(classes, 512, generator=gen)
+    labels = torch.randint(0, classes, (256,), generator=gen)
+    x_bf16 = x.to(torch.bfloat16)
+    got = run(getattr(functional, name), x_bf16.cuda(), p.cuda(), labels.cuda(), {})
+    want = reference_run(getattr(dmlfast.reference, name), x_bf16, p, labels)
+    assert got[1].dtype == torch.bfloat16 and got[2].dtype == torch.float32
+    for a, b in zip(got, want):
+        assert relative_error(a.cpu(), b) <= 2e-2
+
+
+@pytest.mark.parametrize("name", ["proxy_anchor_loss", "proxy_nca_loss"])
+def test_cuda_float32_precisions(name):
+    """float32 at "highest" matches float64 to 1e-6 (loss) / 2e-6 (gradients); TF32 ("high") to 2e-2."""
+    gen = torch.Generator().manual_seed(12)
+    x, p = torch.randn(256, 512, generator=gen), torch.randn(20_000, 512, generator=gen)
+    labels = torch.randint(0, 20_000, (256,), generator=gen)
+    want = reference_run(getattr(dmlfast.reference, name), x, p, labels)
+    before = torch.get_float32_matmul_precision()
+    try:
+        for precision, tol in (("highest", 2e-6), ("high", 2e-2)):
+            torch.set_float32_matmul_precision(precision)
+            got = run(getattr(functional, name), x.cuda(), p.cuda(), labels.cuda(), {})
+            for a, b in zip(got, want):
+                assert relative_error(a.cpu(), b) <= tol, precision
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_cuda_value_checks_are_deferred_to_the_backward():
+    x = torch.randn(8, 4, device="cuda", requires_grad=True)
+    p = torch.randn(5, 4, device="cuda", requires_grad=True)
+    labels = torch.randint(0, 5, (8,), device="cuda")
+    loss = functional.proxy_anchor_loss(x, p, labels + 5)  # the forward does not read the flags
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 5\)"):
+        loss.backward()
+    assert x.grad is None and p.grad is None
+
+
+@pytest.mark.parametrize("loss_name", ["ProxyAnchorLoss", "ProxyNCALoss"])
+def test_cuda_graph_captures_forward_and_backward(loss_name):
+    """With value checks off nothing reads the device back: a whole step is captured and replayed."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(32, 64).cuda()
+    loss_fn = getattr(dmlfast, loss_name)(num_classes=3_000, embedding_size=64).cuda()
+    inputs = torch.randn(128, 32, device="cuda")
+    labels = torch.randint(0, 3_000, (128,), device="cuda")
+    params = [model.weight, model.bias, loss_fn.proxies]
+
+    def step():
+        loss = loss_fn(model(inputs), labels)
+        loss.backward()
+        return loss
+
+    with dmlfast.value_checks(False):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                for t in params:
+                    t.grad = None
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        for t in params:
+            t.grad = None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured_loss = step()
+        inputs.copy_(torch.randn(128, 32, device="cuda"))
+        labels.copy_(torch.randint(0, 3_000, (128,), device="cuda"))
+        graph.replay()
+        torch.cuda.synchronize()
+        replayed = [captured_loss.clone()] + [t.grad.clone() for t in params]
+    for t in params:  # the same step eagerly (no optimizer step: the parameters are unchanged)
+        t.grad = None
+    expected = [step().detach()] + [t.grad for t in params]
+    for a, b in zip(replayed, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

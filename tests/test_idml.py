@@ -114,7 +114,7 @@ def test_idml_fake_tensor_dtypes():
 
     with FakeTensorMode():
         x, v, p = torch.empty(5, 3, dtype=torch.bfloat16), torch.empty(5, 2, dtype=torch.float16), torch.empty(4, 3)
-        loss, grad_x, grad_v, grad_p = torch.ops.dmlfast.idml_proxy_anchor_loss(x, v, p, torch.zeros(5, dtype=torch.long), 0.1, 32.0)
+        loss, grad_x, grad_v, grad_p, flags = torch.ops.dmlfast.idml_proxy_anchor_loss(x, v, p, torch.zeros(5, dtype=torch.long), 0.1, 32.0)
     assert loss.shape == () and loss.dtype == torch.float32
     assert (grad_x.shape, grad_x.dtype) == ((5, 3), torch.bfloat16)
     assert (grad_v.shape, grad_v.dtype) == ((5, 2), torch.float16)

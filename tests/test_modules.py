@@ -75,8 +75,10 @@ def test_proxy_anchor_equals_pytorch_metric_learning():
     theirs_loss = theirs(x, labels)
     theirs_grads = torch.autograd.grad(theirs_loss, (x, theirs.proxies))
     torch.testing.assert_close(ours_loss, theirs_loss, rtol=1e-5, atol=1e-6)
+    # Two float32 computations of one function: each lies up to ~3e-7 from the float64 value here
+    # (the fused op forms dL/dp as G'^T X_hat - kappa p, PML through autograd's projection).
     for a, b in zip(ours_grads, theirs_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=6e-7)
 
 
 def test_proxy_nca_scale_is_twice_pml_softmax_scale():

@@ -43,8 +43,9 @@ def test_fake_tensor_shapes_and_dtypes(name):
         x = torch.empty(5, 3, dtype=torch.bfloat16)
         p = torch.empty(4, 3)
         labels = torch.zeros(5, dtype=torch.long)
-        loss, grad_x, grad_p = op(x, p, labels, *scalars)
+        loss, grad_x, grad_p, flags = op(x, p, labels, *scalars)
     assert loss.shape == () and loss.dtype == torch.float32
+    assert flags.shape == (4,) and flags.dtype == torch.int32
     assert grad_x.shape == (5, 3) and grad_x.dtype == torch.bfloat16
     assert grad_p.shape == (4, 3) and grad_p.dtype == torch.float32
 

@@ -1,0 +1,277 @@
+// Softmax family: ProxyNCA, ProxyNCA++, Norm-SoftMax (docs/losses.md §2, §7.3).
+//
+// Two passes over tiles of proxies: pass 1 reduces each row's log-sum-exp (SoftmaxSlices, then
+// a fixed-order merge tree, then SoftmaxRowUpdate), logit sum and target logit; pass 2 writes G'
+// tile by tile from the row LSE (SoftmaxGrad) and runs the GEMMs. Unsharded, one call runs both,
+// reusing pass 1's tiles of S when they fit a budget. Sharded across processes, each pass is its
+// own op, so that the row statistics can be reduced across shards in between (a distributed
+// log-sum-exp, as in class-sharded softmax training).
+#include <ATen/ATen.h>
+
+#include <limits>
+#include <vector>
+
+#include "fused_losses.h"
+#include "tiles.h"
+
+namespace dmlfast {
+namespace {
+
+// Bytes of pass-1 tiles of S that pass 2 reuses instead of recomputing them. Beyond this budget
+// the tiles are recomputed (a fourth GEMM), so memory stays bounded for any number of classes.
+constexpr int64_t kSoftmaxReuseBytes = int64_t{64} << 20;
+
+// Per-row statistics of pass 1, rows of one [4, B] float64 buffer: the denominator's running max
+// and sum of e^{z - max} (sum 0 while no logit entered), the sum of all logits z_bc and the target
+// logit z_{b, y_b} (0 where the target is not among these proxies).
+struct SoftmaxRows {
+  at::Tensor stats;  // [4, B] float64
+  SoftmaxRowState state(bool with_logit_sum) const {
+    double* base = stats.data_ptr<double>();
+    const int64_t B = stats.size(1);
+    return {base, base + B, with_logit_sum ? base + 2 * B : nullptr, base + 3 * B};
+  }
+};
+
+SoftmaxRows empty_softmax_rows(const at::Tensor& x) {
+  return {at::zeros({4, x.size(0)}, x.options().dtype(at::kDouble))};
+}
+
+// One softmax-family call: its checked inputs, how its proxies are tiled, and the two passes.
+template <typename T>
+class SoftmaxTiles {
+ public:
+  SoftmaxTiles(const at::Tensor& x_in, const at::Tensor& p_in, const at::Tensor& labels_in, const ClassShard& shard,
+               double scale, bool exclude_positive, CheckMode mode, const char* op)
+      : op_(op),
+        x_in_(x_in),
+        p_in_(p_in),
+        labels_in_(labels_in),
+        acc_(c10::CppTypeToScalarType<T>::value),
+        acc_options_(x_in.options().dtype(acc_)),
+        x_(kernel_embeddings(x_in, acc_)),
+        p_(kernel_proxies(p_in, acc_)),
+        labels_(labels_in.contiguous()),
+        plan_(plan_tiles(x_, p_.size(0), acc_, Family::kSoftmax)),
+        checks_(x_, mode),
+        shard_label_(shard_labels(labels_, shard)),
+        shard_(shard),
+        emb_(embedding_rows(plan_, x_, labels_, shard.total, acc_, /*raw=*/false, checks_.device_flags())),
+        proxy_space_(plan_, p_, acc_),
+        scale_(scale),
+        exclude_positive_(exclude_positive) {}
+
+  int64_t batch() const { return x_.size(0); }
+  int64_t local_classes() const { return p_.size(0); }
+  int64_t tiles() const { return blocks_for(local_classes(), plan_.tile_columns); }
+
+  // Whether pass 1's tiles of S fit the reuse budget (otherwise pass 2 recomputes them).
+  bool tiles_fit() const {
+    return local_classes() * batch() * static_cast<int64_t>(sizeof(T)) <=
+           std::max(kSoftmaxReuseBytes, plan_.tile_columns * batch() * static_cast<int64_t>(sizeof(T)));
+  }
+
+  // Pass 1: merges every row's statistics over these proxies into `rows` (logit sums only when
+  // `with_logit_sum`). With `keep`, each tile's S stays in the returned buffer for pass 2.
+  at::Tensor row_pass(const SoftmaxRows& rows, bool with_logit_sum, bool keep) {
+    const int64_t B = batch(), C = local_classes(), tile = plan_.tile_columns;
+    const at::Tensor sims = at::empty({(keep ? tiles() : 1) * B * tile}, acc_options_);
+    const int64_t max_slices = plan_.slice_columns == 0 ? 1 : blocks_for(tile, plan_.slice_columns);
+    // Partials of the merge tree's levels, ping-ponged between two buffers of 3 arrays each.
+    const at::Tensor level_max = at::empty({2, B * max_slices}, acc_options_);
+    const at::Tensor level_sums = at::empty({2, 2, B * max_slices}, acc_options_.dtype(at::kDouble));
+    auto partials = [&](int level) {
+      return SoftmaxPartials<T>{data_as<T>(level_max[level]), level_sums[level][0].data_ptr<double>(),
+                                level_sums[level][1].data_ptr<double>()};
+    };
+    const SoftmaxRowState state = rows.state(with_logit_sum);
+    for (int64_t first = 0, index = 0; first < C; first += tile, ++index) {
+      const int64_t cols = std::min(tile, C - first);
+      const ProxyTile pt = proxy_tile(proxy_space_, p_, first, cols, acc_, checks_.device_flags());
+      const at::Tensor sim = similarity(sims, keep ? index : 0, pt);
+      const int64_t slices = plan_.slice_columns == 0 ? 1 : blocks_for(cols, plan_.slice_columns);
+      int level = 0;
+      launch(x_, B * slices, SoftmaxSlices<T>{tile_args(sim, pt), slices, partials(level), state.target_logit});
+      int64_t count = slices;
+      while (count > plan_.merge_fan_in) {
+        const int64_t next = blocks_for(count, plan_.merge_fan_in);
+        launch(x_, B * next, SoftmaxMerge<T>{partials(level), B, count, plan_.merge_fan_in, partials(1 - level)});
+        level = 1 - level;
+        count = next;
+      }
+      launch(x_, B, SoftmaxRowUpdate<T>{partials(level), B, count, state});
+    }
+    return keep ? sims : at::Tensor();
+  }
+
+  // Pass 2 from complete row statistics: the loss, and G' tile by tile (from pass 1's `kept`
+  // tiles, or recomputed when undefined) into dL/dx and dL/dp.
+  LossAndGrads loss_and_grads(const SoftmaxRows& rows, double smoothing, const at::Tensor& kept) {
+    const int64_t B = batch(), D = x_.size(1), C = local_classes(), tile = plan_.tile_columns;
+    const int64_t total = shard_.total;
+    const double other_weight = total > 1 ? smoothing / static_cast<double>(total - 1) : 0.0;
+    const double* stats = rows.stats.const_data_ptr<double>();
+    at::Tensor loss = at::empty({}, acc_options_);
+    const at::Tensor row_lse = at::empty({B}, acc_options_);
+    launch(x_, B,
+           SoftmaxLoss<T>{stats, stats + B, smoothing > 0 ? stats + 2 * B : nullptr, stats + 3 * B, B,
+                          1.0 - smoothing, other_weight, data_as<T>(row_lse), data_as<T>(loss)});
+    const at::Tensor grad_unit = at::zeros({B, D}, acc_options_);
+    at::Tensor grad_p = at::empty_like(p_);
+    const at::Tensor sims = kept.defined() ? kept : at::empty({B * tile}, acc_options_);
+    const bool low_precision = plan_.gemm_dtype != acc_;
+    const at::Tensor grad_buffer = low_precision ? at::empty({B * tile}, x_.options().dtype(plan_.gemm_dtype)) : at::Tensor();
+    const at::Tensor scratch = low_precision ? at::empty({B, D}, acc_options_) : at::Tensor();
+    const at::Tensor cos_partial = at::empty({plan_.groups * tile}, acc_options_);
+    for (int64_t first = 0, index = 0; first < C; first += tile, ++index) {
+      const int64_t cols = std::min(tile, C - first);
+      const ProxyTile pt = proxy_tile(proxy_space_, p_, first, cols, acc_, checks_.device_flags());
+      const at::Tensor sim = kept.defined() ? prefix(sims.narrow(0, index * B * tile, B * cols), B, cols)
+                                            : similarity(sims, 0, pt);
+      const at::Tensor grad_tile = low_precision ? prefix(grad_buffer, B, cols) : sim;
+      with_tile_type<T>(plan_.gemm_dtype, [&](auto tile_zero) {
+        using O = decltype(tile_zero);
+        launch(x_, plan_.groups * cols,
+               SoftmaxGrad<T, O>{tile_args(sim, pt), plan_.rows_per_group, const_data_as<T>(row_lse),
+                                 T(1.0 - smoothing), T(other_weight), T(scale_ / static_cast<double>(B)),
+                                 view_of<O>(grad_tile), data_as<T>(cos_partial)});
+      });
+      launch(x_, cols,
+             ColumnSum<T>{const_data_as<T>(cos_partial), plan_.groups, cols, const_data_as<T>(pt.inv_norm),
+                          data_as<T>(pt.kappa)});
+      gemm(plan_, grad_tile, pt.gemm, grad_unit, /*accumulate=*/true, scratch);
+      proxy_gradient(plan_, proxy_space_, pt, grad_tile.t(), emb_.gemm, grad_p);
+    }
+    const at::Tensor grad_x = embeddings_backward(grad_unit, emb_, x_in_);
+    return {loss, grad_x, grad_p.to(p_in_.scalar_type()), finish_checks()};
+  }
+
+  at::Tensor finish_checks() const { return checks_.finish({op_, x_in_, p_in_, labels_in_, at::Tensor(), shard_.total}); }
+
+ private:
+  // S of one tile, by the GEMM, in tile `index` of `sims`.
+  at::Tensor similarity(const at::Tensor& sims, int64_t index, const ProxyTile& pt) const {
+    const int64_t B = batch(), tile = plan_.tile_columns;
+    const at::Tensor sim = prefix(sims.narrow(0, index * B * tile, B * pt.cols), B, pt.cols);
+    gemm(plan_, emb_.gemm, pt.gemm.t(), sim, /*accumulate=*/false, at::Tensor());
+    return sim;
+  }
+
+  SoftmaxTile<T> tile_args(const at::Tensor& sim, const ProxyTile& pt) const {
+    return SoftmaxTile<T>{view_of<T>(sim), shard_label_.kernel.template const_data_ptr<int64_t>(), batch(), pt.cols,
+                          pt.first, const_data_as<T>(pt.inv_norm), T(scale_), exclude_positive_};
+  }
+
+  const char* op_;
+  const at::Tensor& x_in_;
+  const at::Tensor& p_in_;
+  const at::Tensor& labels_in_;
+  at::ScalarType acc_;
+  at::TensorOptions acc_options_;
+  at::Tensor x_, p_, labels_;
+  TilePlan plan_;
+  ValueChecks checks_;
+  ShardLabels shard_label_;
+  ClassShard shard_;
+  Embeddings emb_;
+  ProxyTileSpace proxy_space_;
+  double scale_;
+  bool exclude_positive_;
+};
+
+template <typename T>
+LossAndGrads proxy_softmax_impl(const at::Tensor& x, const at::Tensor& p, const at::Tensor& labels, double scale,
+                                double smoothing, bool exclude_positive, CheckMode mode) {
+  const int64_t C = p.size(0);
+  SoftmaxTiles<T> tiles(x, p, labels, ClassShard{0, C, C}, scale, exclude_positive, mode, "proxy_nca_loss");
+  const SoftmaxRows rows = empty_softmax_rows(x);
+  const at::Tensor kept = tiles.row_pass(rows, /*with_logit_sum=*/smoothing > 0, tiles.tiles_fit());
+  return tiles.loss_and_grads(rows, smoothing, kept);
+}
+
+// Sharded pass 1: [4, B] float64 rows (max, sum of e^{z - max}, logit sum, target logit) over
+// this shard's proxies, with max = -inf where the shard holds no denominator logit of the row.
+template <typename T>
+at::Tensor softmax_shard_stats_impl(const at::Tensor& x, const at::Tensor& p, const at::Tensor& labels, double scale,
+                                    bool exclude_positive, const ClassShard& shard, CheckMode mode) {
+  SoftmaxTiles<T> tiles(x, p, labels, shard, scale, exclude_positive, mode, "proxy_nca_shard_row_stats");
+  const SoftmaxRows rows = empty_softmax_rows(x);
+  tiles.row_pass(rows, /*with_logit_sum=*/true, /*keep=*/false);
+  tiles.finish_checks();
+  const at::Tensor stats = rows.stats;
+  const at::Tensor max = at::where(stats[1] > 0, stats[0], -std::numeric_limits<double>::infinity());
+  return at::stack({max, stats[1], stats[2], stats[3]});
+}
+
+// Sharded pass 2: the loss from the rows reduced over all shards, and this shard's gradients.
+template <typename T>
+LossAndGrads softmax_shard_grads_impl(const at::Tensor& x, const at::Tensor& p, const at::Tensor& labels,
+                                      const at::Tensor& row_stats, double scale, double smoothing,
+                                      bool exclude_positive, const ClassShard& shard, CheckMode mode) {
+  SoftmaxTiles<T> tiles(x, p, labels, shard, scale, exclude_positive, mode, "proxy_nca_shard_loss_and_grads");
+  return tiles.loss_and_grads(SoftmaxRows{row_stats}, smoothing, at::Tensor());
+}
+
+// The softmax family's hyperparameter checks, against the number of classes of all shards.
+void check_softmax_params(double scale, double smoothing, bool exclude_positive, int64_t num_classes, const char* op) {
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, op, ": scale must be a finite number > 0, got ", scale);
+  TORCH_CHECK_VALUE(smoothing >= 0 && smoothing < 1, op, ": smoothing must be in [0, 1), got ", smoothing);
+  TORCH_CHECK_VALUE(!(exclude_positive && smoothing > 0), op,
+                    ": smoothing is defined for the softmax over all proxies; "
+                    "use smoothing=0 with exclude_positive=True");
+  TORCH_CHECK_VALUE(!(exclude_positive && num_classes < 2), op,
+                    ": exclude_positive=True needs at least 2 proxies "
+                    "(the denominator sums over the other classes), got ",
+                    num_classes);
+  TORCH_CHECK_VALUE(!(smoothing > 0 && num_classes < 2), op, ": label smoothing needs at least 2 proxies, got ",
+                    num_classes);
+}
+
+}  // namespace
+
+LossAndGrads proxy_nca_loss(const at::Tensor& embeddings, const at::Tensor& proxies, const at::Tensor& labels,
+                            double scale, double smoothing, bool exclude_positive, int64_t value_checks) {
+  const char* op = "proxy_nca_loss";
+  check_metadata(embeddings, proxies, labels, op);
+  const CheckMode mode = check_mode(value_checks, op);
+  check_softmax_params(scale, smoothing, exclude_positive, proxies.size(0), op);
+  return run_accumulating(embeddings, has_float64(embeddings, proxies), [&](auto zero) {
+    return proxy_softmax_impl<decltype(zero)>(embeddings, proxies, labels, scale, smoothing, exclude_positive, mode);
+  });
+}
+
+at::Tensor proxy_nca_shard_row_stats(const at::Tensor& embeddings, const at::Tensor& proxies, const at::Tensor& labels,
+                                     double scale, bool exclude_positive, int64_t class_offset, int64_t num_classes,
+                                     int64_t value_checks) {
+  const char* op = "proxy_nca_shard_row_stats";
+  check_metadata(embeddings, proxies, labels, op);
+  const ClassShard shard = class_shard(proxies, class_offset, num_classes, op);
+  const CheckMode mode = check_mode(value_checks, op);
+  TORCH_CHECK_VALUE(mode != CheckMode::kDeferred, op,
+                    ": value_checks must be 0 or 1 (the second pass checks the same inputs), got 2");
+  check_softmax_params(scale, 0.0, exclude_positive, shard.total, op);
+  return run_accumulating(embeddings, has_float64(embeddings, proxies), [&](auto zero) {
+    return softmax_shard_stats_impl<decltype(zero)>(embeddings, proxies, labels, scale, exclude_positive, shard, mode);
+  });
+}
+
+LossAndGrads proxy_nca_shard_loss_and_grads(const at::Tensor& embeddings, const at::Tensor& proxies,
+                                            const at::Tensor& labels, const at::Tensor& row_stats, double scale,
+                                            double smoothing, bool exclude_positive, int64_t class_offset,
+                                            int64_t num_classes, int64_t value_checks) {
+  const char* op = "proxy_nca_shard_loss_and_grads";
+  check_metadata(embeddings, proxies, labels, op);
+  const ClassShard shard = class_shard(proxies, class_offset, num_classes, op);
+  const CheckMode mode = check_mode(value_checks, op);
+  check_softmax_params(scale, smoothing, exclude_positive, shard.total, op);
+  TORCH_CHECK_VALUE(row_stats.scalar_type() == at::kDouble && row_stats.dim() == 2 && row_stats.size(0) == 4 &&
+                        row_stats.size(1) == embeddings.size(0) && row_stats.device() == embeddings.device(),
+                    op, ": row_stats must be a float64 tensor of shape (4, ", embeddings.size(0), ") on ",
+                    embeddings.device(), " (the reduced proxy_nca_shard_row_stats), got a ", describe(row_stats));
+  return run_accumulating(embeddings, has_float64(embeddings, proxies), [&](auto zero) {
+    return softmax_shard_grads_impl<decltype(zero)>(embeddings, proxies, labels, row_stats.contiguous(), scale,
+                                                    smoothing, exclude_positive, shard, mode);
+  });
+}
+
+}  // namespace dmlfast
