@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from dmlfast.checks import InputError
 
 from .bn_inception import BNInception
 
@@ -50,7 +52,7 @@ BN_INCEPTION_WEIGHTS_HINT = ("BN-Inception's ImageNet weights are not in torchvi
 _CLASSIFIER_PREFIXES = ("fc.", "last_linear.", "aux1.", "aux2.", "classifier.")
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(InputError, RuntimeError):
     """Pretrained weights were asked for and cannot be had (offline, no cache, bad file)."""
 
 

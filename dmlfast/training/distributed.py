@@ -25,10 +25,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dmlfast.checks import InputError
+
 ENV_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
 
 
-class DistributedSetupError(ValueError):
+class DistributedSetupError(InputError, ValueError):
     """The torchrun environment or the requested device cannot run a distributed training."""
 
 
