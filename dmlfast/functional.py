@@ -7,62 +7,10 @@ float64 for float64 inputs; gradients in each input's dtype); labels (B,) int64 
 Bad input raises ValueError/TypeError naming the argument; NaN/Inf inputs are an error, never a
 NaN loss.
 """
-import math
-import numbers
-
 import torch
 
 from . import _ops  # noqa: F401  (loads the kernels and registers autograd/fake/autocast)
-
-
-def _require_tensors(op, **tensors):
-    for name, value in tensors.items():
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
-    devices = {name: value.device for name, value in tensors.items()}
-    if len(set(devices.values())) > 1:
-        *others, last = devices
-        listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
-        raise ValueError(f"{op}: {', '.join(others)} and {last} must be on one device, got {listed}")
-
-
-def _require_number(op, name, value, *, low=-math.inf, low_inclusive=True, high=math.inf, high_inclusive=False):
-    """``value`` as a float after checking it is a real number in range.
-
-    While torch.compile traces, hyperparameters may be symbolic floats; they are passed through
-    unchecked there, since the compiled op checks the same ranges again when it runs.
-    """
-    if torch.compiler.is_compiling():
-        return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    above_low = value >= low if low_inclusive else value > low
-    below_high = value <= high if high_inclusive else value < high
-    if not (math.isfinite(value) and above_low and below_high):
-        if high < math.inf:
-            bound = f"in {'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
-        elif low > -math.inf:
-            bound = f"{'>=' if low_inclusive else '>'} {low}"
-        else:
-            bound = "finite"
-        raise ValueError(f"{op}: {name} must be {bound}, got {value}")
-    return value
-
-
-def _anchor_hyperparameters(op, margin, alpha):
-    """``(margin, alpha)`` checked for the anchor family: margin finite, alpha > 0."""
-    return _require_number(op, "margin", margin), _require_number(op, "alpha", alpha, low=0.0, low_inclusive=False)
-
-
-def _softmax_hyperparameters(op, scale, smoothing, exclude_positive):
-    """``(scale, smoothing, exclude_positive)`` checked for the softmax family: scale > 0,
-    smoothing in [0, 1), exclude_positive a bool."""
-    scale = _require_number(op, "scale", scale, low=0.0, low_inclusive=False)
-    smoothing = _require_number(op, "smoothing", smoothing, low=0.0, high=1.0)
-    if not isinstance(exclude_positive, bool):
-        raise TypeError(f"{op}: exclude_positive must be a bool, got {type(exclude_positive).__name__}")
-    return scale, smoothing, exclude_positive
+from .checks import anchor_hyperparameters, require_tensors, softmax_hyperparameters
 
 
 def proxy_anchor_loss(embeddings, proxies, labels, margin=0.1, alpha=32.0):
@@ -73,8 +21,8 @@ def proxy_anchor_loss(embeddings, proxies, labels, margin=0.1, alpha=32.0):
     with δ = ``margin``, α = ``alpha`` and P⁺ the proxies with a positive in the batch.
     """
     op = "proxy_anchor_loss"
-    _require_tensors(op, embeddings=embeddings, proxies=proxies, labels=labels)
-    margin, alpha = _anchor_hyperparameters(op, margin, alpha)
+    require_tensors(op, embeddings=embeddings, proxies=proxies, labels=labels)
+    margin, alpha = anchor_hyperparameters(op, margin, alpha)
     return torch.ops.dmlfast.proxy_anchor_loss(embeddings, proxies, labels, margin, alpha)[0]
 
 
@@ -87,8 +35,8 @@ def proxy_nca_loss(embeddings, proxies, labels, scale=18.0, smoothing=0.0, exclu
     Scales: dichotomies' s_x = s_p = 3 is 18; pytorch-metric-learning's softmax_scale s is 2s.
     """
     op = "proxy_nca_loss"
-    _require_tensors(op, embeddings=embeddings, proxies=proxies, labels=labels)
-    scale, smoothing, exclude_positive = _softmax_hyperparameters(op, scale, smoothing, exclude_positive)
+    require_tensors(op, embeddings=embeddings, proxies=proxies, labels=labels)
+    scale, smoothing, exclude_positive = softmax_hyperparameters(op, scale, smoothing, exclude_positive)
     return torch.ops.dmlfast.proxy_nca_loss(embeddings, proxies, labels, scale, smoothing, exclude_positive)[0]
 
 
@@ -122,7 +70,7 @@ def proxy_isa_loss(
     which changes nothing for the unit-norm embeddings the published model emits.
     """
     op = "proxy_isa_loss"
-    _require_tensors(op, embeddings=embeddings, proxies=proxies, labels=labels)
+    require_tensors(op, embeddings=embeddings, proxies=proxies, labels=labels)
     vectors = {
         "class_center": class_center,
         "class_threshold": class_threshold,
@@ -138,7 +86,7 @@ def proxy_isa_loss(
             raise ValueError(f"{op}: {name} must be on {proxies.device}, got {value.device}")
     if not isinstance(filter_positives, bool):
         raise TypeError(f"{op}: filter_positives must be a bool, got {type(filter_positives).__name__}")
-    margin, alpha = _anchor_hyperparameters(op, margin, alpha)
+    margin, alpha = anchor_hyperparameters(op, margin, alpha)
     # The op accumulates in float64 when either input is float64 (float32 otherwise): hand it the
     # class vectors in that dtype, so none is rounded on the way.
     wide = torch.float64 in (embeddings.dtype, proxies.dtype)
@@ -161,6 +109,6 @@ def idml_proxy_anchor_loss(embeddings, uncertainty, proxies, labels, margin=0.1,
     :class:`dmlfast.losses.IntrospectiveProxyAnchorLoss`).
     """
     op = "idml_proxy_anchor_loss"
-    _require_tensors(op, embeddings=embeddings, uncertainty=uncertainty, proxies=proxies, labels=labels)
-    margin, alpha = _anchor_hyperparameters(op, margin, alpha)
+    require_tensors(op, embeddings=embeddings, uncertainty=uncertainty, proxies=proxies, labels=labels)
+    margin, alpha = anchor_hyperparameters(op, margin, alpha)
     return torch.ops.dmlfast.idml_proxy_anchor_loss(embeddings, uncertainty, proxies, labels, margin, alpha)[0]

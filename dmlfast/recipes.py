@@ -15,7 +15,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
-LOSSES = ("ProxyAnchor", "ProxyNCA", "NormSoftmax", "ProxyISA", "Moving", "IDML")
+from dmlfast.losses import LOSSES as _LOSS_CLASSES
+
+#: The loss names of :data:`dmlfast.losses.LOSSES`, the registry.
+LOSSES = tuple(_LOSS_CLASSES)
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
 

@@ -27,29 +27,21 @@ Synthesis are not sharded. Without an initialized process group the modules run 
 """
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import functional
 from . import _ops  # noqa: F401  (loads the kernels and registers autograd/fake/autocast)
-
-
-def _require_int(owner, name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+from .checks import anchor_hyperparameters, require_int, softmax_hyperparameters
+from .losses import LOSSES, IntrospectiveProxyAnchorLoss, NormSoftmaxLoss, ProxyAnchorLoss, ProxyNCALoss
 
 
 def shard_range(num_classes, rank, world_size):
     """``(first class, count)`` of ``rank``'s shard of ``num_classes`` over ``world_size`` ranks:
     contiguous blocks, the first ``num_classes % world_size`` ranks holding one class more."""
-    num_classes = _require_int("shard_range", "num_classes", num_classes, 1)
-    world_size = _require_int("shard_range", "world_size", world_size, 1)
-    rank = _require_int("shard_range", "rank", rank, 0)
+    num_classes = require_int("shard_range", "num_classes", num_classes)
+    world_size = require_int("shard_range", "world_size", world_size)
+    rank = require_int("shard_range", "rank", rank, minimum=0)
     if rank >= world_size:
         raise ValueError(f"shard_range: rank must be in [0, {world_size}), got {rank}")
     base, extra = divmod(num_classes, world_size)
@@ -125,11 +117,14 @@ def allreduce_sum_hook(process_group, bucket):
 class _ShardedProxyLoss(nn.Module):
     """Holds this rank's proxy rows ``proxies`` ((count, embedding_size), float32) of ``num_classes``."""
 
+    #: The loss of :mod:`dmlfast.losses` this one shards: its math, hyperparameters and initial proxies.
+    unsharded = None
+
     def __init__(self, num_classes, embedding_size, group=None):
         super().__init__()
         owner = type(self).__name__
-        num_classes = _require_int(owner, "num_classes", num_classes, 1)
-        embedding_size = _require_int(owner, "embedding_size", embedding_size, 1)
+        num_classes = require_int(owner, "num_classes", num_classes)
+        embedding_size = require_int(owner, "embedding_size", embedding_size)
         self.group = group
         self.rank, self.world_size = group_rank_and_size(group)
         if num_classes < self.world_size:
@@ -144,15 +139,11 @@ class _ShardedProxyLoss(nn.Module):
         return self.proxies.shape[1]
 
     def reset_parameters(self):
-        """Draw this shard's initial proxies (``_initial_proxies``) from a CPU generator seeded by
-        torch's seed and the class offset: shards differ, and a run is reproducible for a given
-        world size."""
+        """Draw this shard's rows of the unsharded loss's initial proxies (its ``init_proxies_`` on the
+        slice) from a CPU generator seeded by torch's seed and the class offset: shards differ, and a
+        run is reproducible for a given world size."""
         generator = torch.Generator().manual_seed((torch.initial_seed() + 1_000_003 * self.class_offset) % 2**63)
-        with torch.no_grad():
-            self.proxies.copy_(self._initial_proxies(tuple(self.proxies.shape), generator))
-
-    def _initial_proxies(self, shape, generator):
-        raise NotImplementedError
+        self.unsharded.init_proxies_(self.proxies, self.num_classes, generator)
 
     def load_full_proxies(self, proxies):
         """Copy this rank's rows of the full ``proxies`` table ((num_classes, embedding_size)) in."""
@@ -190,21 +181,19 @@ class _ShardedProxyLoss(nn.Module):
 
 
 class _ShardedAnchorLoss(_ShardedProxyLoss):
-    """The anchor family's margin δ and scale α; initial proxies N(0, 2/num_classes), Proxy-Anchor's
-    kaiming_normal_(mode='fan_out')."""
+    """The anchor family's margin δ and scale α."""
 
     def __init__(self, num_classes, embedding_size, margin=0.1, alpha=32.0, group=None):
         super().__init__(num_classes, embedding_size, group)
-        self.margin, self.alpha = functional._anchor_hyperparameters(type(self).__name__, margin, alpha)
+        self.margin, self.alpha = anchor_hyperparameters(type(self).__name__, margin, alpha)
         self.reset_parameters()
-
-    def _initial_proxies(self, shape, generator):
-        return torch.randn(shape, generator=generator) * math.sqrt(2.0 / self.num_classes)
 
 
 class ShardedProxyAnchorLoss(_ShardedAnchorLoss):
     """Proxy-Anchor (:func:`dmlfast.functional.proxy_anchor_loss`) with class-sharded proxies:
     ``forward(embeddings, labels)`` on this rank's batch returns the loss of the global batch."""
+
+    unsharded = ProxyAnchorLoss
 
     def forward(self, embeddings, labels):
         x, y = self._gather(embeddings, labels)
@@ -216,6 +205,8 @@ class ShardedProxyAnchorLoss(_ShardedAnchorLoss):
 class ShardedIntrospectiveProxyAnchorLoss(_ShardedAnchorLoss):
     """IDML's introspective Proxy-Anchor (:func:`dmlfast.functional.idml_proxy_anchor_loss`) with
     class-sharded proxies: ``forward(embeddings, uncertainty, labels)``."""
+
+    unsharded = IntrospectiveProxyAnchorLoss
 
     def forward(self, embeddings, uncertainty, labels):
         x, v, y = self._gather(embeddings, labels, uncertainty=uncertainty)
@@ -239,16 +230,15 @@ def reduce_softmax_row_stats(stats, group=None):
 
 class ShardedProxyNCALoss(_ShardedProxyLoss):
     """ProxyNCA / ProxyNCA++ (:func:`dmlfast.functional.proxy_nca_loss`) with class-sharded proxies
-    and a distributed log-sum-exp; initial proxies randn / 8 as :class:`dmlfast.ProxyNCALoss`."""
+    and a distributed log-sum-exp."""
+
+    unsharded = ProxyNCALoss
 
     def __init__(self, num_classes, embedding_size, scale=18.0, smoothing=0.0, exclude_positive=False, group=None):
         super().__init__(num_classes, embedding_size, group)
-        self.scale, self.smoothing, self.exclude_positive = functional._softmax_hyperparameters(
+        self.scale, self.smoothing, self.exclude_positive = softmax_hyperparameters(
             type(self).__name__, scale, smoothing, exclude_positive)
         self.reset_parameters()
-
-    def _initial_proxies(self, shape, generator):
-        return torch.randn(shape, generator=generator) / 8.0
 
     def forward(self, embeddings, labels):
         x, y = self._gather(embeddings, labels)
@@ -261,20 +251,19 @@ class ShardedProxyNCALoss(_ShardedProxyLoss):
 
 
 class ShardedNormSoftmaxLoss(ShardedProxyNCALoss):
-    """Norm-SoftMax (softmax cross-entropy on scale · cos) with class-sharded proxies; initial
-    proxies U(-1/√D, 1/√D), :class:`dmlfast.NormSoftmaxLoss`'s kaiming_uniform_(a=√5)."""
+    """Norm-SoftMax (softmax cross-entropy on scale · cos) with class-sharded proxies."""
+
+    unsharded = NormSoftmaxLoss
 
     def __init__(self, num_classes, embedding_size, scale=23.0, group=None):
         super().__init__(num_classes, embedding_size, scale=scale, group=group)
 
-    def _initial_proxies(self, shape, generator):
-        bound = 1.0 / math.sqrt(shape[1])
-        return torch.rand(shape, generator=generator) * (2 * bound) - bound
 
-
-#: The sharded loss of each trainer loss name (``python -m dmlfast.train --loss NAME --shard-proxies``).
-SHARDED_LOSSES = {"ProxyAnchor": ShardedProxyAnchorLoss, "ProxyNCA": ShardedProxyNCALoss,
-                  "NormSoftmax": ShardedNormSoftmaxLoss, "IDML": ShardedIntrospectiveProxyAnchorLoss}
+#: The sharded loss of each name of :data:`dmlfast.losses.LOSSES` that has one
+#: (``python -m dmlfast.train --loss NAME --shard-proxies``).
+SHARDED_LOSSES = {name: sharded for name, loss in LOSSES.items()
+                  for sharded in (ShardedProxyAnchorLoss, ShardedProxyNCALoss, ShardedNormSoftmaxLoss,
+                                  ShardedIntrospectiveProxyAnchorLoss) if sharded.unsharded is loss}
 
 
 def make_sharded_loss(name, num_classes, embedding_size, group=None, **loss_kwargs):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from dmlfast import data
-from dmlfast.checks import InputError
+from dmlfast.checks import InputError, one_of
 from dmlfast.training import distributed
 from dmlfast.training.checkpoint import CheckpointError, load_checkpoint
 from dmlfast.training.config import AMP_MODES, apply_dataset_arguments, dataset_options
@@ -171,27 +171,27 @@ def load_model(checkpoint: Path, device_name: Optional[str]):
 
 
 def make_loss(config: Dict[str, Any], num_classes: int):
-    """The loss module named by ``config['loss']`` with its proxies for ``num_classes`` classes."""
-    import dmlfast
+    """The loss module named by ``config['loss']`` (:data:`dmlfast.losses.LOSSES`) with its proxies
+    for ``num_classes`` classes: class-sharded with ``shard_proxies``, wrapped in Proxy Synthesis with
+    ``proxy_synthesis``."""
+    from dmlfast.losses import LOSSES, SYNTHESIS_LOSSES, ProxySynthesis
 
-    classes = {"ProxyAnchor": dmlfast.ProxyAnchorLoss, "ProxyNCA": dmlfast.ProxyNCALoss, "NormSoftmax": dmlfast.NormSoftmaxLoss,
-               "ProxyISA": dmlfast.ProxyISALoss, "Moving": dmlfast.MovingProxyLoss,
-               "IDML": dmlfast.IntrospectiveProxyAnchorLoss}
-    if config["loss"] not in classes:
-        raise InputError(f"unknown loss {config['loss']!r}; choose one of {', '.join(classes)}")
+    name = config["loss"]
+    if name not in LOSSES:
+        raise InputError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
     try:
         if config.get("shard_proxies"):
             from dmlfast.sharded import make_sharded_loss
 
-            return make_sharded_loss(config["loss"], num_classes, config["embedding_size"], **config["loss_kwargs"])
-        loss_fn = classes[config["loss"]](num_classes, config["embedding_size"], **config["loss_kwargs"])
+            return make_sharded_loss(name, num_classes, config["embedding_size"], **config["loss_kwargs"])
+        loss_fn = LOSSES[name](num_classes, config["embedding_size"], **config["loss_kwargs"])
     except (ValueError, TypeError) as error:
-        raise InputError(f"--loss {config['loss']}: {error}") from error
+        raise InputError(f"--loss {name}: {error}") from error
     if config["proxy_synthesis"] is not None:
-        if config["loss"] not in ("ProxyAnchor", "ProxyNCA", "NormSoftmax"):
-            raise InputError(f"--proxy-synthesis wraps ProxyAnchor, ProxyNCA or NormSoftmax, not {config['loss']}")
+        if name not in SYNTHESIS_LOSSES:
+            raise InputError(f"--proxy-synthesis wraps {one_of(SYNTHESIS_LOSSES)}, not {name}")
         alpha, mu = config["proxy_synthesis"]
-        loss_fn = dmlfast.ProxySynthesis(loss_fn, alpha=alpha, mu=mu)
+        loss_fn = ProxySynthesis(loss_fn, alpha=alpha, mu=mu)
     return loss_fn
 
 
