@@ -5,8 +5,8 @@ rank r of N holds classes ``[class_offset, class_offset + count)`` of :func:`sha
 shards allowed: the first C mod N ranks hold one more), so proxies and their Adam state take 1/N of
 the memory on each rank. Every forward:
 
-1. all-gathers the embeddings and labels of every rank (:func:`gather_rows`; its backward sums each
-   rank's gradient contributions back onto the rows it owns);
+1. all-gathers the embeddings and labels of every rank (:func:`dmlfast.collectives.gather_rows`;
+   its backward sums each rank's gradient contributions back onto the rows it owns);
 2. runs the fused op on (all embeddings × this rank's proxies) with the class offset and the
    global class count;
 3. anchor family (Proxy-Anchor, IDML): every term belongs to one proxy column, so the loss is the
@@ -18,7 +18,8 @@ the memory on each rank. Every forward:
 The returned loss is the loss of the whole global batch against all C proxies, the same value on
 every rank; its gradients (local proxies exact, own embeddings exact through the gather) equal the
 unsharded loss's. So the backbone's gradient is the *sum* over ranks of their contributions: with
-DDP, register :func:`allreduce_sum_hook` (DDP averages by default). Proxies are not DDP parameters.
+DDP, register :func:`allreduce_sum_hook` (:mod:`dmlfast.collectives`; DDP averages by default).
+Proxies are not DDP parameters.
 Communication per step: an all-gather of B·D embeddings (and B labels), its backward an all-reduce
 of B·D; the softmax family adds two all-reduces of B and 3·B float64.
 
@@ -33,7 +34,13 @@ from torch import nn
 
 from . import _ops  # noqa: F401  (loads the kernels and registers autograd/fake/autocast)
 from .checks import anchor_hyperparameters, require_int, softmax_hyperparameters
+from .collectives import allreduce_sum_hook, gather_rows, group_rank_and_size, sum_over_ranks
 from .losses import LOSSES, IntrospectiveProxyAnchorLoss, NormSoftmaxLoss, ProxyAnchorLoss, ProxyNCALoss
+
+__all__ = ["SHARDED_LOSSES", "ShardedIntrospectiveProxyAnchorLoss", "ShardedNormSoftmaxLoss", "ShardedProxyAnchorLoss",
+           "ShardedProxyNCALoss", "make_sharded_loss", "reduce_softmax_row_stats", "shard_range",
+           # from dmlfast.collectives, for a training loop of one's own:
+           "allreduce_sum_hook", "gather_rows", "group_rank_and_size"]
 
 
 def shard_range(num_classes, rank, world_size):
@@ -46,72 +53,6 @@ def shard_range(num_classes, rank, world_size):
         raise ValueError(f"shard_range: rank must be in [0, {world_size}), got {rank}")
     base, extra = divmod(num_classes, world_size)
     return rank * base + min(rank, extra), base + (1 if rank < extra else 0)
-
-
-def group_rank_and_size(group=None):
-    """``(rank, world size)`` in ``group``, or ``(0, 1)`` without an initialized process group."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
-class _GatherRows(torch.autograd.Function):
-    """All-gather along dim 0 (uneven row counts allowed); backward: the sum over ranks of the
-    gradient of the gathered tensor, restricted to this rank's rows."""
-
-    @staticmethod
-    def forward(ctx, tensor, group):
-        rank, world = group_rank_and_size(group)
-        count = torch.tensor([tensor.shape[0]], device=tensor.device)
-        counts = [torch.empty_like(count) for _ in range(world)]
-        dist.all_gather(counts, count, group=group)
-        counts = [int(c) for c in torch.cat(counts).tolist()]
-        longest = max(counts)
-        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
-        padded[: tensor.shape[0]] = tensor
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded.contiguous(), group=group)
-        ctx.group, ctx.counts, ctx.rank = group, counts, rank
-        return torch.cat([part[:n] for part, n in zip(parts, counts)])
-
-    @staticmethod
-    def backward(ctx, grad):
-        total = grad.contiguous().clone()
-        dist.all_reduce(total, group=ctx.group)
-        first = sum(ctx.counts[: ctx.rank])
-        return total[first:first + ctx.counts[ctx.rank]], None
-
-
-def gather_rows(tensor, group=None):
-    """``tensor`` of every rank of ``group`` concatenated along dim 0, in rank order (row counts
-    may differ). Differentiable: the gradient of each rank's rows is summed over the ranks that
-    used them. Without a process group (or with one rank) ``tensor`` itself."""
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"gather_rows: tensor must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dim() < 1:
-        raise ValueError("gather_rows: tensor must have at least one dimension (the rows to gather)")
-    if group_rank_and_size(group)[1] == 1:
-        return tensor
-    return _GatherRows.apply(tensor, group)
-
-
-def _sum_over_ranks(local_loss, group):
-    """The sum of every rank's ``local_loss`` as the value; its gradient reaches ``local_loss`` only
-    (each rank back-propagates its own share)."""
-    if group_rank_and_size(group)[1] == 1:
-        return local_loss
-    total = local_loss.detach().clone()
-    dist.all_reduce(total, group=group)
-    return local_loss + (total - local_loss.detach())
-
-
-def allreduce_sum_hook(process_group, bucket):
-    """A DDP communication hook that sums gradients over ranks instead of averaging them, for
-    backbones trained through a sharded loss (``ddp.register_comm_hook(None, allreduce_sum_hook)``):
-    each rank's backward holds only its own samples' share of the global-batch gradient."""
-    group = process_group if process_group is not None else dist.group.WORLD
-    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
-    return work.get_future().then(lambda future: future.value()[0])
 
 
 class _ShardedProxyLoss(nn.Module):
@@ -199,7 +140,7 @@ class ShardedProxyAnchorLoss(_ShardedAnchorLoss):
         x, y = self._gather(embeddings, labels)
         local = torch.ops.dmlfast.proxy_anchor_loss(x, self.proxies, y, self.margin, self.alpha, None, False,
                                                     self.class_offset, self.num_classes)[0]
-        return _sum_over_ranks(local, self.group)
+        return sum_over_ranks(local, self.group)
 
 
 class ShardedIntrospectiveProxyAnchorLoss(_ShardedAnchorLoss):
@@ -212,7 +153,7 @@ class ShardedIntrospectiveProxyAnchorLoss(_ShardedAnchorLoss):
         x, v, y = self._gather(embeddings, labels, uncertainty=uncertainty)
         local = torch.ops.dmlfast.idml_proxy_anchor_loss(x, v, self.proxies, y, self.margin, self.alpha,
                                                          self.class_offset, self.num_classes)[0]
-        return _sum_over_ranks(local, self.group)
+        return sum_over_ranks(local, self.group)
 
 
 def reduce_softmax_row_stats(stats, group=None):
