@@ -14,7 +14,7 @@ from .checks import anchor_hyperparameters, require_tensors, softmax_hyperparame
 
 
 def proxy_anchor_loss(embeddings, proxies, labels, margin=0.1, alpha=32.0):
-    """Proxy-Anchor loss (Kim et al., CVPR 2020; SPEC §1.1), on cosines S = x̂ p̂ᵀ:
+    """Proxy-Anchor loss (Kim et al., CVPR 2020; docs/losses.md §1.1), on cosines S = x̂ p̂ᵀ:
 
     L = 1/|P⁺| Σ_{c∈P⁺} log(1 + Σ_{b: y_b=c} e^{-α(S_bc-δ)}) + 1/C Σ_c log(1 + Σ_{b: y_b≠c} e^{α(S_bc+δ)})
 
@@ -27,7 +27,7 @@ def proxy_anchor_loss(embeddings, proxies, labels, margin=0.1, alpha=32.0):
 
 
 def proxy_nca_loss(embeddings, proxies, labels, scale=18.0, smoothing=0.0, exclude_positive=False):
-    """ProxyNCA / ProxyNCA++ / Norm-SoftMax loss (SPEC §2, §7.3) on logits z = scale · cos(x, p).
+    """ProxyNCA / ProxyNCA++ / Norm-SoftMax loss (docs/losses.md §2, §7.3) on logits z = scale · cos(x, p).
 
     Default: mean over the batch of the cross-entropy of softmax(z) against targets smoothed to
     1-ε on the label and ε/(C-1) elsewhere (ε = ``smoothing``). ``exclude_positive=True`` is the
@@ -52,7 +52,7 @@ def proxy_isa_loss(
     margin=0.1,
     alpha=32.0,
 ):
-    """Proxy-ISA loss (Li et al., MMAsia 2022; SPEC §3.1, §3.3), the fused Proxy-Anchor kernel with
+    """Proxy-ISA loss (Li et al., MMAsia 2022; docs/losses.md §3.1, §3.3), the fused Proxy-Anchor kernel with
     a multiplier M in every exponent: u = α M (δ - S) for positives, v = α M (S + δ) for negatives,
 
     L = Σ_c LSE0(u_{·c}) / W⁺ + Σ_c LSE0(v_{·c}) / W⁻,
@@ -95,7 +95,7 @@ def proxy_isa_loss(
 
 
 def idml_proxy_anchor_loss(embeddings, uncertainty, proxies, labels, margin=0.1, alpha=32.0):
-    """IDML's introspective Proxy-Anchor loss (Wang, Zheng et al., TPAMI 2023; SPEC §6): the
+    """IDML's introspective Proxy-Anchor loss (Wang, Zheng et al., TPAMI 2023; docs/losses.md §6): the
     Proxy-Anchor loss of :func:`proxy_anchor_loss` on the introspective similarity
 
     S'_bc = 1 - (1 - S_bc) · g_bc,   g_bc = exp(-(a_b + 4) / (5 d_bc)),

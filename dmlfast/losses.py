@@ -64,7 +64,7 @@ class _ProxyLoss(nn.Module):
 
 
 class ProxyAnchorLoss(_ProxyLoss):
-    """Proxy-Anchor (SPEC §1.1): see :func:`dmlfast.functional.proxy_anchor_loss`.
+    """Proxy-Anchor (docs/losses.md §1.1): see :func:`dmlfast.functional.proxy_anchor_loss`.
 
     Proxies are initialised as in the official code: kaiming_normal_(mode='fan_out'), i.e.
     N(0, 2/num_classes) per entry.
@@ -83,7 +83,7 @@ class ProxyAnchorLoss(_ProxyLoss):
 
 
 class ProxyNCALoss(_ProxyLoss):
-    """ProxyNCA / ProxyNCA++ (SPEC §2): see :func:`dmlfast.functional.proxy_nca_loss`.
+    """ProxyNCA / ProxyNCA++ (docs/losses.md §2): see :func:`dmlfast.functional.proxy_nca_loss`.
 
     Proxies are initialised randn / 8 as in the ProxyNCA and ProxyNCA++ reference code. The default
     scale 18 is ProxyNCA++'s (and dichotomies' s_x = s_p = 3).
@@ -108,7 +108,7 @@ class ProxyNCALoss(_ProxyLoss):
 
 
 class NormSoftmaxLoss(_ProxyLoss):
-    """Norm-SoftMax (SPEC §4.2): softmax cross-entropy on scale · cos(x, p) over all proxies.
+    """Norm-SoftMax (docs/losses.md §4.2): softmax cross-entropy on scale · cos(x, p) over all proxies.
 
     Proxies are initialised kaiming_uniform_(a=√5) as in the Proxy Synthesis code.
     """
@@ -128,7 +128,7 @@ class NormSoftmaxLoss(_ProxyLoss):
 
 
 class ProxyISALoss(_ProxyLoss):
-    """Proxy-ISA (Li et al., MMAsia 2022; SPEC §3): Proxy-Anchor whose exponents are scaled by
+    """Proxy-ISA (Li et al., MMAsia 2022; docs/losses.md §3): Proxy-Anchor whose exponents are scaled by
     per-pair multipliers M from a per-class schedule, computed inside the fused anchor kernel
     (:func:`dmlfast.functional.proxy_isa_loss`).
 
@@ -147,7 +147,7 @@ class ProxyISALoss(_ProxyLoss):
     Positives: M = 1 + w inside [θ, s̄], w outside (from ``filter_start_epoch`` on; M = 1 before);
     a positive below θ is an outlier and is neither counted nor stored. Negatives (always): M =
     1/max(1, n) below θ, else 1. Each training-mode forward updates the state after computing the
-    loss (mask from the old state → loss → store → count, SPEC §3.4); call :meth:`set_epoch` at
+    loss (mask from the old state → loss → store → count, docs/losses.md §3.4); call :meth:`set_epoch` at
     the start of every epoch. The state update has data-dependent shapes, so a training step with
     this loss compiles with graph breaks, not with fullgraph=True. The defaults are the loss class's (k = 1.0 there; the published
     train.py uses k = 0.9, Cars 0.4, In-shop 0.1); h = 0.15 and τ = 1.5 are not on its CLI.
@@ -204,7 +204,7 @@ class ProxyISALoss(_ProxyLoss):
 
     @torch.no_grad()
     def _update_state(self, embeddings, labels, threshold, filter_positives):
-        """After the loss: drop outliers, count the rest, store them, re-estimate s̄ (SPEC §3.4)."""
+        """After the loss: drop outliers, count the rest, store them, re-estimate s̄ (docs/losses.md §3.4)."""
         normalize = torch.nn.functional.normalize
         unit = normalize(embeddings.float(), dim=1)
         keep = torch.ones_like(labels, dtype=torch.bool)
@@ -238,7 +238,7 @@ class ProxyISALoss(_ProxyLoss):
 
 
 class IntrospectiveProxyAnchorLoss(_ProxyLoss):
-    """IDML's introspective Proxy-Anchor (Wang, Zheng et al., TPAMI 2023; SPEC §6):
+    """IDML's introspective Proxy-Anchor (Wang, Zheng et al., TPAMI 2023; docs/losses.md §6):
     :func:`dmlfast.functional.idml_proxy_anchor_loss`, i.e. Proxy-Anchor (α = ``alpha``,
     δ = ``margin``) on S'_bc = 1 - (1 - S_bc) · exp(-(‖v_b‖² + 4) / (5 ‖μ_b - p_c‖²)).
 
@@ -252,7 +252,8 @@ class IntrospectiveProxyAnchorLoss(_ProxyLoss):
     g = exp(-1/d) and the uncertainty head gets ~zero gradient: the loss is then Proxy-Anchor on
     S' = 1 - (1 - S) e^{-1/‖μ - p‖²}. The model head keeps that default
     (``normalize_uncertainty=True``, trainer flag ``--uncertainty-l2-norm on``); turn it off to let
-    ‖v‖ carry the uncertainty the paper describes. SPEC has not checked this against the paper.
+    ‖v‖ carry the uncertainty the paper describes. The paper's equation has not been checked
+    against the code (docs/losses.md §8).
     """
 
     def __init__(self, num_classes, embedding_size, margin=0.1, alpha=32.0):
@@ -272,14 +273,14 @@ SYNTHESIS_BASES = (ProxyAnchorLoss, ProxyNCALoss, NormSoftmaxLoss)
 
 
 class ProxySynthesis(nn.Module):
-    """Proxy Synthesis (Gu, Ko, Kim, AAAI 2021; SPEC §4) around a proxy loss module.
+    """Proxy Synthesis (Gu, Ko, Kim, AAAI 2021; docs/losses.md §4) around a proxy loss module.
 
     Per batch one λ ~ Beta(alpha, alpha) (drawn from torch's generator, so ``torch.manual_seed``
     makes runs reproducible); synthetic embeddings x̃_b = λ x̂_b + (1-λ) x̂_{b-1} (b-1 cyclic) and
     synthetic proxies p̃_b = λ p̂_{y_b} + (1-λ) p̂_{y_{b-1}}, one new class C + b each, of which the
     first ⌊mu·B⌋ are appended to the batch and to the proxies; the base loss (which re-normalizes)
     runs on the extended set, and gradients flow through the mixing into embeddings and proxies.
-    With Proxy-Anchor (no official code, SPEC §4.3) the normalizers simply count the synthetic
+    With Proxy-Anchor (no official code, docs/losses.md §4.3) the normalizers simply count the synthetic
     classes: |P⁺| + ⌊mu·B⌋ and C + ⌊mu·B⌋. ``mu = 0`` is the base loss. The published recipe uses
     alpha = 0.4, mu = 1.0; the proxies stay ``base_loss.proxies``.
     """
@@ -317,7 +318,7 @@ class ProxySynthesis(nn.Module):
 
 
 class MovingProxyLoss(nn.Module):
-    """Asymptotic ("moving") proxies (leftthomas/ProxyAnchor @4137a7d; SPEC §5).
+    """Asymptotic ("moving") proxies (leftthomas/ProxyAnchor @4137a7d; docs/losses.md §5).
 
     Cross-entropy of softmax(cos(x, w) / temperature) through the fused softmax kernel. The proxies
     are a buffer (randn init) that gets no gradient; after each optimizer step the trainer calls

@@ -20,7 +20,7 @@ pass a local file; the model never falls back to random weights silently.
 Head (``EmbeddingModel``): backbone feature map -> pooling (``"avg+max"``: global average + global
 max, summed; or ``"avg"``/``"max"``) -> optional LayerNorm without affine -> Linear (kaiming_normal
 fan_out, zero bias) -> L2-normalised embedding. ``freeze_bn=True`` keeps every BatchNorm in eval mode
-with its affine parameters frozen. ``uncertainty_head=True`` adds IDML's second Linear (SPEC §6) on
+with its affine parameters frozen. ``uncertainty_head=True`` adds IDML's second Linear (docs/losses.md §6) on
 the same pooled feature, read by ``forward_with_uncertainty``; ``forward`` (evaluation) returns the
 semantic embedding only.
 """
