@@ -101,8 +101,7 @@ def check_config(c: Dict[str, Any]) -> None:
     m = c["samples_per_class"]
     if m is not None and (m < 1 or c["batch_size"] % m):
         raise InputError(f"--samples-per-class must be >= 1 and divide --batch-size ({c['batch_size']}), got {m}")
-    if c["dataset"] != "glyphs" and c["data_root"] is None:
-        raise InputError(f"--dataset {c['dataset']} needs --data-root DIR, the folder holding it")
+    require_data_root(c)
     if c["data_root"] is not None and c["dataset"] != "glyphs" and not Path(c["data_root"]).is_dir():
         raise InputError(f"--data-root: no such folder: {c['data_root']}")
     check_dataset_options(c)
@@ -125,6 +124,12 @@ def check_shard_proxies(c: Dict[str, Any]) -> None:
     if c["proxy_synthesis"] is not None:
         raise InputError("--shard-proxies cannot be combined with --proxy-synthesis (its synthetic proxies mix rows of "
                          "every shard)")
+
+
+def require_data_root(c: Dict[str, Any]) -> None:
+    """``--data-root`` for every dataset but the built-in glyphs."""
+    if c["dataset"] != "glyphs" and c["data_root"] is None:
+        raise InputError(f"--dataset {c['dataset']} needs --data-root DIR, the folder holding it")
 
 
 def check_dataset_options(c: Dict[str, Any]) -> None:
@@ -163,8 +168,7 @@ def apply_dataset_arguments(config: dict, args) -> dict:
         config["data_list"] = str(args.list)
     if args.test_classes is not None:
         config["test_classes"] = args.test_classes
-    if config["dataset"] != "glyphs" and config["data_root"] is None:
-        raise InputError(f"--dataset {config['dataset']} needs --data-root DIR, the folder holding it")
+    require_data_root(config)
     check_dataset_options(config)
     return config
 
