@@ -8,80 +8,28 @@ Bad input raises ValueError/TypeError naming the argument; NaN/Inf inputs are an
 NaN loss (on CUDA raised by the backward when the loss is backpropagated; see
 :func:`dmlfast.set_value_checks`).
 """
-import math
-import numbers
-
 import torch
 
 from ._ops import value_check_mode  # (importing _ops loads the kernels and registers autograd/fake/autocast)
-
-
-def _require_tensors(op, **tensors):
-    for name, value in tensors.items():
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
-    devices = {name: value.device for name, value in tensors.items()}
-    if len(set(devices.values())) > 1:
-        *others, last = devices
-        listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
-        raise ValueError(f"{op}: {', '.join(others)} and {last} must be on one device, got {listed}")
-
-
-def _require_number(op, name, value, *, low=-math.inf, low_inclusive=True, high=math.inf, high_inclusive=False):
-    """``value`` as a float after checking it is a real number in range.
-
-    While torch.compile traces, hyperparameters may be symbolic floats; they are passed through
-    unchecked there, since the compiled op checks the same ranges again when it runs.
-    """
-    if torch.compiler.is_compiling():
-        return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    above_low = value >= low if low_inclusive else value > low
-    below_high = value <= high if high_inclusive else value < high
-    if not (math.isfinite(value) and above_low and below_high):
-        if high < math.inf:
-            bound = f"in {'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
-        elif low > -math.inf:
-            bound = f"{'>=' if low_inclusive else '>'} {low}"
-        else:
-            bound = "finite"
-        raise ValueError(f"{op}: {name} must be {bound}, got {value}")
-    return value
-
-
-def _anchor_hyperparameters(op, margin, alpha):
-    """``(margin, alpha)`` checked for the anchor family: margin finite, alpha > 0."""
-    return _require_number(op, "margin", margin), _require_number(op, "alpha", alpha, low=0.0, low_inclusive=False)
-
-
-def _softmax_hyperparameters(op, scale, smoothing, exclude_positive):
-    """``(scale, smoothing, exclude_positive)`` checked for the softmax family: scale > 0,
-    smoothing in [0, 1), exclude_positive a bool."""
-    scale = _require_number(op, "scale", scale, low=0.0, low_inclusive=False)
-    smoothing = _require_number(op, "smoothing", smoothing, low=0.0, high=1.0)
-    if not isinstance(exclude_positive, bool):
-        raise TypeError(f"{op}: exclude_positive must be a bool, got {type(exclude_positive).__name__}")
-    return scale, smoothing, exclude_positive
+from .checks import anchor_hyperparameters, require_tensors, softmax_hyperparameters
 
 
 def proxy_anchor_loss(embeddings, proxies, labels, margin=0.1, alpha=32.0):
-    """Proxy-Anchor loss (Kim et al., CVPR 2020; SPEC §1.1), on cosines S = x̂ p̂ᵀ:
+    """Proxy-Anchor loss (Kim et al., CVPR 2020; docs/losses.md §1.1), on cosines S = x̂ p̂ᵀ:
 
     L = 1/|P⁺| Σ_{c∈P⁺} log(1 + Σ_{b: y_b=c} e^{-α(S_bc-δ)}) + 1/C Σ_c log(1 + Σ_{b: y_b≠c} e^{α(S_bc+δ)})
 
     with δ = ``margin``, α = ``alpha`` and P⁺ the proxies with a positive in the batch.
     """
     op = "proxy_anchor_loss"
-    _require_tensors(op, embeddings=embeddings, proxies=proxies, labels=labels)
-    margin, alpha = _anchor_hyperparameters(op, margin, alpha)
+    require_tensors(op, embeddings=embeddings, proxies=proxies, labels=labels)
+    margin, alpha = anchor_hyperparameters(op, margin, alpha)
     checks = value_check_mode(embeddings, proxies)
     return torch.ops.dmlfast.proxy_anchor_loss(embeddings, proxies, labels, margin, alpha, value_checks=checks)[0]
 
 
 def proxy_nca_loss(embeddings, proxies, labels, scale=18.0, smoothing=0.0, exclude_positive=False):
-    """ProxyNCA / ProxyNCA++ / Norm-SoftMax loss (SPEC §2, §7.3) on logits z = scale · cos(x, p).
+    """ProxyNCA / ProxyNCA++ / Norm-SoftMax loss (docs/losses.md §2, §7.3) on logits z = scale · cos(x, p).
 
     Default: mean over the batch of the cross-entropy of softmax(z) against targets smoothed to
     1-ε on the label and ε/(C-1) elsewhere (ε = ``smoothing``). ``exclude_positive=True`` is the
@@ -89,8 +37,8 @@ def proxy_nca_loss(embeddings, proxies, labels, scale=18.0, smoothing=0.0, exclu
     Scales: dichotomies' s_x = s_p = 3 is 18; pytorch-metric-learning's softmax_scale s is 2s.
     """
     op = "proxy_nca_loss"
-    _require_tensors(op, embeddings=embeddings, proxies=proxies, labels=labels)
-    scale, smoothing, exclude_positive = _softmax_hyperparameters(op, scale, smoothing, exclude_positive)
+    require_tensors(op, embeddings=embeddings, proxies=proxies, labels=labels)
+    scale, smoothing, exclude_positive = softmax_hyperparameters(op, scale, smoothing, exclude_positive)
     checks = value_check_mode(embeddings, proxies)
     return torch.ops.dmlfast.proxy_nca_loss(embeddings, proxies, labels, scale, smoothing, exclude_positive,
                                             value_checks=checks)[0]
@@ -108,7 +56,7 @@ def proxy_isa_loss(
     margin=0.1,
     alpha=32.0,
 ):
-    """Proxy-ISA loss (Li et al., MMAsia 2022; SPEC §3.1, §3.3), the fused Proxy-Anchor kernel with
+    """Proxy-ISA loss (Li et al., MMAsia 2022; docs/losses.md §3.1, §3.3), the fused Proxy-Anchor kernel with
     a multiplier M in every exponent: u = α M (δ - S) for positives, v = α M (S + δ) for negatives,
 
     L = Σ_c LSE0(u_{·c}) / W⁺ + Σ_c LSE0(v_{·c}) / W⁻,
@@ -126,7 +74,7 @@ def proxy_isa_loss(
     which changes nothing for the unit-norm embeddings the published model emits.
     """
     op = "proxy_isa_loss"
-    _require_tensors(op, embeddings=embeddings, proxies=proxies, labels=labels)
+    require_tensors(op, embeddings=embeddings, proxies=proxies, labels=labels)
     vectors = {
         "class_center": class_center,
         "class_threshold": class_threshold,
@@ -142,7 +90,7 @@ def proxy_isa_loss(
             raise ValueError(f"{op}: {name} must be on {proxies.device}, got {value.device}")
     if not isinstance(filter_positives, bool):
         raise TypeError(f"{op}: filter_positives must be a bool, got {type(filter_positives).__name__}")
-    margin, alpha = _anchor_hyperparameters(op, margin, alpha)
+    margin, alpha = anchor_hyperparameters(op, margin, alpha)
     # The op accumulates in float64 when either input is float64 (float32 otherwise): hand it the
     # class vectors in that dtype, so none is rounded on the way.
     wide = torch.float64 in (embeddings.dtype, proxies.dtype)
@@ -153,7 +101,7 @@ def proxy_isa_loss(
 
 
 def idml_proxy_anchor_loss(embeddings, uncertainty, proxies, labels, margin=0.1, alpha=32.0):
-    """IDML's introspective Proxy-Anchor loss (Wang, Zheng et al., TPAMI 2023; SPEC §6): the
+    """IDML's introspective Proxy-Anchor loss (Wang, Zheng et al., TPAMI 2023; docs/losses.md §6): the
     Proxy-Anchor loss of :func:`proxy_anchor_loss` on the introspective similarity
 
     S'_bc = 1 - (1 - S_bc) · g_bc,   g_bc = exp(-(a_b + 4) / (5 d_bc)),
@@ -167,8 +115,8 @@ def idml_proxy_anchor_loss(embeddings, uncertainty, proxies, labels, margin=0.1,
     :class:`dmlfast.losses.IntrospectiveProxyAnchorLoss`).
     """
     op = "idml_proxy_anchor_loss"
-    _require_tensors(op, embeddings=embeddings, uncertainty=uncertainty, proxies=proxies, labels=labels)
-    margin, alpha = _anchor_hyperparameters(op, margin, alpha)
+    require_tensors(op, embeddings=embeddings, uncertainty=uncertainty, proxies=proxies, labels=labels)
+    margin, alpha = anchor_hyperparameters(op, margin, alpha)
     checks = value_check_mode(embeddings, uncertainty, proxies)
     return torch.ops.dmlfast.idml_proxy_anchor_loss(embeddings, uncertainty, proxies, labels, margin, alpha,
                                                     value_checks=checks)[0]

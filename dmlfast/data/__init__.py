@@ -44,12 +44,15 @@ from typing import Callable, Dict, Optional, Tuple
 
 from ._common import (
     DATASET_DEFAULTS,
+    IMAGE_EXTENSIONS,
     CorruptImageError,
     DataDefaults,
     DatasetLayoutError,
     DatasetSplits,
     ImageList,
+    check_images,
     dataset_defaults,
+    image_problem,
     remap_labels,
 )
 from .dali_loader import DALI_INSTALL_HINT, dali_available
@@ -77,10 +80,10 @@ DATASET_OPTIONS = {"folder": ("test_classes", "seed"), "csv": ("list_file", "tes
 LOADERS = ("auto", "dali", "torch")
 
 __all__ = [
-    "DATASETS", "DATASET_DEFAULTS", "LOADERS", "NORMALIZATIONS", "DALI_INSTALL_HINT",
+    "DATASETS", "DATASET_DEFAULTS", "IMAGE_EXTENSIONS", "LOADERS", "NORMALIZATIONS", "DALI_INSTALL_HINT",
     "CUSTOM_DATASETS", "DATASET_OPTIONS", "CorruptImageError", "DataDefaults", "DatasetLayoutError", "DatasetSplits", "ImageList",
     "MPerClassSampler", "RandomBatchSampler", "TransformConfig",
-    "dali_available", "dataset_defaults", "load_dataset", "make_loader", "make_sampler", "normalize", "parse_test_classes", "remap_labels",
+    "check_images", "dali_available", "dataset_defaults", "image_problem", "load_dataset", "make_loader", "make_sampler", "normalize", "parse_test_classes", "remap_labels",
 ]
 
 

@@ -105,6 +105,10 @@ class ImageList:
             return len(self.class_ids)
         return int(self.labels.max()) + 1 if self.labels.size else 0
 
+    def label_names(self) -> List[str]:
+        """Each image's class as text: its ``class_ids`` entry, or the label number without them."""
+        return [str(self.class_ids[c]) if self.class_ids else str(c) for c in self.labels.tolist()]
+
     def __len__(self) -> int:
         return len(self.paths)
 
@@ -161,7 +165,7 @@ def require_listed_images(dataset: str, paths: Sequence[str], layout: str, sourc
         raise err
 
 
-def _image_problem(path: str) -> Optional[str]:
+def image_problem(path: str) -> Optional[str]:
     """Quick structural check of one image file: JPEG SOI/EOI markers, PNG signature and IEND chunk.
 
     Reads only the first and last bytes, so a full dataset is checked in seconds; other formats are
@@ -202,7 +206,7 @@ def check_images(image_list: ImageList, strict: bool, remap: bool = True, num_th
     paths = image_list.paths
     desc = f"checking {image_list.dataset or ''} {image_list.split or ''} images".replace("  ", " ")
     with ThreadPoolExecutor(max_workers=num_threads) as pool:
-        problems = list(tqdm(pool.map(_image_problem, paths, chunksize=256), total=len(paths), desc=desc,
+        problems = list(tqdm(pool.map(image_problem, paths, chunksize=256), total=len(paths), desc=desc,
                              disable=len(paths) < 5000, leave=False))
     bad = [(p, why) for p, why in zip(paths, problems) if why is not None]
     if not bad:
