@@ -179,23 +179,29 @@ struct EmbeddingBackward {
   }
 };
 
-// dL/dp for one tile of proxies, one thread per element (c, d): out = gemm - kappa_c p_c, where
-// gemm = G'^T X_hat (or H^T X for IDML) and kappa as in the header comment. S is the GEMMs' dtype:
-// with low-precision GEMMs both the product and p_c are read in it (the tile's converted copy),
-// which halves this pass's reads; `gemm` may be `out` when S = T.
+// dL/dp for one tile of proxies, one thread per (row c, chunk of dim_chunk components):
+// out = gemm - kappa_c p_c, where gemm = G'^T X_hat (or H^T X for IDML) and kappa as in the header
+// comment. S is the GEMMs' dtype: with low-precision GEMMs both the product and p_c are read in it
+// (the tile's converted copy), which halves this pass's reads; `gemm` may be `out` when S = T.
+// The GPU gives each thread a few neighbouring components (wide, coalesced accesses), the CPU a
+// whole row (one index division per row, not per element).
 template <typename T, typename S>
 struct ProxyGradFinish {
   const S* gemm;      // [cols, D]
   const S* proxies;   // [cols, D]
   const T* kappa;     // [cols]
-  int64_t elements;   // cols * D
-  int64_t dim;
+  int64_t cols, dim, dim_chunk;
   T* out;             // [cols, D]
 
   DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
-    const int64_t i = block * block_dim + thread;
-    if (i >= elements) return;
-    out[i] = static_cast<T>(gemm[i]) - kappa[i / dim] * static_cast<T>(proxies[i]);
+    const int64_t chunks = blocks_for(dim, dim_chunk);
+    const int64_t index = block * block_dim + thread;
+    const int64_t c = index / chunks;
+    if (c >= cols) return;
+    const int64_t first = c * dim + (index - c * chunks) * dim_chunk;
+    const int64_t last = c * dim + math::min((index - c * chunks + 1) * dim_chunk, dim);
+    const T k = kappa[c];
+    for (int64_t i = first; i < last; ++i) out[i] = static_cast<T>(gemm[i]) - k * static_cast<T>(proxies[i]);
   }
 };
 
