@@ -148,7 +148,8 @@ class ProxyISALoss(_ProxyLoss):
         self.filter_start_epoch = _require_int(owner, "filter_start_epoch", filter_start_epoch, minimum=0)
         memory_size = _require_int(owner, "memory_size", memory_size)
         nn.init.kaiming_normal_(self.proxies, mode="fan_out")
-        self.register_buffer("counter", torch.zeros(num_classes, dtype=torch.float64))
+        # int64, so that module casts (.float(), .half()) leave the counts exact
+        self.register_buffer("counter", torch.zeros(num_classes, dtype=torch.int64))
         self.register_buffer("learned_sim", torch.ones(num_classes))
         self.register_buffer("memory_embeddings", torch.zeros(memory_size, embedding_size))
         self.register_buffer("memory_labels", torch.full((memory_size,), -1, dtype=torch.long))
@@ -162,7 +163,7 @@ class ProxyISALoss(_ProxyLoss):
     def class_schedule(self):
         """The per-class vectors (s̄, θ, w, easy-negative weight) the next step uses, float32."""
         beta = (self.V - 1) / self.V
-        effective = (1 - beta ** self.counter) / (1 - beta)
+        effective = (1 - beta ** self.counter.double()) / (1 - beta)
         base = 1 / (1 + torch.log1p(effective))
         gate = 1 + torch.exp(self.V - self.tau - effective)
         weight = 1 + (1 + math.exp(-self.tau)) * (base - 1) / gate
@@ -191,7 +192,7 @@ class ProxyISALoss(_ProxyLoss):
         if filter_positives:
             keep = (unit * normalize(self.proxies.detach()[labels].float(), dim=1)).sum(1) >= threshold[labels]
         unit, kept_labels = unit[keep], labels[keep]
-        self.counter.index_add_(0, kept_labels, torch.ones_like(kept_labels, dtype=torch.float64))
+        self.counter.index_add_(0, kept_labels, torch.ones_like(kept_labels))
         if int(self.epoch) < self.memory_start_epoch or len(kept_labels) == 0:
             return
         size, position = self.memory_labels.shape[0], int(self.memory_position)
@@ -203,12 +204,13 @@ class ProxyISALoss(_ProxyLoss):
         self.memory_position.fill_(0 if position + count > size else position + count)
         classes = torch.unique(kept_labels)
         stored = torch.isin(self.memory_labels, classes)
-        sums = torch.zeros(len(classes), unit.shape[1], device=unit.device)
+        work = torch.promote_types(self.memory_embeddings.dtype, torch.float32)  # the module may be cast to half
+        sums = torch.zeros(len(classes), unit.shape[1], device=unit.device, dtype=work)
         slot_class = torch.searchsorted(classes, self.memory_labels[stored])
-        sums.index_add_(0, slot_class, self.memory_embeddings[stored])
+        sums.index_add_(0, slot_class, self.memory_embeddings[stored].to(work))
         counts = torch.bincount(slot_class, minlength=len(classes)).clamp_min(1)
-        class_proxies = normalize(self.proxies.detach()[classes].float(), dim=1)
-        self.learned_sim[classes] = self.hardness_scale * (class_proxies * sums).sum(1) / counts
+        class_proxies = normalize(self.proxies.detach()[classes].to(work), dim=1)
+        self.learned_sim[classes] = (self.hardness_scale * (class_proxies * sums).sum(1) / counts).to(self.learned_sim.dtype)
 
     def extra_repr(self):
         return (
@@ -338,10 +340,11 @@ class MovingProxyLoss(nn.Module):
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
             raise ValueError(f"{owner}: labels must be in [0, {num_classes}), got min {int(labels.min())} and max {int(labels.max())}")
         classes, slot = torch.unique(labels, return_inverse=True)
-        sums = torch.zeros(len(classes), self.proxies.shape[1], device=self.proxies.device)
-        sums.index_add_(0, slot, embeddings.detach().float())
-        current = torch.nn.functional.normalize(self.proxies[classes], dim=1)
-        self.proxies[classes] = (1 - self.momentum) * current + self.momentum * sums
+        work = torch.promote_types(self.proxies.dtype, torch.float32)  # the module may be cast to half
+        sums = torch.zeros(len(classes), self.proxies.shape[1], device=self.proxies.device, dtype=work)
+        sums.index_add_(0, slot, embeddings.detach().to(work))
+        current = torch.nn.functional.normalize(self.proxies[classes].to(work), dim=1)
+        self.proxies[classes] = ((1 - self.momentum) * current + self.momentum * sums).to(self.proxies.dtype)
 
     def extra_repr(self):
         return (
