@@ -5,7 +5,7 @@ gradients are computed together by one fused op (C++ on the CPU, CUDA on the GPU
 embeddings (B, D) and proxies (C, D) in float32, bfloat16, float16 or float64 (math in float32,
 float64 for float64 inputs; gradients in each input's dtype); labels (B,) int64 in [0, C).
 Bad input raises ValueError/TypeError naming the argument; NaN/Inf inputs are an error, never a
-NaN loss.
+NaN loss, and so are finite rows whose norm overflows (e.g. 1e30 in float32), named as such.
 """
 import math
 import numbers
@@ -50,6 +50,44 @@ def _require_number(op, name, value, *, low=-math.inf, low_inclusive=True, high=
     return value
 
 
+def _accumulation_dtype(embeddings, proxies):
+    """The dtype the op computes row norms in: float64 when an input is float64, else float32."""
+    return torch.float64 if torch.float64 in (embeddings.dtype, proxies.dtype) else torch.float32
+
+
+def _overflow_message(op, name, rows, accumulation):
+    """The message for ``rows`` whose values are finite but whose norm overflows ``accumulation``;
+    ``None`` when every row's norm is finite or a value is NaN/Inf (then the op's own message is right)."""
+    if not bool(torch.isfinite(rows).all()):
+        return None
+    bad = ~torch.isfinite(rows.to(accumulation).square().sum(1))
+    if not bool(bad.any()):
+        return None
+    row = int(bad.nonzero()[0, 0])
+    largest = float(rows[row].abs().max())
+    dtype = str(accumulation).replace("torch.", "")
+    return (f"{op}: {name} row {row} is finite, but its norm overflows {dtype} (largest |value| {largest:.3g}); "
+            f"values this large usually mean a diverging model: lower the learning rate or clip gradients")
+
+
+def _run_checked(op, call, embeddings, proxies, **others):
+    """``call()``, the fused op; the op reports a row whose norm is not finite as "NaN or Inf", so when
+    that row's values are all finite its ``ValueError`` is replaced by one naming the overflow. The
+    diagnosis runs only after the op has failed: no cost, and no device read, on success."""
+    if torch.compiler.is_compiling():
+        return call()
+    try:
+        return call()
+    except ValueError as error:
+        accumulation = _accumulation_dtype(embeddings, proxies)
+        for name, rows in {"embeddings": embeddings, "proxies": proxies, **others}.items():
+            if f"{name} contain" in str(error):
+                message = _overflow_message(op, name, rows.detach(), accumulation)
+                if message is not None:
+                    raise ValueError(message) from None
+        raise
+
+
 def _anchor_hyperparameters(op, margin, alpha):
     """``(margin, alpha)`` checked for the anchor family: margin finite, alpha > 0."""
     return _require_number(op, "margin", margin), _require_number(op, "alpha", alpha, low=0.0, low_inclusive=False)
@@ -75,7 +113,8 @@ def proxy_anchor_loss(embeddings, proxies, labels, margin=0.1, alpha=32.0):
     op = "proxy_anchor_loss"
     _require_tensors(op, embeddings=embeddings, proxies=proxies, labels=labels)
     margin, alpha = _anchor_hyperparameters(op, margin, alpha)
-    return torch.ops.dmlfast.proxy_anchor_loss(embeddings, proxies, labels, margin, alpha)[0]
+    return _run_checked(op, lambda: torch.ops.dmlfast.proxy_anchor_loss(embeddings, proxies, labels, margin, alpha)[0],
+                        embeddings, proxies)
 
 
 def proxy_nca_loss(embeddings, proxies, labels, scale=18.0, smoothing=0.0, exclude_positive=False):
@@ -89,7 +128,8 @@ def proxy_nca_loss(embeddings, proxies, labels, scale=18.0, smoothing=0.0, exclu
     op = "proxy_nca_loss"
     _require_tensors(op, embeddings=embeddings, proxies=proxies, labels=labels)
     scale, smoothing, exclude_positive = _softmax_hyperparameters(op, scale, smoothing, exclude_positive)
-    return torch.ops.dmlfast.proxy_nca_loss(embeddings, proxies, labels, scale, smoothing, exclude_positive)[0]
+    return _run_checked(op, lambda: torch.ops.dmlfast.proxy_nca_loss(embeddings, proxies, labels, scale, smoothing,
+                                                                      exclude_positive)[0], embeddings, proxies)
 
 
 def proxy_isa_loss(
@@ -143,7 +183,8 @@ def proxy_isa_loss(
     # class vectors in that dtype, so none is rounded on the way.
     wide = torch.float64 in (embeddings.dtype, proxies.dtype)
     params = torch.stack([v.detach().to(torch.float64 if wide else torch.float32) for v in vectors.values()])
-    return torch.ops.dmlfast.proxy_anchor_loss(embeddings, proxies, labels, margin, alpha, params, filter_positives)[0]
+    return _run_checked(op, lambda: torch.ops.dmlfast.proxy_anchor_loss(embeddings, proxies, labels, margin, alpha, params,
+                                                                         filter_positives)[0], embeddings, proxies)
 
 
 def idml_proxy_anchor_loss(embeddings, uncertainty, proxies, labels, margin=0.1, alpha=32.0):
@@ -163,4 +204,5 @@ def idml_proxy_anchor_loss(embeddings, uncertainty, proxies, labels, margin=0.1,
     op = "idml_proxy_anchor_loss"
     _require_tensors(op, embeddings=embeddings, uncertainty=uncertainty, proxies=proxies, labels=labels)
     margin, alpha = _anchor_hyperparameters(op, margin, alpha)
-    return torch.ops.dmlfast.idml_proxy_anchor_loss(embeddings, uncertainty, proxies, labels, margin, alpha)[0]
+    return _run_checked(op, lambda: torch.ops.dmlfast.idml_proxy_anchor_loss(embeddings, uncertainty, proxies, labels, margin,
+                                                                              alpha)[0], embeddings, proxies)

@@ -102,3 +102,20 @@ def test_learnable_moving_proxies_are_trained_not_moved():
 def test_moving_update_validates_its_inputs(embeddings, labels, pattern):
     with pytest.raises(ValueError, match=pattern):
         dmlfast.MovingProxyLoss(num_classes=6, embedding_size=8).update_proxies(embeddings, labels)
+
+
+def test_a_finite_embedding_whose_norm_overflows_is_named_as_such():
+    x = torch.randn(4, 8)
+    x[2] *= 1e30  # finite in float32; its squared norm is not
+    with pytest.raises(ValueError, match=r"proxy_anchor_loss: embeddings row 2 is finite, but its norm overflows float32") as error:
+        dmlfast.ProxyAnchorLoss(4, 8)(x, torch.arange(4))
+    assert "NaN or Inf" not in str(error.value)
+    proxies = torch.randn(4, 8, dtype=torch.float64)
+    proxies[3] = 1e200
+    with pytest.raises(ValueError, match=r"proxy_nca_loss: proxies row 3 is finite, but its norm overflows float64"):
+        dmlfast.functional.proxy_nca_loss(torch.randn(4, 8, dtype=torch.float64), proxies, torch.arange(4))
+    nan = torch.randn(4, 8)
+    nan[1, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"embeddings contain NaN or Inf \(first bad row: 1\)"):  # a real Inf stays one
+        dmlfast.ProxyAnchorLoss(4, 8)(nan, torch.arange(4))
+
