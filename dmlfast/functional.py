@@ -50,6 +50,15 @@ def _require_number(op, name, value, *, low=-math.inf, low_inclusive=True, high=
     return value
 
 
+def _dtype_name(tensor):
+    """The dtype as the op's messages spell it (c10's names: Float, Half, BFloat16, Long, Byte)."""
+    return tensor.type().split(".")[-1][: -len("Tensor")]
+
+
+def _describe(tensor):
+    return f"{_dtype_name(tensor)} tensor of shape {list(tensor.shape)} on {tensor.device}"
+
+
 def _accumulation_dtype(embeddings, proxies):
     """The dtype the op computes row norms in: float64 when an input is float64, else float32."""
     return torch.float64 if torch.float64 in (embeddings.dtype, proxies.dtype) else torch.float32
@@ -86,6 +95,54 @@ def _run_checked(op, call, embeddings, proxies, **others):
                 if message is not None:
                     raise ValueError(message) from None
         raise
+
+
+def check_loss_inputs(op, embeddings, proxies, labels):
+    """The input checks of the fused op ``op`` (same order, same messages), in Python, for wrappers
+    that compute on the inputs before they reach the op (:class:`dmlfast.losses.ProxySynthesis`):
+    types, shapes, dtypes and devices, then the values (labels in [0, C), embeddings and proxies
+    finite with finite row norms) with one device-to-host read."""
+    _require_tensors(op, embeddings=embeddings, proxies=proxies, labels=labels)
+    for name, tensor, shape in (("embeddings", embeddings, "(batch, dim)"), ("proxies", proxies, "(num_classes, dim)")):
+        if tensor.dim() != 2:
+            raise ValueError(f"{op}: {name} must be 2-D {shape}, got a {_describe(tensor)}")
+    if labels.dim() != 1:
+        raise ValueError(f"{op}: labels must be 1-D (batch,), got a {_describe(labels)}")
+    for name, tensor in (("embeddings", embeddings), ("proxies", proxies)):
+        if not tensor.is_floating_point():
+            raise TypeError(f"{op}: {name} must be float32, bfloat16, float16 or float64, got {_describe(tensor)}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"{op}: labels must be int64, got {_describe(labels)}")
+    if embeddings.shape[0] == 0:
+        raise ValueError(f"{op}: the batch is empty (embeddings has 0 rows)")
+    if proxies.shape[0] == 0:
+        raise ValueError(f"{op}: proxies has 0 rows (num_classes must be >= 1)")
+    if embeddings.shape[1] == 0:
+        raise ValueError(f"{op}: embeddings have dimension 0")
+    if labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(f"{op}: labels must have one entry per embedding: embeddings has {embeddings.shape[0]} rows, "
+                         f"labels has {labels.shape[0]}")
+    if proxies.shape[1] != embeddings.shape[1]:
+        raise ValueError(f"{op}: embedding dimension and proxy dimension differ: embeddings are {embeddings.shape[1]}-d, "
+                         f"proxies are {proxies.shape[1]}-d")
+    if torch.compiler.is_compiling():
+        return
+    accumulation = _accumulation_dtype(embeddings, proxies)
+    x, p = embeddings.detach(), proxies.detach()
+    low, high = torch.aminmax(labels)
+    flags = torch.stack([low.double(), high.double(), torch.isfinite(x.to(accumulation).square().sum(1)).all().double(),
+                         torch.isfinite(p.to(accumulation).square().sum(1)).all().double()]).cpu().tolist()
+    num_classes = proxies.shape[0]
+    if flags[0] < 0 or flags[1] >= num_classes:
+        raise ValueError(f"{op}: labels must be in [0, {num_classes}) (num_classes = proxies.shape[0]), got min "
+                         f"{int(flags[0])} and max {int(flags[1])}")
+    for name, rows, finite in (("embeddings", x, flags[2]), ("proxies", p, flags[3])):
+        if not finite:
+            message = _overflow_message(op, name, rows, accumulation)
+            if message is None:
+                first = int((~torch.isfinite(rows).all(1)).nonzero()[0, 0])
+                message = f"{op}: {name} contain NaN or Inf (first bad row: {first})"
+            raise ValueError(message)
 
 
 def _anchor_hyperparameters(op, margin, alpha):

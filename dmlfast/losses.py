@@ -53,6 +53,8 @@ class ProxyAnchorLoss(_ProxyLoss):
     N(0, 2/num_classes) per entry.
     """
 
+    op = "proxy_anchor_loss"  # the fused op it calls, whose input checks and messages ProxySynthesis repeats
+
     def __init__(self, num_classes, embedding_size, margin=0.1, alpha=32.0):
         super().__init__(num_classes, embedding_size)
         self.margin, self.alpha = functional._anchor_hyperparameters(type(self).__name__, margin, alpha)
@@ -71,6 +73,8 @@ class ProxyNCALoss(_ProxyLoss):
     Proxies are initialised randn / 8 as in the ProxyNCA and ProxyNCA++ reference code. The default
     scale 18 is ProxyNCA++'s (and dichotomies' s_x = s_p = 3).
     """
+
+    op = "proxy_nca_loss"  # the fused op it calls, whose input checks and messages ProxySynthesis repeats
 
     def __init__(self, num_classes, embedding_size, scale=18.0, smoothing=0.0, exclude_positive=False):
         super().__init__(num_classes, embedding_size)
@@ -94,6 +98,8 @@ class NormSoftmaxLoss(_ProxyLoss):
 
     Proxies are initialised kaiming_uniform_(a=√5) as in the Proxy Synthesis code.
     """
+
+    op = "proxy_nca_loss"  # the fused op it calls, whose input checks and messages ProxySynthesis repeats
 
     def __init__(self, num_classes, embedding_size, scale=23.0):
         super().__init__(num_classes, embedding_size)
@@ -276,6 +282,7 @@ class ProxySynthesis(nn.Module):
         return self.base_loss.proxies
 
     def forward(self, embeddings, labels):
+        functional.check_loss_inputs(self.base_loss.op, embeddings, self.proxies, labels)  # before any arithmetic on them
         count = int(self.mu * embeddings.shape[0])
         if count == 0:
             return self.base_loss(embeddings, labels)

@@ -104,6 +104,38 @@ def test_moving_update_validates_its_inputs(embeddings, labels, pattern):
         dmlfast.MovingProxyLoss(num_classes=6, embedding_size=8).update_proxies(embeddings, labels)
 
 
+def _bad_inputs():
+    """(name, embeddings, labels) the fused ops refuse: 4 classes, dimension 8."""
+    x, y = torch.randn(6, 8), torch.tensor([0, 1, 2, 3, 0, 1])
+    nan = x.clone()
+    nan[2, 5] = float("nan")
+    return [
+        ("norm overflow", x * 1e30, y),
+        ("NaN", nan, y),
+        ("uint8 labels", x, y.to(torch.uint8)),
+        ("label == C", x, torch.tensor([0, 1, 2, 3, 0, 4])),
+        ("negative label", x, torch.tensor([0, 1, -1, 3, 0, 1])),
+        ("labels too short", x, y[:5]),
+        ("1-D embeddings", x[0], y[:1]),
+        ("int embeddings", x.long(), y),
+    ]
+
+
+@pytest.mark.parametrize("base", ["ProxyAnchorLoss", "ProxyNCALoss", "NormSoftmaxLoss"])
+@pytest.mark.parametrize("case", _bad_inputs(), ids=[c[0] for c in _bad_inputs()])
+def test_synthesis_checks_its_inputs_as_the_loss_it_wraps(base, case):
+    """The same error type and message as the wrapped loss, before any arithmetic (×1e30 used to give a
+    finite loss with an all-zero gradient; uint8 labels a mask; label == C an IndexError)."""
+    _, embeddings, labels = case
+    base_loss = getattr(dmlfast, base)(4, 8)
+    with pytest.raises((ValueError, TypeError)) as expected:
+        base_loss(embeddings, labels)
+    torch.manual_seed(0)
+    with pytest.raises(type(expected.value)) as got:
+        dmlfast.ProxySynthesis(base_loss)(embeddings.requires_grad_() if embeddings.is_floating_point() else embeddings, labels)
+    assert str(got.value) == str(expected.value)
+
+
 def test_a_finite_embedding_whose_norm_overflows_is_named_as_such():
     x = torch.randn(4, 8)
     x[2] *= 1e30  # finite in float32; its squared norm is not
