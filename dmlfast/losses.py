@@ -344,8 +344,14 @@ class MovingProxyLoss(nn.Module):
         if not isinstance(labels, torch.Tensor) or labels.dtype != torch.long or labels.shape != (embeddings.shape[0],):
             raise ValueError(f"{owner}: labels must be an int64 tensor of shape ({embeddings.shape[0]},), got "
                              f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
-        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-            raise ValueError(f"{owner}: labels must be in [0, {num_classes}), got min {int(labels.min())} and max {int(labels.max())}")
+        if len(labels):
+            low, high = torch.aminmax(labels)
+            low, high, finite = torch.stack([low.double(), high.double(), torch.isfinite(embeddings).all().double()]).tolist()
+            if low < 0 or high >= num_classes:
+                raise ValueError(f"{owner}: labels must be in [0, {num_classes}), got min {int(low)} and max {int(high)}")
+            if not finite:
+                first = int((~torch.isfinite(embeddings).all(1)).nonzero()[0, 0])
+                raise ValueError(f"{owner}: embeddings contain NaN or Inf (first bad row: {first}); the proxies were not moved")
         classes, slot = torch.unique(labels, return_inverse=True)
         work = torch.promote_types(self.proxies.dtype, torch.float32)  # the module may be cast to half
         sums = torch.zeros(len(classes), self.proxies.shape[1], device=self.proxies.device, dtype=work)

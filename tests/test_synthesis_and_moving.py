@@ -151,3 +151,13 @@ def test_a_finite_embedding_whose_norm_overflows_is_named_as_such():
     with pytest.raises(ValueError, match=r"embeddings contain NaN or Inf \(first bad row: 1\)"):  # a real Inf stays one
         dmlfast.ProxyAnchorLoss(4, 8)(nan, torch.arange(4))
 
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_moving_update_refuses_nan_or_inf_and_leaves_the_proxies(bad):
+    loss_fn = dmlfast.MovingProxyLoss(num_classes=6, embedding_size=8)
+    before = loss_fn.proxies.clone()
+    x = torch.randn(5, 8)
+    x[3, 2] = bad
+    with pytest.raises(ValueError, match=r"MovingProxyLoss.update_proxies: embeddings contain NaN or Inf \(first bad row: 3\)"):
+        loss_fn.update_proxies(x, torch.tensor([0, 1, 2, 3, 4]))
+    assert torch.equal(loss_fn.proxies, before)
