@@ -1,4 +1,5 @@
 """The user's own data: ``folder`` and ``csv`` readers on generated trees, and their command-line wiring."""
+import os
 import warnings
 import zlib
 from pathlib import Path
@@ -49,6 +50,64 @@ def test_folder_class_split_is_disjoint_and_deterministic(tmp_path):
         assert sorted(set(lst.labels.tolist())) == list(range(lst.num_classes))
         for path, label in zip(lst.paths, lst.labels):
             assert Path(path).parent.name == lst.class_ids[label]
+
+
+def _real_files(splits):
+    return {split: [os.path.realpath(p) for p in lst.paths] for split, lst in splits.splits().items()}
+
+
+def test_folder_links_never_read_a_folder_twice(tmp_path):
+    """``ln -s .. class_0/loop`` used to read the whole tree again under class_0 about 40 times
+    (relabelled, leaking training images into the test split); links to another class, to the
+    root, or a second link to one outside folder are skipped too, with one warning naming them."""
+    root = _tree(tmp_path / "data", classes=6)
+    outside = tmp_path / "more"
+    _png(outside / "m.png", 999)
+    (root / "class_0" / "loop").symlink_to("..")
+    (root / "class_1" / "other_class").symlink_to(root / "class_2")
+    (root / "class_3" / "extra").symlink_to(outside)  # a folder outside the tree: read, once
+    (root / "class_4" / "extra_again").symlink_to(outside)
+    with pytest.warns(UserWarning, match=r"skipped 3 folder link\(s\).*class_0/loop -> \.\.") as caught:
+        splits = D.load_dataset("folder", root, test_classes=0.5, seed=0)
+    message = str(caught[0].message)
+    assert "class_1/other_class" in message and "class_4/extra_again" in message
+    files = _real_files(splits)
+    every = files["train"] + files["test"]
+    assert len(every) == len(set(every)) == 6 * 3 + 1  # each real image once
+    assert not set(files["train"]) & set(files["test"])
+    extra = os.path.realpath(outside / "m.png")
+    lst = splits.train if extra in files["train"] else splits.test
+    assert lst.class_ids[lst.labels[lst.paths.index(str(root / "class_3" / "extra" / "m.png"))]] == "class_3"
+
+
+def test_presplit_folder_link_into_the_other_split_is_skipped(tmp_path):
+    root = tmp_path / "data"
+    _tree(root / "train", classes=2)
+    _tree(root / "test", classes=2)
+    (root / "train" / "class_0" / "leak").symlink_to(root / "test")
+    (root / "test" / "class_1" / "up").symlink_to(root)
+    with pytest.warns(UserWarning, match=r"skipped 2 folder link"):
+        splits = _quiet_class_overlap(D.load_dataset, "folder", root)
+    files = _real_files(splits)
+    assert len(files["train"]) == len(files["test"]) == 6 and not set(files["train"]) & set(files["test"])
+
+
+def _quiet_class_overlap(fn, *args, **kw):
+    """``fn`` with the warning about class names in both splits silenced (the other warnings pass)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*are in both")
+        return fn(*args, **kw)
+
+
+def test_imagefolder_reader_link_loop(tmp_path):
+    from dmlfast.data.readers import _image_folder
+
+    images = _tree(tmp_path / "images", classes=3)
+    (images / "class_2" / "loop").symlink_to(images)
+    with pytest.warns(UserWarning, match="skipped 1 folder link"):
+        classes, paths, labels = _image_folder(images)
+    assert classes == ["class_0", "class_1", "class_2"] and len(paths) == len(set(paths)) == 9
+    assert labels == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
 
 def test_split_classes_bounds():

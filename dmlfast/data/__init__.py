@@ -48,8 +48,10 @@ from ._common import (
     DataDefaults,
     DatasetLayoutError,
     DatasetSplits,
+    FolderImages,
     ImageList,
     dataset_defaults,
+    image_folders,
     remap_labels,
 )
 from .dali_loader import DALI_INSTALL_HINT, dali_available
@@ -78,9 +80,9 @@ LOADERS = ("auto", "dali", "torch")
 
 __all__ = [
     "DATASETS", "DATASET_DEFAULTS", "LOADERS", "NORMALIZATIONS", "DALI_INSTALL_HINT",
-    "CUSTOM_DATASETS", "DATASET_OPTIONS", "CorruptImageError", "DataDefaults", "DatasetLayoutError", "DatasetSplits", "ImageList",
+    "CUSTOM_DATASETS", "DATASET_OPTIONS", "CorruptImageError", "DataDefaults", "DatasetLayoutError", "DatasetSplits", "FolderImages", "ImageList",
     "MPerClassSampler", "RandomBatchSampler", "TransformConfig",
-    "dali_available", "dataset_defaults", "load_dataset", "make_loader", "make_sampler", "normalize", "parse_test_classes", "remap_labels",
+    "dali_available", "dataset_defaults", "image_folders", "load_dataset", "make_loader", "make_sampler", "normalize", "parse_test_classes", "remap_labels",
 ]
 
 

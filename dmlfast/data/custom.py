@@ -1,7 +1,8 @@
 """Readers of the user's own data: an image folder per class (``folder``) or a CSV list (``csv``).
 
 ``folder`` (``read_folder``)
-    ``<root>/<class>/<image>`` (images may sit in sub-folders of a class folder): the classes are
+    ``<root>/<class>/<image>`` (images may sit in sub-folders of a class folder; links are followed,
+    but no folder is read twice, see :func:`dmlfast.data.image_folders`): the classes are
     split into disjoint train and test classes, ``test_classes`` of them (an int N, or a fraction in
     (0, 1) of the classes, rounded, at least 1 and at most K - 1) held out, chosen by a permutation of
     the sorted class names seeded with ``seed``. Or, when the user has split already,
@@ -33,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ._common import IMAGE_EXTENSIONS, DatasetLayoutError, DatasetSplits, ImageList, check_images, remap_labels
+from ._common import DatasetLayoutError, DatasetSplits, ImageList, check_images, image_folders, remap_labels
 
 CUSTOM_DATASETS = ("folder", "csv")
 CSV_SPLITS = ("train", "test", "query", "gallery")
@@ -137,19 +138,6 @@ def _finish(dataset: str, root: Path, lists: Dict[str, ImageList], strict: bool,
     return DatasetSplits(dataset, str(root), out["train"], test=out.get("test"), query=out.get("query"), gallery=out.get("gallery"))
 
 
-def _class_folders(folder: Path) -> Dict[str, List[str]]:
-    """``{class folder name: sorted image paths}`` (recursive; ``._*`` and non-image files ignored)."""
-    classes = {}
-    for cls in sorted(d.name for d in os.scandir(folder) if d.is_dir() and not d.name.startswith(".")):
-        files = []
-        for where, _, names in sorted(os.walk(folder / cls, followlinks=True)):
-            files.extend(os.path.join(where, n) for n in sorted(names)
-                         if not n.startswith("._") and n.lower().endswith(IMAGE_EXTENSIONS))
-        if files:
-            classes[cls] = files
-    return classes
-
-
 def _from_classes(classes: Dict[str, List[str]], keys: Sequence[str], dataset: str, split: str) -> ImageList:
     paths = [p for k in keys for p in classes[k]]
     names = [k for k in keys for _ in classes[k]]
@@ -167,7 +155,7 @@ def read_folder(root, strict: bool = False, test_classes: TestClasses = None, se
     if presplit:
         if test_classes is not None:
             raise DatasetLayoutError(f"folder: {root} is split already (train/ and test/ folders); test_classes (--test-classes) does not apply")
-        train, test = _class_folders(root / "train"), _class_folders(root / "test")
+        train, test = (f.classes for f in image_folders(root / "train", root / "test", reserved=[root]))
         for name, classes in (("train", train), ("test", test)):
             if not classes:
                 raise DatasetLayoutError(f"folder: no class folder with images in {root / name}; expected {FOLDER_LAYOUT}")
@@ -182,7 +170,8 @@ def read_folder(root, strict: bool = False, test_classes: TestClasses = None, se
         raise DatasetLayoutError(f"folder: {root} has no train/ and test/ folders, so test_classes (--test-classes N|FRACTION) "
                                  "must say how many classes to hold out")
     _check_test_classes(test_classes, "test_classes")
-    classes = _class_folders(root)
+    (found,) = image_folders(root)
+    classes = found.classes
     if len(classes) < 2:
         raise DatasetLayoutError(f"folder: found {len(classes)} class folder(s) with images in {root}; need at least 2; expected {FOLDER_LAYOUT}")
     try:
