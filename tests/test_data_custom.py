@@ -270,3 +270,49 @@ def test_train_and_evaluate_on_a_folder(tmp_path, capsys):
                           "--test-classes", "7"]) == 0
     assert evaluate.main(["--checkpoint", str(out / "best.pt"), "--dataset", "csv", "--data-root", str(root)]) == 2
     assert "--list" in _one_error_line(capsys, "evaluate")
+
+
+def _corrupt_middle_jpeg(path: Path) -> Path:
+    """A JPEG with both end markers whose entropy-coded middle is overwritten with 0xFF bytes:
+    it passes a marker check, and decoding it raises ``OSError: broken data stream``."""
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path, quality=90)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 400] = b"\xff" * 400
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _bomb_png(path: Path, side: int = 65000) -> Path:
+    """A 100-byte PNG whose header claims ``side`` x ``side`` pixels (a decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = side.to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_undecodable_images_and_bombs_are_skipped_at_load_time_and_never_reach_a_loader(tmp_path, capsys):
+    """Both used to pass the marker check, then kill a DataLoader worker (training, evaluation, retrieve)."""
+    root = _tree(tmp_path / "data", classes=4, per_class=4)
+    broken = _corrupt_middle_jpeg(root / "class_0" / "broken.jpg")
+    bomb = _bomb_png(root / "class_3" / "bomb.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        splits = D.load_dataset("folder", root, test_classes=2, seed=0)
+    for lst in (splits.train, splits.test):
+        for train_mode in (True, False):
+            loader = D.make_loader(lst, train=train_mode, batch_size=4, image_size=16, loader="torch", num_workers=0)
+            assert sum(len(y) for _, y in loader) == (len(lst) // 4 * 4 if train_mode else len(lst))
+    message = " ".join(str(w.message) for w in caught)
+    assert str(broken) in message and "broken data stream" in message
+    assert str(bomb) in message and "decompression bomb: its header claims 4,225,000,000 pixels" in message
+    assert len(splits.train) + len(splits.test) == 16
+    with pytest.raises(D.CorruptImageError, match="broken.jpg"):
+        D.load_dataset("folder", root, strict=True, test_classes=2, seed=0)
+    status = _quiet(train.main, ["--dataset", "folder", "--data-root", str(root), "--test-classes", "2", "--model", "smallcnn",
+                                 "--epochs", "1", "--batch-size", "4", "--image-size", "16", "--embedding-size", "8",
+                                 "--workers", "0", "--loader", "torch", "--no-progress", "--output", str(tmp_path / "run")])
+    assert status == 0, capsys.readouterr().err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -259,10 +260,14 @@ def _walk_images(folder: str, visited: set, skipped: List[str], skip_hidden: boo
 
 
 def _image_problem(path: str) -> Optional[str]:
-    """Quick structural check of one image file: JPEG SOI/EOI markers, PNG signature and IEND chunk.
+    """Why the image at ``path`` cannot be used, or ``None``: every image is decoded once.
 
-    Reads only the first and last bytes, so a full dataset is checked in seconds; other formats are
-    checked with PIL's ``verify``."""
+    Checks, cheapest first: an empty or unreadable file; a JPEG without its end-of-image marker or a
+    PNG without its IEND chunk (truncated); a header PIL cannot identify; a decompression bomb (more
+    than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels claimed, about 89 million); then a full decode (JPEGs
+    at 1/8 scale, which still reads every entropy-coded byte), so that an image with a corrupt middle
+    is found here and not in a loader worker hours later. Costs about 1 ms of CPU per SOP-sized JPEG
+    (``benchmarks/RESULTS.md``)."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -273,18 +278,29 @@ def _image_problem(path: str) -> Optional[str]:
         return f"unreadable ({exc.strerror})"
     if size == 0:
         return "empty file"
-    if head[:3] == b"\xff\xd8\xff":
-        # Trailing padding after EOI is legal; look for the marker near the end.
-        return None if b"\xff\xd9" in tail else "truncated JPEG (no end-of-image marker)"
-    if head[:8] == b"\x89PNG\r\n\x1a\n":
-        return None if b"IEND" in tail else "truncated PNG (no IEND chunk)"
-    try:
-        from PIL import Image
+    if head[:3] == b"\xff\xd8\xff" and b"\xff\xd9" not in tail:  # trailing padding after EOI is legal
+        return "truncated JPEG (no end-of-image marker)"
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in tail:
+        return "truncated PNG (no IEND chunk)"
+    from PIL import Image
 
-        with Image.open(path) as im:
-            im.verify()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
+                if width * height > (Image.MAX_IMAGE_PIXELS or float("inf")):
+                    return (f"decompression bomb: its header claims {width} x {height} = {width * height:,} pixels "
+                            f"(limit {Image.MAX_IMAGE_PIXELS:,})")
+                if im.format == "JPEG":
+                    im.draft(im.mode, (max(1, width // 8), max(1, height // 8)))
+                im.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        claimed = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = f"{int(claimed.group(1)):,} pixels" if claimed else "too many pixels"
+        return f"decompression bomb: its header claims {pixels} (limit {Image.MAX_IMAGE_PIXELS:,})"
     except Exception as exc:  # PIL raises many types for broken files
-        return f"not a readable image ({type(exc).__name__}: {exc})"
+        return f"not a decodable image ({type(exc).__name__}: {exc})"
     return None
 
 
