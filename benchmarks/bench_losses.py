@@ -10,8 +10,8 @@ For each loss and class count (B = 256, D = 512 unless given) it times, side by 
 - ``pml``: pytorch-metric-learning's loss (pinned 2.9.0), when installed (it has no Proxy-ISA or IDML).
 
 ``proxy_isa`` uses per-class bands typical of a trained run (s̄ = 0.1, θ = -0.3, w = 0.18,
-easy-negative weight 0.01, positive filter on), so every band of SPEC §3.3 is exercised.
-``idml`` (SPEC §6) adds a B x D uncertainty embedding of unit rows (the released model's) with its
+easy-negative weight 0.01, positive filter on), so every band of docs/losses.md §3.3 is exercised.
+``idml`` (docs/losses.md §6) adds a B x D uncertainty embedding of unit rows (the released model's) with its
 own gradient; the embeddings are unit rows as the model emits them.
 
 Each (implementation, loss, C) runs in a fresh subprocess so its peak memory is its own. Time is
@@ -45,7 +45,7 @@ def current_rss_bytes():
 
 
 def isa_bands(proxies):
-    """Per-class Proxy-ISA inputs of a trained run (SPEC §3.2 at saturation), as keyword arguments."""
+    """Per-class Proxy-ISA inputs of a trained run (docs/losses.md §3.2 at saturation), as keyword arguments."""
     import torch
 
     full = lambda value: torch.full((proxies.shape[0],), value, device=proxies.device)  # noqa: E731

@@ -20,9 +20,17 @@ from pathlib import Path
 
 import numpy as np
 
-from dmlfast._cli import InputError, run_command
+from dmlfast._cli import InputError, add_custom_data_arguments, run_command
+from dmlfast.checks import require_at_least
+from dmlfast.training.config import DATASET_KS, apply_dataset_arguments
+from dmlfast.training.embedding import evaluate_model
+from dmlfast.training.setup import amp_dtype, load_splits, make_eval_loaders, read_checkpoint, resolve_device, resolve_loader, restore_model
 
 PROG = "python -m dmlfast.evaluate"
+
+# The command, and the library names (dmlfast._cli, dmlfast.training) that stay importable from this module.
+__all__ = ["PROG", "build_parser", "evaluate", "evaluate_checkpoint", "format_table", "load_array", "main",
+           "add_custom_data_arguments", "apply_dataset_arguments"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,37 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_custom_data_arguments(group) -> None:
-    """``--list`` and ``--test-classes`` of ``--dataset csv|folder`` (default: the checkpoint's)."""
-    from dmlfast.train import _test_classes
-
-    group.add_argument("--list", type=Path, metavar="FILE.csv", help="--dataset csv: its list file (default: the checkpoint's)")
-    group.add_argument("--test-classes", type=_test_classes, metavar="N|FRACTION",
-                       help="--dataset folder/csv: held-out classes, drawn from the checkpoint's seed (default: the checkpoint's)")
-
-
-def apply_dataset_arguments(config: dict, args: argparse.Namespace) -> dict:
-    """``config`` (a checkpoint's) with ``--dataset``, ``--data-root``, ``--list`` and ``--test-classes`` applied; InputError when they do not fit."""
-    from dmlfast import train
-    from dmlfast.data import DATASETS
-
-    config = dict(config)
-    if args.dataset is not None:
-        if args.dataset not in DATASETS:
-            raise InputError(f"--dataset: unknown dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
-        config.update(dataset=args.dataset, data_root=None, data_list=None, test_classes=None)
-    if args.data_root is not None:
-        config["data_root"] = str(args.data_root)
-    if args.list is not None:
-        config["data_list"] = str(args.list)
-    if args.test_classes is not None:
-        config["test_classes"] = args.test_classes
-    if config["dataset"] != "glyphs" and config["data_root"] is None:
-        raise InputError(f"--dataset {config['dataset']} needs --data-root DIR, the folder holding it")
-    train.check_dataset_options(config)
-    return config
-
-
 def load_array(path: Path, option: str) -> np.ndarray:
     """Load a .npy file given on the command line, or raise InputError naming the option."""
     if not path.is_file():
@@ -106,29 +83,20 @@ def format_table(metrics: dict) -> str:
 
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     """Rebuild the model saved in ``args.checkpoint`` and compute its metrics on the held-out split."""
-
-    from dmlfast import train
-    from dmlfast.training import CheckpointError, load_checkpoint
-
     if args.embeddings is not None or args.labels is not None or args.reference is not None:
         raise InputError("--checkpoint cannot be combined with --embeddings/--labels/--reference")
-    try:
-        state = load_checkpoint(args.checkpoint)
-    except CheckpointError as error:
-        raise InputError(f"--checkpoint: {error}") from error
+    state = read_checkpoint(args.checkpoint, "--checkpoint")
     config = apply_dataset_arguments(state["config"], args)
-    if args.workers < 0:
-        raise InputError(f"--workers must be >= 0, got {args.workers}")
-    config.update(workers=args.workers, weights="none",
-                  ks=list(args.ks) if args.ks else list(train.DATASET_KS[config["dataset"]]))
-    device = train.resolve_device(args.device)
-    config["loader"] = train.resolve_loader(args.loader, device)
-    splits = train.load_splits(config)
-    model = train.restore_model(config, state["model"], device)
-    dtype = train.amp_dtype(config["amp"], device)
-    loaders = train.make_eval_loaders(config, splits, device)
+    require_at_least("--workers", args.workers, 0)
+    config.update(workers=args.workers, weights="none", ks=list(args.ks) if args.ks else list(DATASET_KS[config["dataset"]]))
+    device = resolve_device(args.device)
+    config["loader"] = resolve_loader(args.loader, device)
+    splits = load_splits(config)
+    model = restore_model(config, state["model"], device)
+    dtype = amp_dtype(config["amp"], device)
+    loaders = make_eval_loaders(config, splits, device)
     try:
-        return train.evaluate_model(model, loaders, config, device, dtype, progress=not args.no_progress)
+        return evaluate_model(model, loaders, config, device, dtype, progress=not args.no_progress)
     except (ValueError, TypeError) as error:
         raise InputError(str(error)) from error
 
@@ -143,9 +111,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         raise InputError("give --embeddings and --labels (saved arrays) or --checkpoint (a training checkpoint)")
     if (args.reference is None) != (args.reference_labels is None):
         raise InputError("--reference and --reference-labels must be given together")
-    from dmlfast import train
-
-    device = train.resolve_device(args.device)
+    device = resolve_device(args.device)
     embeddings = torch.from_numpy(load_array(args.embeddings, "--embeddings")).to(device)
     labels = load_array(args.labels, "--labels")
     reference = reference_labels = None

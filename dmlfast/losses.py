@@ -7,27 +7,44 @@ proxies their own optimizer parameter group: the published recipes train them wi
 learning rate (e.g. x100 for Proxy-Anchor).
 """
 import math
-import numbers
 
 import torch
 from torch import nn
 
 from . import functional
+from .checks import anchor_hyperparameters, check_loss_inputs, one_of, require_int, require_number, softmax_hyperparameters
 
 
-def _require_int(owner, name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"{owner}: {name} must be {kind}, got {value!r}")
-    return int(value)
+# Initial proxies, drawn in place into ``proxies``: the whole (num_classes, D) table, or a block of its
+# rows (a shard of :mod:`dmlfast.sharded`, which passes its own generator).
+
+def kaiming_normal_fan_out_(proxies, num_classes, generator=None):
+    """N(0, 2/num_classes) per entry: ``kaiming_normal_(mode='fan_out')`` of the whole table (Proxy-Anchor's)."""
+    std = nn.init.calculate_gain("leaky_relu", 0) / math.sqrt(num_classes)
+    with torch.no_grad():
+        return proxies.normal_(0, std, generator=generator)
+
+
+def normal_over_8_(proxies, num_classes=None, generator=None):
+    """N(0, 1/64) per entry: ``randn / 8`` (ProxyNCA's and ProxyNCA++'s)."""
+    with torch.no_grad():
+        return proxies.normal_(generator=generator).div_(8.0)
+
+
+def kaiming_uniform_sqrt5_(proxies, num_classes=None, generator=None):
+    """U(-1/√D, 1/√D) per entry: ``kaiming_uniform_(a=√5)`` (the Proxy Synthesis code's, for Norm-SoftMax)."""
+    return nn.init.kaiming_uniform_(proxies, a=math.sqrt(5), generator=generator)
 
 
 class _ProxyLoss(nn.Module):
+    #: ``init_proxies_(proxies, num_classes, generator=None)``: this loss's initial proxies.
+    init_proxies_ = staticmethod(kaiming_normal_fan_out_)
+
     def __init__(self, num_classes, embedding_size):
         super().__init__()
         owner = type(self).__name__
-        num_classes = _require_int(owner, "num_classes", num_classes)
-        embedding_size = _require_int(owner, "embedding_size", embedding_size)
+        num_classes = require_int(owner, "num_classes", num_classes)
+        embedding_size = require_int(owner, "embedding_size", embedding_size)
         self.proxies = nn.Parameter(torch.empty(num_classes, embedding_size, dtype=torch.float32))
 
     def forward(self, embeddings, labels):
@@ -47,7 +64,7 @@ class _ProxyLoss(nn.Module):
 
 
 class ProxyAnchorLoss(_ProxyLoss):
-    """Proxy-Anchor (SPEC §1.1): see :func:`dmlfast.functional.proxy_anchor_loss`.
+    """Proxy-Anchor (docs/losses.md §1.1): see :func:`dmlfast.functional.proxy_anchor_loss`.
 
     Proxies are initialised as in the official code: kaiming_normal_(mode='fan_out'), i.e.
     N(0, 2/num_classes) per entry.
@@ -57,8 +74,8 @@ class ProxyAnchorLoss(_ProxyLoss):
 
     def __init__(self, num_classes, embedding_size, margin=0.1, alpha=32.0):
         super().__init__(num_classes, embedding_size)
-        self.margin, self.alpha = functional._anchor_hyperparameters(type(self).__name__, margin, alpha)
-        nn.init.kaiming_normal_(self.proxies, mode="fan_out")
+        self.margin, self.alpha = anchor_hyperparameters(type(self).__name__, margin, alpha)
+        self.init_proxies_(self.proxies, num_classes)
 
     def loss_with_proxies(self, embeddings, proxies, labels):
         return functional.proxy_anchor_loss(embeddings, proxies, labels, self.margin, self.alpha)
@@ -68,20 +85,20 @@ class ProxyAnchorLoss(_ProxyLoss):
 
 
 class ProxyNCALoss(_ProxyLoss):
-    """ProxyNCA / ProxyNCA++ (SPEC §2): see :func:`dmlfast.functional.proxy_nca_loss`.
+    """ProxyNCA / ProxyNCA++ (docs/losses.md §2): see :func:`dmlfast.functional.proxy_nca_loss`.
 
     Proxies are initialised randn / 8 as in the ProxyNCA and ProxyNCA++ reference code. The default
     scale 18 is ProxyNCA++'s (and dichotomies' s_x = s_p = 3).
     """
 
     op = "proxy_nca_loss"  # the fused op it calls, whose input checks and messages ProxySynthesis repeats
+    init_proxies_ = staticmethod(normal_over_8_)
 
     def __init__(self, num_classes, embedding_size, scale=18.0, smoothing=0.0, exclude_positive=False):
         super().__init__(num_classes, embedding_size)
-        self.scale, self.smoothing, self.exclude_positive = functional._softmax_hyperparameters(
+        self.scale, self.smoothing, self.exclude_positive = softmax_hyperparameters(
             type(self).__name__, scale, smoothing, exclude_positive)
-        with torch.no_grad():
-            self.proxies.normal_().div_(8.0)
+        self.init_proxies_(self.proxies, num_classes)
 
     def loss_with_proxies(self, embeddings, proxies, labels):
         return functional.proxy_nca_loss(embeddings, proxies, labels, self.scale, self.smoothing, self.exclude_positive)
@@ -94,17 +111,18 @@ class ProxyNCALoss(_ProxyLoss):
 
 
 class NormSoftmaxLoss(_ProxyLoss):
-    """Norm-SoftMax (SPEC §4.2): softmax cross-entropy on scale · cos(x, p) over all proxies.
+    """Norm-SoftMax (docs/losses.md §4.2): softmax cross-entropy on scale · cos(x, p) over all proxies.
 
     Proxies are initialised kaiming_uniform_(a=√5) as in the Proxy Synthesis code.
     """
 
     op = "proxy_nca_loss"  # the fused op it calls, whose input checks and messages ProxySynthesis repeats
+    init_proxies_ = staticmethod(kaiming_uniform_sqrt5_)
 
     def __init__(self, num_classes, embedding_size, scale=23.0):
         super().__init__(num_classes, embedding_size)
-        self.scale = functional._require_number(type(self).__name__, "scale", scale, low=0.0, low_inclusive=False)
-        nn.init.kaiming_uniform_(self.proxies, a=math.sqrt(5))
+        self.scale = require_number(type(self).__name__, "scale", scale, low=0.0, low_inclusive=False)
+        self.init_proxies_(self.proxies, num_classes)
 
     def loss_with_proxies(self, embeddings, proxies, labels):
         return functional.proxy_nca_loss(embeddings, proxies, labels, self.scale)
@@ -114,7 +132,7 @@ class NormSoftmaxLoss(_ProxyLoss):
 
 
 class ProxyISALoss(_ProxyLoss):
-    """Proxy-ISA (Li et al., MMAsia 2022; SPEC §3): Proxy-Anchor whose exponents are scaled by
+    """Proxy-ISA (Li et al., MMAsia 2022; docs/losses.md §3): Proxy-Anchor whose exponents are scaled by
     per-pair multipliers M from a per-class schedule, computed inside the fused anchor kernel
     (:func:`dmlfast.functional.proxy_isa_loss`).
 
@@ -133,7 +151,7 @@ class ProxyISALoss(_ProxyLoss):
     Positives: M = 1 + w inside [θ, s̄], w outside (from ``filter_start_epoch`` on; M = 1 before);
     a positive below θ is an outlier and is neither counted nor stored. Negatives (always): M =
     1/max(1, n) below θ, else 1. Each training-mode forward updates the state after computing the
-    loss (mask from the old state → loss → store → count, SPEC §3.4); call :meth:`set_epoch` at
+    loss (mask from the old state → loss → store → count, docs/losses.md §3.4); call :meth:`set_epoch` at
     the start of every epoch. The state update has data-dependent shapes, so a training step with
     this loss compiles with graph breaks, not with fullgraph=True. The defaults are the loss class's (k = 1.0 there; the published
     train.py uses k = 0.9, Cars 0.4, In-shop 0.1); h = 0.15 and τ = 1.5 are not on its CLI.
@@ -143,17 +161,17 @@ class ProxyISALoss(_ProxyLoss):
                  memory_size=55000, memory_start_epoch=2, filter_start_epoch=3, hardness_scale=0.15, tau=1.5):
         super().__init__(num_classes, embedding_size)
         owner = type(self).__name__
-        number = functional._require_number
-        self.margin, self.alpha = functional._anchor_hyperparameters(owner, margin, alpha)
+        number = require_number
+        self.margin, self.alpha = anchor_hyperparameters(owner, margin, alpha)
         self.k = number(owner, "k", k, low=0.0)
         self.V = number(owner, "V", V, low=1.0, low_inclusive=False)
         self.lam = number(owner, "lam", lam)
         self.hardness_scale = number(owner, "hardness_scale", hardness_scale)
         self.tau = number(owner, "tau", tau)
-        self.memory_start_epoch = _require_int(owner, "memory_start_epoch", memory_start_epoch, minimum=0)
-        self.filter_start_epoch = _require_int(owner, "filter_start_epoch", filter_start_epoch, minimum=0)
-        memory_size = _require_int(owner, "memory_size", memory_size)
-        nn.init.kaiming_normal_(self.proxies, mode="fan_out")
+        self.memory_start_epoch = require_int(owner, "memory_start_epoch", memory_start_epoch, minimum=0)
+        self.filter_start_epoch = require_int(owner, "filter_start_epoch", filter_start_epoch, minimum=0)
+        memory_size = require_int(owner, "memory_size", memory_size)
+        self.init_proxies_(self.proxies, num_classes)
         # int64, so that module casts (.float(), .half()) leave the counts exact
         self.register_buffer("counter", torch.zeros(num_classes, dtype=torch.int64))
         self.register_buffer("learned_sim", torch.ones(num_classes))
@@ -164,7 +182,7 @@ class ProxyISALoss(_ProxyLoss):
 
     def set_epoch(self, epoch):
         """Tell the loss the (0-indexed) epoch: the memory and the positive filter start by it."""
-        self.epoch.fill_(_require_int(f"{type(self).__name__}.set_epoch", "epoch", epoch, minimum=0))
+        self.epoch.fill_(require_int(f"{type(self).__name__}.set_epoch", "epoch", epoch, minimum=0))
 
     def class_schedule(self):
         """The per-class vectors (s̄, θ, w, easy-negative weight) the next step uses, float32."""
@@ -191,7 +209,7 @@ class ProxyISALoss(_ProxyLoss):
 
     @torch.no_grad()
     def _update_state(self, embeddings, labels, threshold, filter_positives):
-        """After the loss: drop outliers, count the rest, store them, re-estimate s̄ (SPEC §3.4)."""
+        """After the loss: drop outliers, count the rest, store them, re-estimate s̄ (docs/losses.md §3.4)."""
         normalize = torch.nn.functional.normalize
         unit = normalize(embeddings.float(), dim=1)
         keep = torch.ones_like(labels, dtype=torch.bool)
@@ -226,7 +244,7 @@ class ProxyISALoss(_ProxyLoss):
 
 
 class IntrospectiveProxyAnchorLoss(_ProxyLoss):
-    """IDML's introspective Proxy-Anchor (Wang, Zheng et al., TPAMI 2023; SPEC §6):
+    """IDML's introspective Proxy-Anchor (Wang, Zheng et al., TPAMI 2023; docs/losses.md §6):
     :func:`dmlfast.functional.idml_proxy_anchor_loss`, i.e. Proxy-Anchor (α = ``alpha``,
     δ = ``margin``) on S'_bc = 1 - (1 - S_bc) · exp(-(‖v_b‖² + 4) / (5 ‖μ_b - p_c‖²)).
 
@@ -240,13 +258,14 @@ class IntrospectiveProxyAnchorLoss(_ProxyLoss):
     g = exp(-1/d) and the uncertainty head gets ~zero gradient: the loss is then Proxy-Anchor on
     S' = 1 - (1 - S) e^{-1/‖μ - p‖²}. The model head keeps that default
     (``normalize_uncertainty=True``, trainer flag ``--uncertainty-l2-norm on``); turn it off to let
-    ‖v‖ carry the uncertainty the paper describes. SPEC has not checked this against the paper.
+    ‖v‖ carry the uncertainty the paper describes. The paper's equation has not been checked
+    against the code (docs/losses.md §8).
     """
 
     def __init__(self, num_classes, embedding_size, margin=0.1, alpha=32.0):
         super().__init__(num_classes, embedding_size)
-        self.margin, self.alpha = functional._anchor_hyperparameters(type(self).__name__, margin, alpha)
-        nn.init.kaiming_normal_(self.proxies, mode="fan_out")
+        self.margin, self.alpha = anchor_hyperparameters(type(self).__name__, margin, alpha)
+        self.init_proxies_(self.proxies, num_classes)
 
     def forward(self, embeddings, uncertainty, labels):
         return functional.idml_proxy_anchor_loss(embeddings, uncertainty, self.proxies, labels, self.margin, self.alpha)
@@ -255,15 +274,19 @@ class IntrospectiveProxyAnchorLoss(_ProxyLoss):
         return f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, margin={self.margin}, alpha={self.alpha}"
 
 
+#: The losses :class:`ProxySynthesis` can wrap: it extends their proxies and classes per batch.
+SYNTHESIS_BASES = (ProxyAnchorLoss, ProxyNCALoss, NormSoftmaxLoss)
+
+
 class ProxySynthesis(nn.Module):
-    """Proxy Synthesis (Gu, Ko, Kim, AAAI 2021; SPEC §4) around a proxy loss module.
+    """Proxy Synthesis (Gu, Ko, Kim, AAAI 2021; docs/losses.md §4) around a proxy loss module.
 
     Per batch one λ ~ Beta(alpha, alpha) (drawn from torch's generator, so ``torch.manual_seed``
     makes runs reproducible); synthetic embeddings x̃_b = λ x̂_b + (1-λ) x̂_{b-1} (b-1 cyclic) and
     synthetic proxies p̃_b = λ p̂_{y_b} + (1-λ) p̂_{y_{b-1}}, one new class C + b each, of which the
     first ⌊mu·B⌋ are appended to the batch and to the proxies; the base loss (which re-normalizes)
     runs on the extended set, and gradients flow through the mixing into embeddings and proxies.
-    With Proxy-Anchor (no official code, SPEC §4.3) the normalizers simply count the synthetic
+    With Proxy-Anchor (no official code, docs/losses.md §4.3) the normalizers simply count the synthetic
     classes: |P⁺| + ⌊mu·B⌋ and C + ⌊mu·B⌋. ``mu = 0`` is the base loss. The published recipe uses
     alpha = 0.4, mu = 1.0; the proxies stay ``base_loss.proxies``.
     """
@@ -271,18 +294,19 @@ class ProxySynthesis(nn.Module):
     def __init__(self, base_loss, alpha=0.4, mu=1.0):
         super().__init__()
         owner = type(self).__name__
-        if not isinstance(base_loss, _ProxyLoss) or isinstance(base_loss, (ProxyISALoss, IntrospectiveProxyAnchorLoss)):
-            raise TypeError(f"{owner}: base_loss must be a ProxyAnchorLoss, ProxyNCALoss or NormSoftmaxLoss, got {type(base_loss).__name__}")
+        if not isinstance(base_loss, SYNTHESIS_BASES):
+            raise TypeError(f"{owner}: base_loss must be a {one_of([c.__name__ for c in SYNTHESIS_BASES])}, "
+                            f"got {type(base_loss).__name__}")
         self.base_loss = base_loss
-        self.alpha = functional._require_number(owner, "alpha", alpha, low=0.0, low_inclusive=False)
-        self.mu = functional._require_number(owner, "mu", mu, low=0.0, high=1.0, high_inclusive=True)
+        self.alpha = require_number(owner, "alpha", alpha, low=0.0, low_inclusive=False)
+        self.mu = require_number(owner, "mu", mu, low=0.0, high=1.0, high_inclusive=True)
 
     @property
     def proxies(self):
         return self.base_loss.proxies
 
     def forward(self, embeddings, labels):
-        functional.check_loss_inputs(self.base_loss.op, embeddings, self.proxies, labels)  # before any arithmetic on them
+        check_loss_inputs(self.base_loss.op, embeddings, self.proxies, labels)  # before any arithmetic on them
         count = int(self.mu * embeddings.shape[0])
         if count == 0:
             return self.base_loss(embeddings, labels)
@@ -301,7 +325,7 @@ class ProxySynthesis(nn.Module):
 
 
 class MovingProxyLoss(nn.Module):
-    """Asymptotic ("moving") proxies (leftthomas/ProxyAnchor @4137a7d; SPEC §5).
+    """Asymptotic ("moving") proxies (leftthomas/ProxyAnchor @4137a7d; docs/losses.md §5).
 
     Cross-entropy of softmax(cos(x, w) / temperature) through the fused softmax kernel. The proxies
     are a buffer (randn init) that gets no gradient; after each optimizer step the trainer calls
@@ -316,10 +340,10 @@ class MovingProxyLoss(nn.Module):
     def __init__(self, num_classes, embedding_size, temperature=0.03, momentum=0.5, learnable=False):
         super().__init__()
         owner = type(self).__name__
-        num_classes = _require_int(owner, "num_classes", num_classes)
-        embedding_size = _require_int(owner, "embedding_size", embedding_size)
-        self.temperature = functional._require_number(owner, "temperature", temperature, low=0.0, low_inclusive=False)
-        self.momentum = functional._require_number(owner, "momentum", momentum, low=0.0, high=1.0, high_inclusive=True)
+        num_classes = require_int(owner, "num_classes", num_classes)
+        embedding_size = require_int(owner, "embedding_size", embedding_size)
+        self.temperature = require_number(owner, "temperature", temperature, low=0.0, low_inclusive=False)
+        self.momentum = require_number(owner, "momentum", momentum, low=0.0, high=1.0, high_inclusive=True)
         if not isinstance(learnable, bool):
             raise TypeError(f"{owner}: learnable must be a bool, got {type(learnable).__name__}")
         self.learnable = learnable
@@ -364,3 +388,10 @@ class MovingProxyLoss(nn.Module):
             f"num_classes={self.proxies.shape[0]}, embedding_size={self.proxies.shape[1]}, "
             f"temperature={self.temperature}, momentum={self.momentum}, learnable={self.learnable}"
         )
+
+
+#: Every loss by the name the trainer (``--loss NAME``), the recipes and :mod:`dmlfast.sharded` use.
+LOSSES = {"ProxyAnchor": ProxyAnchorLoss, "ProxyNCA": ProxyNCALoss, "NormSoftmax": NormSoftmaxLoss,
+          "ProxyISA": ProxyISALoss, "Moving": MovingProxyLoss, "IDML": IntrospectiveProxyAnchorLoss}
+#: The names of :data:`SYNTHESIS_BASES` (``--proxy-synthesis`` wraps these).
+SYNTHESIS_LOSSES = tuple(name for name, loss in LOSSES.items() if loss in SYNTHESIS_BASES)

@@ -18,11 +18,20 @@ import argparse
 import importlib.util
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
-from dmlfast._cli import InputError, run_command
+from dmlfast._cli import InputError, add_custom_data_arguments, check_embedding_flags, run_command
+from dmlfast.checks import require_at_least
+from dmlfast.figures import draw_map, pick_classes, project, write_html
+from dmlfast.training.embedding import embed_list
+from dmlfast.training.setup import dataset_split, load_model
 
 PROG = "python -m dmlfast.plot"
+draw = draw_map
+
+# The command, and the library names (dmlfast.figures, dmlfast.training) that stay importable from this module.
+__all__ = ["METHODS", "PACKAGES", "PROG", "build_parser", "main", "plot", "resolve_method",
+           "dataset_split", "draw", "embed_list", "load_model", "pick_classes", "project", "write_html"]
 METHODS = ("auto", "tsne", "umap")
 PACKAGES = {"tsne": ("sklearn", "scikit-learn"), "umap": ("umap", "umap-learn")}
 
@@ -47,89 +56,7 @@ def resolve_method(method: str) -> str:
     return method
 
 
-def project(embeddings, method: str, seed: int = 0):
-    """``[N, 2]`` float array: t-SNE (PCA init, perplexity min(30, (N - 1) / 3)) or UMAP (15 neighbours at most) of ``embeddings``."""
-    import numpy as np
-
-    x = np.asarray(embeddings, dtype=np.float32)
-    if x.ndim != 2 or x.shape[0] < 4:
-        raise ValueError(f"project: embeddings must be [N >= 4, D], got shape {x.shape}")
-    if method not in ("tsne", "umap"):
-        raise ValueError(f"project: method must be 'tsne' or 'umap', got {method!r}")
-    if method == "umap":
-        import umap
-
-        return umap.UMAP(n_components=2, n_neighbors=min(15, x.shape[0] - 1), random_state=seed).fit_transform(x)
-    from sklearn.manifold import TSNE
-
-    perplexity = max(1.0, min(30.0, (x.shape[0] - 1) / 3))
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
-
-
-def pick_classes(labels: Sequence[int], count: int, seed: int) -> List[int]:
-    """``count`` distinct labels of ``labels`` (all when fewer), drawn with ``seed``, sorted."""
-    import numpy as np
-
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"pick_classes: count must be an int >= 1, got {count!r}")
-    present = np.unique(np.asarray(labels))
-    order = np.random.default_rng(seed).permutation(len(present))
-    return sorted(present[order[:count]].tolist())
-
-
-def draw(points, names: Sequence[str], title: str, out: Path) -> None:
-    """Scatter plot PNG of ``points [N, 2]``, one colour per distinct name (legend up to 20 classes)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    points = np.asarray(points)
-    if points.ndim != 2 or points.shape[1] != 2 or len(points) != len(names):
-        raise ValueError(f"draw: points must be [N, 2] with one name per point; got shape {points.shape} and {len(names)} names")
-    classes = sorted(set(names))
-    if len(classes) <= 20:  # the categorical palettes, colour by colour
-        cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
-        colours = [cmap(i) for i in range(len(classes))]
-    else:
-        colours = [plt.get_cmap("hsv")(i / len(classes)) for i in range(len(classes))]
-    out = Path(out)
-    fig, ax = plt.subplots(figsize=(8, 6.5))
-    names = np.asarray(names)
-    for i, c in enumerate(classes):
-        sel = names == c
-        ax.scatter(points[sel, 0], points[sel, 1], s=14, color=colours[i], label=str(c), linewidths=0)
-    if len(classes) <= 20:
-        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, markerscale=1.5, frameon=False)
-    ax.set(title=title, xticks=[], yticks=[])
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-
-
-def write_html(points, names: Sequence[str], paths: Sequence[str], title: str, out: Path) -> None:
-    """Interactive plotly scatter (hover: label and path) as a standalone HTML file."""
-    import numpy as np
-    import plotly.graph_objects as go
-
-    points = np.asarray(points)
-    if points.ndim != 2 or points.shape[1] != 2 or not len(points) == len(names) == len(paths):
-        raise ValueError(f"write_html: points must be [N, 2] with one name and path per point; got shape {points.shape}, "
-                         f"{len(names)} names, {len(paths)} paths")
-    fig = go.Figure()
-    for c in sorted(set(names)):
-        idx = [i for i, n in enumerate(names) if n == c]
-        fig.add_trace(go.Scatter(x=points[idx, 0], y=points[idx, 1], mode="markers", name=str(c),
-                                 text=[f"{c}<br>{paths[i]}" for i in idx], hoverinfo="text"))
-    fig.update_layout(title=title, xaxis_visible=False, yaxis_visible=False)
-    fig.write_html(str(out), include_plotlyjs=True)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from dmlfast.evaluate import add_custom_data_arguments
-
     p = argparse.ArgumentParser(prog=PROG, description="2-D t-SNE/UMAP map of a checkpoint's test embeddings, coloured by class.")
     p.add_argument("--checkpoint", type=Path, required=True, help="a best.pt/last.pt of python -m dmlfast.train")
     g = p.add_argument_group("data (default: the checkpoint's dataset)")
@@ -153,14 +80,9 @@ def plot(args: argparse.Namespace) -> Path:
     import numpy as np
 
     from dmlfast.data import ImageList
-    from dmlfast.retrieve import dataset_split, embed_list, load_model
 
-    if args.classes < 1:
-        raise InputError(f"--classes must be at least 1, got {args.classes}")
-    if args.batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.workers < 0:
-        raise InputError(f"--workers must be >= 0, got {args.workers}")
+    require_at_least("--classes", args.classes, 1)
+    check_embedding_flags(args)
     method = resolve_method(args.method)
     out = args.out if args.out is not None else args.checkpoint.parent / "embeddings.png"
     model, config, device, dtype = load_model(args.checkpoint, args.device)
@@ -174,11 +96,11 @@ def plot(args: argparse.Namespace) -> Path:
                             progress=args.progress, desc="embed")
     print(f"{method}: {len(subset)} images of {len(chosen)} classes of {data_config['dataset']} {split.split}", flush=True)
     points = project(embeddings.numpy(), method, args.seed)
-    names = [str(split.class_ids[c]) if split.class_ids else str(c) for c in subset.labels.tolist()]
+    names = subset.label_names()
     title = (f"{'t-SNE' if method == 'tsne' else 'UMAP'} of {data_config['dataset']} {split.split} embeddings: "
              f"{len(chosen)} classes, {len(subset)} images\n{args.checkpoint}")
     try:
-        draw(points, names, title, out)
+        draw_map(points, names, title, out)
         print(f"wrote {out}")
         if _installed("plotly"):
             html = out.with_suffix(".html")

@@ -4,7 +4,7 @@ A recipe is built by applying, in order, every rule of ``RULES`` whose dataset, 
 patterns match (``"*"`` matches anything; later rules override earlier ones), on top of
 ``Recipe()``'s defaults. The model comes first: the one given (``--model``) or the ``model`` that the
 matching rules name for the dataset and loss. Command-line flags then override the result
-(``dmlfast.train``). Sources: SPEC-losses.md §1.2 (Proxy-Anchor, official train.py and README),
+(``dmlfast.train``). Sources: docs/losses.md §1.2 (Proxy-Anchor, official train.py and README),
 §2.3 (ProxyNCA++), §4.4 (Norm-SoftMax, Proxy Synthesis recipe), §6 (IDML). The glyph and Omniglot rows are
 dmlfast's own: a small CNN trained from scratch, sized to finish in minutes on a CPU. The user's own
 data (``folder``, ``csv``) gets each loss's generic recipe on ResNet-50 (ImageNet weights from torchvision).
@@ -15,7 +15,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
-LOSSES = ("ProxyAnchor", "ProxyNCA", "NormSoftmax", "ProxyISA", "Moving", "IDML")
+from dmlfast.losses import LOSSES as _LOSS_CLASSES
+
+#: The loss names of :data:`dmlfast.losses.LOSSES`, the registry.
+LOSSES = tuple(_LOSS_CLASSES)
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
@@ -31,7 +34,7 @@ class Recipe:
     ``loss_kwargs``: passed to the loss constructor. ``proxy_synthesis``: (alpha, mu) of Proxy
     Synthesis around the loss, ``None`` for none. ``mixup``: image-level mixup each step
     (:mod:`dmlfast.training.mixup`). ``normalize_uncertainty``: IDML only, L2-normalize the
-    uncertainty head's output (the released default, which leaves that head inert; SPEC §6 ⚠)."""
+    uncertainty head's output (the released default, which leaves that head inert; docs/losses.md §6 ⚠)."""
 
     model: str = "bn_inception"
     weights: str = "imagenet"
@@ -74,7 +77,7 @@ class Recipe:
 # (dataset pattern, loss pattern, model pattern, overrides), applied in order. A pattern is "*", a
 # name, or a tuple of names.
 RULES: Tuple[Tuple[Any, Any, Any, Dict[str, Any]], ...] = (
-    # Proxy-Anchor, official train.py defaults + README (SPEC §1.2).
+    # Proxy-Anchor, official train.py defaults + README (docs/losses.md §1.2).
     ("*", "ProxyAnchor", "*", dict(model="bn_inception", embedding_size=512, batch_size=180, epochs=60, optimizer="adamw",
                                     lr=1e-4, proxy_lr_mult=100.0, weight_decay=1e-4, warmup_epochs=1, freeze_bn=True,
                                     lr_step=10, lr_gamma=0.5, grad_clip=10.0, pooling="avg+max",
@@ -85,7 +88,7 @@ RULES: Tuple[Tuple[Any, Any, Any, Dict[str, Any]], ...] = (
     ("Cars196", "ProxyAnchor", "bn_inception", dict(lr_step=20)),
     ("CUB", "ProxyAnchor", "resnet50", dict(lr_step=5)),
     ("Cars196", "ProxyAnchor", "resnet50", dict(lr_step=10)),
-    # ProxyNCA++ (SPEC §2.3). Its LR schedule (ReduceLROnPlateau on a validation split, then
+    # ProxyNCA++ (docs/losses.md §2.3). Its LR schedule (ReduceLROnPlateau on a validation split, then
     # MultiStepLR at the recorded milestones) is not reproduced: constant lr.
     ("*", "ProxyNCA", "*", dict(model="resnet50", embedding_size=2048, pooling="max", layer_norm=True, freeze_bn=True,
                                  optimizer="adam", adam_eps=1.0, weight_decay=0.0, lr=4e-3, proxy_lr_mult=1e5,
@@ -94,12 +97,12 @@ RULES: Tuple[Tuple[Any, Any, Any, Dict[str, Any]], ...] = (
                                  loss_kwargs=dict(scale=18.0))),
     (("SOP", "In-shop"), "ProxyNCA", "*", dict(lr=2.4e-2, batch_size=192, samples_per_class=3, epochs=80)),
     ("SOP", "ProxyNCA", "*", dict(proxy_lr_mult=1e4)),
-    # Norm-SoftMax with the Proxy Synthesis repository's recipe (SPEC §4.4).
+    # Norm-SoftMax with the Proxy Synthesis repository's recipe (docs/losses.md §4.4).
     ("*", "NormSoftmax", "*", dict(model="bn_inception", embedding_size=512, pooling="avg", freeze_bn=True,
                                     optimizer="adam", adam_eps=0.01, lr=1e-4, proxy_lr_mult=100.0, weight_decay=1e-4,
                                     batch_size=128, epochs=130, lr_step=50, lr_gamma=0.1, warmup_epochs=0,
                                     grad_clip=10.0, image_size=224, loss_kwargs=dict(scale=23.0))),
-    # Proxy-ISA, the published train.py + README (SPEC §3.5); the backbone is Proxy-Anchor's.
+    # Proxy-ISA, the published train.py + README (docs/losses.md §3.5); the backbone is Proxy-Anchor's.
     ("*", "ProxyISA", "*", dict(model="bn_inception", embedding_size=512, batch_size=128, epochs=100, optimizer="adam",
                                  lr=1e-4, proxy_lr_mult=100.0, weight_decay=1e-4, warmup_epochs=1, freeze_bn=True,
                                  lr_step=10, lr_gamma=0.5, grad_clip=10.0, pooling="avg+max",
@@ -111,15 +114,15 @@ RULES: Tuple[Tuple[Any, Any, Any, Dict[str, Any]], ...] = (
     (("SOP", "In-shop"), "ProxyISA", "*", dict(optimizer="adamw", lr=6e-4)),
     ("In-shop", "ProxyISA", "*", dict(loss_kwargs=dict(margin=0.1, alpha=32.0, k=0.1, V=100, lam=0.1, memory_size=55000,
                                                          memory_start_epoch=2, filter_start_epoch=3))),
-    # Asymptotic moving proxies (SPEC §5): GMP + LayerNorm, proxies moved, not trained. The
-    # published model's backbone is not in the spec; ResNet-50 here. StepLR at half the epochs.
+    # Asymptotic moving proxies (docs/losses.md §5): GMP + LayerNorm, proxies moved, not trained. The
+    # published model's backbone is not known; ResNet-50 here. StepLR at half the epochs.
     ("*", "Moving", "*", dict(model="resnet50", embedding_size=512, pooling="max", layer_norm=True, freeze_bn=True,
                                optimizer="adam", lr=1e-4, weight_decay=0.0, warmup_epochs=0, batch_size=128, epochs=30,
                                lr_step=15, lr_gamma=0.1, grad_clip=0.0, image_size=256, resize_size=292,
                                loss_kwargs=dict(temperature=0.03, momentum=0.5))),
     (("SOP", "In-shop"), "Moving", "*", dict(lr=4e-5, loss_kwargs=dict(temperature=0.05, momentum=0.95))),
-    # IDML (SPEC §6): ResNet-50, two heads, Proxy-Anchor on the introspective similarity, mixup
-    # every step. Epochs are not in SPEC: Proxy-Anchor's 60. In-shop is not in SPEC: the base row.
+    # IDML (docs/losses.md §6): ResNet-50, two heads, Proxy-Anchor on the introspective similarity, mixup
+    # every step. The published recipe has no epoch count: Proxy-Anchor's 60. In-shop: the base row.
     ("*", "IDML", "*", dict(model="resnet50", embedding_size=512, batch_size=120, epochs=60, optimizer="adamw", lr=6e-4,
                              proxy_lr_mult=100.0, weight_decay=1e-4, warmup_epochs=5, freeze_bn=True, lr_step=5,
                              lr_gamma=0.5, grad_clip=10.0, pooling="avg+max", mixup=True,

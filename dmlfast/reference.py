@@ -1,4 +1,4 @@
-"""The executable spec: eager versions of every loss, straight from SPEC-losses.md.
+"""The executable spec: eager versions of every loss, straight from docs/losses.md.
 
 They compute in the dtype they are given: the tests give float64 (the reference the fused ops are
 checked against), the benchmarks float32 (the eager baseline). They build B x C tensors and are
@@ -11,7 +11,7 @@ NORM_EPS = 1e-12
 
 
 def normalize(x):
-    """Rows divided by sqrt(Σx² + 1e-12), the official normalization (SPEC §0)."""
+    """Rows divided by sqrt(Σx² + 1e-12), the official normalization (docs/losses.md §0)."""
     return x / torch.sqrt((x * x).sum(dim=1, keepdim=True) + NORM_EPS)
 
 
@@ -21,14 +21,14 @@ def cosine(embeddings, proxies):
 
 
 def lse0(values, mask, dim):
-    """log(1 + Σ_{mask} e^{values}) along ``dim``: a logsumexp with an extra zero logit (SPEC §0)."""
+    """log(1 + Σ_{mask} e^{values}) along ``dim``: a logsumexp with an extra zero logit (docs/losses.md §0)."""
     masked = values.masked_fill(~mask, float("-inf"))
     zero = torch.zeros_like(masked.narrow(dim, 0, 1))
     return torch.logsumexp(torch.cat([masked, zero], dim=dim), dim=dim)
 
 
 def proxy_anchor_loss(embeddings, proxies, labels, margin=0.1, alpha=32.0):
-    """SPEC §1.1: positive terms averaged over proxies with positives, negatives over all C."""
+    """docs/losses.md §1.1: positive terms averaged over proxies with positives, negatives over all C."""
     sim = cosine(embeddings, proxies)
     positive = F.one_hot(labels, proxies.shape[0]).bool()
     pos_terms = lse0(-alpha * (sim - margin), positive, dim=0)
@@ -38,7 +38,7 @@ def proxy_anchor_loss(embeddings, proxies, labels, margin=0.1, alpha=32.0):
 
 
 def proxy_nca_loss(embeddings, proxies, labels, scale=18.0, smoothing=0.0, exclude_positive=False):
-    """SPEC §2 and §7.3 on logits z = scale · S.
+    """docs/losses.md §2 and §7.3 on logits z = scale · S.
 
     Softmax over all proxies with targets 1-ε / ε/(C-1), or with ``exclude_positive`` the classic
     -z_y + log Σ_{c≠y} e^{z_c}; mean over the batch.
@@ -56,7 +56,7 @@ def proxy_nca_loss(embeddings, proxies, labels, scale=18.0, smoothing=0.0, exclu
 
 def proxy_isa_loss(embeddings, proxies, labels, class_center, class_threshold, class_weight, easy_negative_weight,
                    filter_positives=True, margin=0.1, alpha=32.0):
-    """SPEC §3.1 and §3.3: Proxy-Anchor with detached multipliers M from per-class bands.
+    """docs/losses.md §3.1 and §3.3: Proxy-Anchor with detached multipliers M from per-class bands.
 
     Positives: M = 1 + w in [θ, s̄], w outside (when ``filter_positives``, else 1); negatives:
     M = easy_negative_weight below θ, else 1. Normalizers: sums over classes of the mean M of their
@@ -80,7 +80,7 @@ def proxy_isa_loss(embeddings, proxies, labels, class_center, class_threshold, c
 
 
 def introspective_similarity(embeddings, uncertainty, proxies):
-    """SPEC §6: S' = 1 - (1 - S) · exp(-(‖v_b‖² + 4) / (5 ‖x_b - p_c‖²)), B x C (x as given, p raw)."""
+    """docs/losses.md §6: S' = 1 - (1 - S) · exp(-(‖v_b‖² + 4) / (5 ‖x_b - p_c‖²)), B x C (x as given, p raw)."""
     distance = (embeddings * embeddings).sum(1, keepdim=True) + (proxies * proxies).sum(1) - 2 * embeddings @ proxies.T
     certainty = (uncertainty * uncertainty).sum(dim=1, keepdim=True)
     gate = torch.exp(-(certainty + 4) / (5 * distance))
@@ -88,7 +88,7 @@ def introspective_similarity(embeddings, uncertainty, proxies):
 
 
 def idml_proxy_anchor_loss(embeddings, uncertainty, proxies, labels, margin=0.1, alpha=32.0):
-    """SPEC §6: Proxy-Anchor (§1.1) with S replaced by the introspective similarity S'."""
+    """docs/losses.md §6: Proxy-Anchor (§1.1) with S replaced by the introspective similarity S'."""
     sim = introspective_similarity(embeddings, uncertainty, proxies)
     positive = F.one_hot(labels, proxies.shape[0]).bool()
     pos_terms = lse0(-alpha * (sim - margin), positive, dim=0)

@@ -5,8 +5,8 @@ rank r of N holds classes ``[class_offset, class_offset + count)`` of :func:`sha
 shards allowed: the first C mod N ranks hold one more), so proxies and their Adam state take 1/N of
 the memory on each rank. Every forward:
 
-1. all-gathers the embeddings and labels of every rank (:func:`gather_rows`; its backward sums each
-   rank's gradient contributions back onto the rows it owns);
+1. all-gathers the embeddings and labels of every rank (:func:`dmlfast.collectives.gather_rows`;
+   its backward sums each rank's gradient contributions back onto the rows it owns);
 2. runs the fused op on (all embeddings × this rank's proxies) with the class offset and the
    global class count;
 3. anchor family (Proxy-Anchor, IDML): every term belongs to one proxy column, so the loss is the
@@ -18,7 +18,8 @@ the memory on each rank. Every forward:
 The returned loss is the loss of the whole global batch against all C proxies, the same value on
 every rank; its gradients (local proxies exact, own embeddings exact through the gather) equal the
 unsharded loss's. So the backbone's gradient is the *sum* over ranks of their contributions: with
-DDP, register :func:`allreduce_sum_hook` (DDP averages by default). Proxies are not DDP parameters.
+DDP, register :func:`allreduce_sum_hook` (:mod:`dmlfast.collectives`; DDP averages by default).
+Proxies are not DDP parameters.
 Communication per step: an all-gather of B·D embeddings (and B labels), its backward an all-reduce
 of B·D; the softmax family adds two all-reduces of B and 3·B float64.
 
@@ -27,109 +28,44 @@ Synthesis are not sharded. Without an initialized process group the modules run 
 """
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import functional
 from . import _ops  # noqa: F401  (loads the kernels and registers autograd/fake/autocast)
+from .checks import anchor_hyperparameters, require_int, softmax_hyperparameters
+from .collectives import allreduce_sum_hook, gather_rows, group_rank_and_size, sum_over_ranks
+from .losses import LOSSES, IntrospectiveProxyAnchorLoss, NormSoftmaxLoss, ProxyAnchorLoss, ProxyNCALoss
 
-
-def _require_int(owner, name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+__all__ = ["SHARDED_LOSSES", "ShardedIntrospectiveProxyAnchorLoss", "ShardedNormSoftmaxLoss", "ShardedProxyAnchorLoss",
+           "ShardedProxyNCALoss", "make_sharded_loss", "reduce_softmax_row_stats", "shard_range",
+           # from dmlfast.collectives, for a training loop of one's own:
+           "allreduce_sum_hook", "gather_rows", "group_rank_and_size"]
 
 
 def shard_range(num_classes, rank, world_size):
     """``(first class, count)`` of ``rank``'s shard of ``num_classes`` over ``world_size`` ranks:
     contiguous blocks, the first ``num_classes % world_size`` ranks holding one class more."""
-    num_classes = _require_int("shard_range", "num_classes", num_classes, 1)
-    world_size = _require_int("shard_range", "world_size", world_size, 1)
-    rank = _require_int("shard_range", "rank", rank, 0)
+    num_classes = require_int("shard_range", "num_classes", num_classes)
+    world_size = require_int("shard_range", "world_size", world_size)
+    rank = require_int("shard_range", "rank", rank, minimum=0)
     if rank >= world_size:
         raise ValueError(f"shard_range: rank must be in [0, {world_size}), got {rank}")
     base, extra = divmod(num_classes, world_size)
     return rank * base + min(rank, extra), base + (1 if rank < extra else 0)
 
 
-def group_rank_and_size(group=None):
-    """``(rank, world size)`` in ``group``, or ``(0, 1)`` without an initialized process group."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
-class _GatherRows(torch.autograd.Function):
-    """All-gather along dim 0 (uneven row counts allowed); backward: the sum over ranks of the
-    gradient of the gathered tensor, restricted to this rank's rows."""
-
-    @staticmethod
-    def forward(ctx, tensor, group):
-        rank, world = group_rank_and_size(group)
-        count = torch.tensor([tensor.shape[0]], device=tensor.device)
-        counts = [torch.empty_like(count) for _ in range(world)]
-        dist.all_gather(counts, count, group=group)
-        counts = [int(c) for c in torch.cat(counts).tolist()]
-        longest = max(counts)
-        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
-        padded[: tensor.shape[0]] = tensor
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded.contiguous(), group=group)
-        ctx.group, ctx.counts, ctx.rank = group, counts, rank
-        return torch.cat([part[:n] for part, n in zip(parts, counts)])
-
-    @staticmethod
-    def backward(ctx, grad):
-        total = grad.contiguous().clone()
-        dist.all_reduce(total, group=ctx.group)
-        first = sum(ctx.counts[: ctx.rank])
-        return total[first:first + ctx.counts[ctx.rank]], None
-
-
-def gather_rows(tensor, group=None):
-    """``tensor`` of every rank of ``group`` concatenated along dim 0, in rank order (row counts
-    may differ). Differentiable: the gradient of each rank's rows is summed over the ranks that
-    used them. Without a process group (or with one rank) ``tensor`` itself."""
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"gather_rows: tensor must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dim() < 1:
-        raise ValueError("gather_rows: tensor must have at least one dimension (the rows to gather)")
-    if group_rank_and_size(group)[1] == 1:
-        return tensor
-    return _GatherRows.apply(tensor, group)
-
-
-def _sum_over_ranks(local_loss, group):
-    """The sum of every rank's ``local_loss`` as the value; its gradient reaches ``local_loss`` only
-    (each rank back-propagates its own share)."""
-    if group_rank_and_size(group)[1] == 1:
-        return local_loss
-    total = local_loss.detach().clone()
-    dist.all_reduce(total, group=group)
-    return local_loss + (total - local_loss.detach())
-
-
-def allreduce_sum_hook(process_group, bucket):
-    """A DDP communication hook that sums gradients over ranks instead of averaging them, for
-    backbones trained through a sharded loss (``ddp.register_comm_hook(None, allreduce_sum_hook)``):
-    each rank's backward holds only its own samples' share of the global-batch gradient."""
-    group = process_group if process_group is not None else dist.group.WORLD
-    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
-    return work.get_future().then(lambda future: future.value()[0])
-
-
 class _ShardedProxyLoss(nn.Module):
     """Holds this rank's proxy rows ``proxies`` ((count, embedding_size), float32) of ``num_classes``."""
+
+    #: The loss of :mod:`dmlfast.losses` this one shards: its math, hyperparameters and initial proxies.
+    unsharded = None
 
     def __init__(self, num_classes, embedding_size, group=None):
         super().__init__()
         owner = type(self).__name__
-        num_classes = _require_int(owner, "num_classes", num_classes, 1)
-        embedding_size = _require_int(owner, "embedding_size", embedding_size, 1)
+        num_classes = require_int(owner, "num_classes", num_classes)
+        embedding_size = require_int(owner, "embedding_size", embedding_size)
         self.group = group
         self.rank, self.world_size = group_rank_and_size(group)
         if num_classes < self.world_size:
@@ -144,15 +80,11 @@ class _ShardedProxyLoss(nn.Module):
         return self.proxies.shape[1]
 
     def reset_parameters(self):
-        """Draw this shard's initial proxies (``_initial_proxies``) from a CPU generator seeded by
-        torch's seed and the class offset: shards differ, and a run is reproducible for a given
-        world size."""
+        """Draw this shard's rows of the unsharded loss's initial proxies (its ``init_proxies_`` on the
+        slice) from a CPU generator seeded by torch's seed and the class offset: shards differ, and a
+        run is reproducible for a given world size."""
         generator = torch.Generator().manual_seed((torch.initial_seed() + 1_000_003 * self.class_offset) % 2**63)
-        with torch.no_grad():
-            self.proxies.copy_(self._initial_proxies(tuple(self.proxies.shape), generator))
-
-    def _initial_proxies(self, shape, generator):
-        raise NotImplementedError
+        self.unsharded.init_proxies_(self.proxies, self.num_classes, generator)
 
     def load_full_proxies(self, proxies):
         """Copy this rank's rows of the full ``proxies`` table ((num_classes, embedding_size)) in."""
@@ -190,38 +122,38 @@ class _ShardedProxyLoss(nn.Module):
 
 
 class _ShardedAnchorLoss(_ShardedProxyLoss):
-    """The anchor family's margin δ and scale α; initial proxies N(0, 2/num_classes), Proxy-Anchor's
-    kaiming_normal_(mode='fan_out')."""
+    """The anchor family's margin δ and scale α."""
 
     def __init__(self, num_classes, embedding_size, margin=0.1, alpha=32.0, group=None):
         super().__init__(num_classes, embedding_size, group)
-        self.margin, self.alpha = functional._anchor_hyperparameters(type(self).__name__, margin, alpha)
+        self.margin, self.alpha = anchor_hyperparameters(type(self).__name__, margin, alpha)
         self.reset_parameters()
-
-    def _initial_proxies(self, shape, generator):
-        return torch.randn(shape, generator=generator) * math.sqrt(2.0 / self.num_classes)
 
 
 class ShardedProxyAnchorLoss(_ShardedAnchorLoss):
     """Proxy-Anchor (:func:`dmlfast.functional.proxy_anchor_loss`) with class-sharded proxies:
     ``forward(embeddings, labels)`` on this rank's batch returns the loss of the global batch."""
 
+    unsharded = ProxyAnchorLoss
+
     def forward(self, embeddings, labels):
         x, y = self._gather(embeddings, labels)
         local = torch.ops.dmlfast.proxy_anchor_loss(x, self.proxies, y, self.margin, self.alpha, None, False,
                                                     self.class_offset, self.num_classes)[0]
-        return _sum_over_ranks(local, self.group)
+        return sum_over_ranks(local, self.group)
 
 
 class ShardedIntrospectiveProxyAnchorLoss(_ShardedAnchorLoss):
     """IDML's introspective Proxy-Anchor (:func:`dmlfast.functional.idml_proxy_anchor_loss`) with
     class-sharded proxies: ``forward(embeddings, uncertainty, labels)``."""
 
+    unsharded = IntrospectiveProxyAnchorLoss
+
     def forward(self, embeddings, uncertainty, labels):
         x, v, y = self._gather(embeddings, labels, uncertainty=uncertainty)
         local = torch.ops.dmlfast.idml_proxy_anchor_loss(x, v, self.proxies, y, self.margin, self.alpha,
                                                          self.class_offset, self.num_classes)[0]
-        return _sum_over_ranks(local, self.group)
+        return sum_over_ranks(local, self.group)
 
 
 def reduce_softmax_row_stats(stats, group=None):
@@ -239,16 +171,15 @@ def reduce_softmax_row_stats(stats, group=None):
 
 class ShardedProxyNCALoss(_ShardedProxyLoss):
     """ProxyNCA / ProxyNCA++ (:func:`dmlfast.functional.proxy_nca_loss`) with class-sharded proxies
-    and a distributed log-sum-exp; initial proxies randn / 8 as :class:`dmlfast.ProxyNCALoss`."""
+    and a distributed log-sum-exp."""
+
+    unsharded = ProxyNCALoss
 
     def __init__(self, num_classes, embedding_size, scale=18.0, smoothing=0.0, exclude_positive=False, group=None):
         super().__init__(num_classes, embedding_size, group)
-        self.scale, self.smoothing, self.exclude_positive = functional._softmax_hyperparameters(
+        self.scale, self.smoothing, self.exclude_positive = softmax_hyperparameters(
             type(self).__name__, scale, smoothing, exclude_positive)
         self.reset_parameters()
-
-    def _initial_proxies(self, shape, generator):
-        return torch.randn(shape, generator=generator) / 8.0
 
     def forward(self, embeddings, labels):
         x, y = self._gather(embeddings, labels)
@@ -261,20 +192,19 @@ class ShardedProxyNCALoss(_ShardedProxyLoss):
 
 
 class ShardedNormSoftmaxLoss(ShardedProxyNCALoss):
-    """Norm-SoftMax (softmax cross-entropy on scale · cos) with class-sharded proxies; initial
-    proxies U(-1/√D, 1/√D), :class:`dmlfast.NormSoftmaxLoss`'s kaiming_uniform_(a=√5)."""
+    """Norm-SoftMax (softmax cross-entropy on scale · cos) with class-sharded proxies."""
+
+    unsharded = NormSoftmaxLoss
 
     def __init__(self, num_classes, embedding_size, scale=23.0, group=None):
         super().__init__(num_classes, embedding_size, scale=scale, group=group)
 
-    def _initial_proxies(self, shape, generator):
-        bound = 1.0 / math.sqrt(shape[1])
-        return torch.rand(shape, generator=generator) * (2 * bound) - bound
 
-
-#: The sharded loss of each trainer loss name (``python -m dmlfast.train --loss NAME --shard-proxies``).
-SHARDED_LOSSES = {"ProxyAnchor": ShardedProxyAnchorLoss, "ProxyNCA": ShardedProxyNCALoss,
-                  "NormSoftmax": ShardedNormSoftmaxLoss, "IDML": ShardedIntrospectiveProxyAnchorLoss}
+#: The sharded loss of each name of :data:`dmlfast.losses.LOSSES` that has one
+#: (``python -m dmlfast.train --loss NAME --shard-proxies``).
+SHARDED_LOSSES = {name: sharded for name, loss in LOSSES.items()
+                  for sharded in (ShardedProxyAnchorLoss, ShardedProxyNCALoss, ShardedNormSoftmaxLoss,
+                                  ShardedIntrospectiveProxyAnchorLoss) if sharded.unsharded is loss}
 
 
 def make_sharded_loss(name, num_classes, embedding_size, group=None, **loss_kwargs):

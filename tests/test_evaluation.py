@@ -8,7 +8,7 @@ import torch
 
 import dmlfast.evaluation.clustering as clustering
 import dmlfast.evaluation.knn as knn
-import dmlfast.evaluation.metrics as metrics_module
+import dmlfast.evaluation.ranking as ranking
 from dmlfast.evaluation import available_backends, normalized_mutual_information, retrieval_metrics
 from dmlfast.evaluation.clustering import torch_kmeans
 from dmlfast.evaluation.metrics import canonical_similarities
@@ -168,13 +168,13 @@ def test_no_query_with_a_match_gives_nan():
 def full_row_queries(monkeypatch):
     """The number of queries of each call that ranks queries against every reference."""
     counts = []
-    original = metrics_module._RankingProblem._resolve_with_full_rows
+    original = ranking.RankingProblem._resolve_with_full_rows
 
     def spy(self, rows, chunk_size):
         counts.append(rows.numel())
         return original(self, rows, chunk_size)
 
-    monkeypatch.setattr(metrics_module._RankingProblem, "_resolve_with_full_rows", spy)
+    monkeypatch.setattr(ranking.RankingProblem, "_resolve_with_full_rows", spy)
     return counts
 
 
@@ -182,7 +182,7 @@ def full_row_queries(monkeypatch):
 def test_short_candidate_lists_fall_back_to_full_rows(monkeypatch, full_row_queries, backend):
     # faiss: k-NN lists without margin; torch: its floor at estimated rank 2 x 3 is above many first positives
     embeddings, labels = clustered_set(4, num_samples=300, dim=6, duplicate_every=2)
-    monkeypatch.setattr(metrics_module, "SEARCH_MARGIN", 0)
+    monkeypatch.setattr(ranking, "SEARCH_MARGIN", 0)
     for binary in (False, True):
         result = retrieval_metrics(embeddings, labels, ks=(1, 3), metrics=RANKING, binary=binary, backend=backend)
         assert_matches(result, oracle(embeddings, labels, ks=(1, 3), binary=binary))
@@ -193,7 +193,7 @@ def test_short_candidate_lists_fall_back_to_full_rows(monkeypatch, full_row_quer
 def test_threshold_collection_falls_back_to_full_rows(monkeypatch, full_row_queries, self_reference):
     # a floor of estimated rank ~1 cuts the lists above most first positives: full rows decide
     embeddings, labels = clustered_set(4, num_samples=300, dim=6, duplicate_every=2)
-    monkeypatch.setattr(metrics_module, "THRESHOLD_FLOOR_FACTOR", 0.01)
+    monkeypatch.setattr(ranking, "THRESHOLD_FLOOR_FACTOR", 0.01)
     gallery = {} if self_reference else {"reference": embeddings[100:], "reference_labels": labels[100:]}
     for binary in (False, True):
         for chunk in (None, 64):
@@ -209,7 +209,7 @@ def test_threshold_collection_without_positive_pairs_bound(monkeypatch):
     # too many (query, positive) pairs: cuts come from the tile sample alone, metrics unchanged
     embeddings, labels = clustered_set(5, num_samples=500, num_classes=4)
     expected = retrieval_metrics(embeddings, labels, ks=(1, 10, 100), metrics=RANKING, backend="torch", chunk_size=70)
-    monkeypatch.setattr(metrics_module, "POSITIVE_PAIRS_LIMIT", 10)
+    monkeypatch.setattr(ranking, "POSITIVE_PAIRS_LIMIT", 10)
     assert retrieval_metrics(embeddings, labels, ks=(1, 10, 100), metrics=RANKING, backend="torch", chunk_size=70) == expected
     assert_matches(expected, oracle(embeddings, labels, ks=(1, 10, 100)))
 
@@ -231,7 +231,7 @@ def test_torch_tensor_input_and_string_labels():
 
 
 def test_torch_backend_works_without_faiss(monkeypatch):
-    monkeypatch.setattr(knn, "_import_faiss", lambda: None)
+    monkeypatch.setattr(knn, "import_faiss", lambda: None)
     embeddings, labels = clustered_set(0, num_samples=150)
     assert available_backends() == ("torch",)
     result = retrieval_metrics(embeddings, labels, metrics=RANKING + ("nmi",))
@@ -253,8 +253,8 @@ def test_nmi_is_one_for_separated_clusters_and_deterministic():
 
 def test_nmi_is_one_for_separated_clusters_without_faiss(monkeypatch):
     # torch_kmeans used to seed with random distinct rows: with seed=3 two seeds fell in one cluster
-    monkeypatch.setattr(clustering, "_import_faiss", lambda: None)
-    monkeypatch.setattr(knn, "_import_faiss", lambda: None)
+    monkeypatch.setattr(clustering, "import_faiss", lambda: None)
+    monkeypatch.setattr(knn, "import_faiss", lambda: None)
     test_nmi_is_one_for_separated_clusters_and_deterministic()
 
 

@@ -1,4 +1,4 @@
-"""IDML (SPEC §6, §7.5): the introspective Proxy-Anchor op against the float64 reference, its limits,
+"""IDML (docs/losses.md §6, §7.5): the introspective Proxy-Anchor op against the float64 reference, its limits,
 errors, torch.compile, the two-headed model and a few training steps."""
 import math
 
@@ -92,7 +92,7 @@ def test_zero_distance_is_guarded():
 
 
 def test_normalized_uncertainty_gets_no_gradient():
-    """SPEC §6 ⚠: with v = v_raw / ‖v_raw‖ (the released default) a ≡ 1, so v_raw's gradient is ~0."""
+    """docs/losses.md §6 ⚠: with v = v_raw / ‖v_raw‖ (the released default) a ≡ 1, so v_raw's gradient is ~0."""
     x, v, p, labels = idml_inputs(32, 6, 10)
     raw = v.clone().requires_grad_()
     functional.idml_proxy_anchor_loss(x, torch.nn.functional.normalize(raw, dim=1), p, labels).backward()
@@ -224,7 +224,7 @@ def test_uncertainty_head(normalize):
 @pytest.mark.parametrize("normalize", [True, False])
 def test_training_steps_lower_the_loss(normalize):
     """A few AdamW steps with mixup on class-patterned images; the uncertainty head learns only
-    when its output is not normalized (SPEC §6 ⚠)."""
+    when its output is not normalized (docs/losses.md §6 ⚠)."""
     torch.manual_seed(0)
     classes, per_class = 6, 6
     patterns = torch.rand(classes, 3, 16, 16)

@@ -1,4 +1,4 @@
-"""Proxy-ISA through the fused anchor kernel (SPEC §3.1, §3.3, §7.4) against the float64 reference."""
+"""Proxy-ISA through the fused anchor kernel (docs/losses.md §3.1, §3.3, §7.4) against the float64 reference."""
 import pytest
 import torch
 
@@ -46,7 +46,7 @@ def test_isa_matches_reference(shape, dtype, tol, filter_positives):
 
 
 def test_isa_with_unit_multipliers_is_proxy_anchor():
-    """M ≡ 1 (no positive filter, no easy negatives) gives Proxy-Anchor exactly, SPEC §3.1."""
+    """M ≡ 1 (no positive filter, no easy negatives) gives Proxy-Anchor exactly, docs/losses.md §3.1."""
     x, p, labels, _ = isa_inputs(48, 12, 16)
     ones, low = torch.ones(12, dtype=torch.float64), torch.full((12,), -2.0, dtype=torch.float64)
     isa = run(functional.proxy_isa_loss, x, p, labels, (ones, low, ones, ones), filter_positives=False)

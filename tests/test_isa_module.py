@@ -1,4 +1,4 @@
-"""ProxyISALoss: the per-class schedule, the memory and the state (SPEC §3.2–§3.5)."""
+"""ProxyISALoss: the per-class schedule, the memory and the state (docs/losses.md §3.2–§3.5)."""
 import math
 
 import pytest
@@ -9,7 +9,7 @@ from dmlfast import functional
 
 
 def test_thresholds_at_saturation_match_the_spec_examples():
-    """SPEC §3.2: V = 100, s̄ = 0.1 at saturation gives θ ≈ -0.32 (k=0.9), -0.24 (0.4), -0.19 (0.1)."""
+    """docs/losses.md §3.2: V = 100, s̄ = 0.1 at saturation gives θ ≈ -0.32 (k=0.9), -0.24 (0.4), -0.19 (0.1)."""
     for k, expected in ((0.9, -0.32), (0.4, -0.24), (0.1, -0.19)):
         loss_fn = dmlfast.ProxyISALoss(num_classes=3, embedding_size=4, k=k)
         loss_fn.counter.fill_(1e6)  # n -> V

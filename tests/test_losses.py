@@ -1,4 +1,4 @@
-"""The fused losses against the float64 reference (SPEC §1, §2, §7): values, gradients, edge cases."""
+"""The fused losses against the float64 reference (docs/losses.md §1, §2, §7): values, gradients, edge cases."""
 import math
 
 import pytest

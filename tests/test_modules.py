@@ -25,6 +25,23 @@ def test_proxy_nca_module_initialised_randn_over_8():
     assert (loss_fn.scale, loss_fn.smoothing, loss_fn.exclude_positive) == (18.0, 0.0, False)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (200, 64)])
+@pytest.mark.parametrize("loss_name, init", [
+    ("ProxyAnchorLoss", lambda p: torch.nn.init.kaiming_normal_(p, mode="fan_out")),
+    ("ProxyNCALoss", lambda p: p.normal_().div_(8.0)),
+    ("NormSoftmaxLoss", lambda p: torch.nn.init.kaiming_uniform_(p, a=math.sqrt(5))),
+    ("ProxyISALoss", lambda p: torch.nn.init.kaiming_normal_(p, mode="fan_out")),
+    ("IntrospectiveProxyAnchorLoss", lambda p: torch.nn.init.kaiming_normal_(p, mode="fan_out")),
+])
+def test_initial_proxies_are_the_published_initialisations(loss_name, init, shape):
+    """Bitwise the torch.nn.init call of the published code, from the same seed (the function that
+    draws them, ``init_proxies_``, also draws the shards of :mod:`dmlfast.sharded`)."""
+    torch.manual_seed(3)
+    expected = init(torch.empty(*shape))
+    torch.manual_seed(3)
+    assert torch.equal(getattr(dmlfast, loss_name)(*shape).proxies.detach(), expected)
+
+
 def test_norm_softmax_module_matches_reference():
     loss_fn = dmlfast.NormSoftmaxLoss(num_classes=30, embedding_size=16)
     x, y = torch.randn(40, 16, dtype=torch.float64), torch.randint(0, 30, (40,))

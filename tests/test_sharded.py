@@ -209,7 +209,7 @@ def test_bad_shards_and_arguments_are_clear_errors():
         ops.proxy_nca_shard_row_stats(x, p[:1], labels.clamp(max=0), 18.0, True, 0, 1)
     with pytest.raises(ValueError, match="rank must be in \\[0, 2\\), got 2"):
         sharded.shard_range(7, 2, 2)
-    with pytest.raises(ValueError, match="num_classes must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match="num_classes must be a positive integer, got 0"):
         sharded.ShardedProxyAnchorLoss(0, DIM)
     module = sharded.ShardedProxyAnchorLoss(CLASSES, DIM)
     with pytest.raises(ValueError, match=r"proxies must have shape \(7, 5\), got \(6, 5\)"):

@@ -1,4 +1,4 @@
-"""Proxy Synthesis (SPEC §4) and moving proxies (SPEC §5) against direct float64 computations."""
+"""Proxy Synthesis (docs/losses.md §4) and moving proxies (docs/losses.md §5) against direct float64 computations."""
 import pytest
 import torch
 

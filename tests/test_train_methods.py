@@ -1,4 +1,4 @@
-"""The methods of SPEC §3–§6 in the training loop: Proxy-ISA, moving proxies, Proxy Synthesis,
+"""The methods of docs/losses.md §3–§6 in the training loop: Proxy-ISA, moving proxies, Proxy Synthesis,
 IDML with mixup, and the binary evaluation column."""
 import json
 import zipfile

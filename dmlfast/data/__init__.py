@@ -44,14 +44,17 @@ from typing import Callable, Dict, Optional, Tuple
 
 from ._common import (
     DATASET_DEFAULTS,
+    IMAGE_EXTENSIONS,
     CorruptImageError,
     DataDefaults,
     DatasetLayoutError,
     DatasetSplits,
     FolderImages,
     ImageList,
+    check_images,
     dataset_defaults,
     image_folders,
+    image_problem,
     remap_labels,
 )
 from .dali_loader import DALI_INSTALL_HINT, dali_available
@@ -79,10 +82,11 @@ DATASET_OPTIONS = {"folder": ("test_classes", "seed"), "csv": ("list_file", "tes
 LOADERS = ("auto", "dali", "torch")
 
 __all__ = [
-    "DATASETS", "DATASET_DEFAULTS", "LOADERS", "NORMALIZATIONS", "DALI_INSTALL_HINT",
-    "CUSTOM_DATASETS", "DATASET_OPTIONS", "CorruptImageError", "DataDefaults", "DatasetLayoutError", "DatasetSplits", "FolderImages", "ImageList",
-    "MPerClassSampler", "RandomBatchSampler", "TransformConfig",
-    "dali_available", "dataset_defaults", "image_folders", "load_dataset", "make_loader", "make_sampler", "normalize", "parse_test_classes", "remap_labels",
+    "DATASETS", "DATASET_DEFAULTS", "IMAGE_EXTENSIONS", "LOADERS", "NORMALIZATIONS", "DALI_INSTALL_HINT",
+    "CUSTOM_DATASETS", "DATASET_OPTIONS", "CorruptImageError", "DataDefaults", "DatasetLayoutError", "DatasetSplits", "FolderImages",
+    "ImageList", "MPerClassSampler", "RandomBatchSampler", "TransformConfig",
+    "check_images", "dali_available", "dataset_defaults", "image_folders", "image_problem", "load_dataset", "make_loader", "make_sampler",
+    "normalize", "parse_test_classes", "remap_labels",
 ]
 
 

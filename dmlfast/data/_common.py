@@ -106,6 +106,10 @@ class ImageList:
             return len(self.class_ids)
         return int(self.labels.max()) + 1 if self.labels.size else 0
 
+    def label_names(self) -> List[str]:
+        """Each image's class as text: its ``class_ids`` entry, or the label number without them."""
+        return [str(self.class_ids[c]) if self.class_ids else str(c) for c in self.labels.tolist()]
+
     def __len__(self) -> int:
         return len(self.paths)
 
@@ -259,7 +263,7 @@ def _walk_images(folder: str, visited: set, skipped: List[str], skip_hidden: boo
     return [p for where in sorted(by_folder) for p in by_folder[where]]
 
 
-def _image_problem(path: str) -> Optional[str]:
+def image_problem(path: str) -> Optional[str]:
     """Why the image at ``path`` cannot be used, or ``None``: every image is decoded once.
 
     Checks, cheapest first: an empty or unreadable file; a JPEG without its end-of-image marker or a
@@ -315,7 +319,7 @@ def check_images(image_list: ImageList, strict: bool, remap: bool = True, num_th
     paths = image_list.paths
     desc = f"checking {image_list.dataset or ''} {image_list.split or ''} images".replace("  ", " ")
     with ThreadPoolExecutor(max_workers=num_threads) as pool:
-        problems = list(tqdm(pool.map(_image_problem, paths, chunksize=256), total=len(paths), desc=desc,
+        problems = list(tqdm(pool.map(image_problem, paths, chunksize=256), total=len(paths), desc=desc,
                              disable=len(paths) < 5000, leave=False))
     bad = [(p, why) for p, why in zip(paths, problems) if why is not None]
     if not bad:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .knn import _ieee_float32_matmul, _import_faiss, default_chunk_size, faiss_gpu_available
+from .knn import default_chunk_size, faiss_gpu_available, ieee_float32_matmul, import_faiss
 
 KMEANS_ITERATIONS = 20
 # k-means++ seeding costs one pass over the data per cluster: above this many (row, cluster)
-# pairs it is replaced by seeded random distinct rows. At SOP size (60,502 rows, 11,316 clusters)
-# k-means++ seeding took 711 s on a 2-core CPU; with random rows the whole k-means took 137 s.
+# pairs it is replaced by seeded random distinct rows (timings at SOP size: benchmarks/RESULTS.md).
 KMEANS_PLUS_PLUS_MAX_PAIRS = 1 << 26
 
 
@@ -23,7 +22,7 @@ def kmeans_assignments(vectors: torch.Tensor, num_clusters: int, seed: int = 0) 
     """
     if not 1 <= num_clusters <= vectors.shape[0]:
         raise ValueError(f"num_clusters must be between 1 and the number of vectors ({vectors.shape[0]}), got {num_clusters}")
-    faiss = _import_faiss()
+    faiss = import_faiss()
     if faiss is None:
         return torch_kmeans(vectors, num_clusters, seed).cpu().numpy()
     data = vectors.detach().float().cpu().contiguous().numpy()
@@ -63,7 +62,7 @@ def torch_kmeans(vectors: torch.Tensor, num_clusters: int, seed: int = 0) -> tor
     centroids = data[seeds.to(data.device)].clone()
     chunk = default_chunk_size(num_clusters)
     assignments = torch.empty(data.shape[0], dtype=torch.int64, device=data.device)
-    with _ieee_float32_matmul():
+    with ieee_float32_matmul():
         for _ in range(KMEANS_ITERATIONS):
             half_squared_norms = 0.5 * (centroids * centroids).sum(1)
             for first in range(0, data.shape[0], chunk):
@@ -86,7 +85,7 @@ def _kmeans_plus_plus_rows(data: torch.Tensor, num_clusters: int, generator: tor
     squared_norms = (data * data).sum(1)
 
     def squared_distances(row):  # ||x||^2 - 2 x.c + ||c||^2: one matrix-vector product per seed
-        with _ieee_float32_matmul():
+        with ieee_float32_matmul():
             return (squared_norms - 2.0 * (data @ data[row]) + squared_norms[row]).clamp_(min=0.0)
 
     chosen = torch.empty(num_clusters, dtype=torch.int64)

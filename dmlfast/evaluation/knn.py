@@ -3,14 +3,14 @@
 Every backend yields, chunk by chunk over the queries, the ``k`` largest inner
 products ``query @ reference.T`` and their reference indices, sorted by
 decreasing similarity. Tie order inside a chunk is whatever the backend
-produces: :mod:`dmlfast.evaluation.metrics` never relies on it.
+produces: :mod:`dmlfast.evaluation.ranking` never relies on it.
 
 * ``"faiss"``: ``faiss.knn_gpu`` on CUDA tensors (no host round trip) when a GPU
   build of faiss is installed, ``faiss.IndexFlatIP`` on CPU tensors.
 * ``"torch"``: chunked ``query @ reference.T`` followed by ``topk`` on the
   tensors' device; a chunk never holds more than ``chunk_size`` query rows.
   (:func:`dmlfast.evaluation.retrieval_metrics` does not use this search for
-  its torch backend: it collects candidates by threshold, see its module.)
+  its torch backend: it collects candidates by threshold, see :mod:`.ranking`.)
 * ``"auto"``: faiss on CUDA tensors when a GPU faiss can serve the request,
   torch otherwise (on CPU the torch backend of ``retrieval_metrics`` is faster).
 """
@@ -29,7 +29,7 @@ FAISS_GPU_MAX_K = 2048
 SIMILARITY_BUDGET_BYTES = 256 * 2**20
 
 
-def _import_faiss():
+def import_faiss():
     """Return the faiss module, or None when faiss is not installed."""
     try:
         return importlib.import_module("faiss")
@@ -39,7 +39,7 @@ def _import_faiss():
 
 def faiss_gpu_available() -> bool:
     """True when a GPU build of faiss is installed and sees at least one GPU."""
-    faiss = _import_faiss()
+    faiss = import_faiss()
     if faiss is None or not hasattr(faiss, "StandardGpuResources"):
         return False
     return faiss.get_num_gpus() > 0
@@ -47,7 +47,7 @@ def faiss_gpu_available() -> bool:
 
 def available_backends() -> tuple[str, ...]:
     """The concrete backends usable in this environment ("torch" always is)."""
-    return ("faiss", "torch") if _import_faiss() is not None else ("torch",)
+    return ("faiss", "torch") if import_faiss() is not None else ("torch",)
 
 
 def resolve_backend(backend: str, device: torch.device, k: int) -> str:
@@ -57,7 +57,7 @@ def resolve_backend(backend: str, device: torch.device, k: int) -> str:
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    faiss_installed = _import_faiss() is not None
+    faiss_installed = import_faiss() is not None
     on_cuda = device.type == "cuda"
     faiss_can_serve = faiss_installed and (
         device.type == "cpu" or (on_cuda and faiss_gpu_available() and k <= FAISS_GPU_MAX_K)
@@ -82,7 +82,7 @@ def default_chunk_size(num_references: int) -> int:
 
 
 @contextlib.contextmanager
-def _ieee_float32_matmul():
+def ieee_float32_matmul():
     """Disable TF32 for float32 matmuls inside the block (similarity error bounds assume IEEE float32)."""
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
@@ -92,7 +92,7 @@ def _ieee_float32_matmul():
         torch.set_float32_matmul_precision(previous)
 
 
-def _progress(total: int, enabled: bool | None, description: str):
+def progress_bar(total: int, enabled: bool | None, description: str):
     """A tqdm bar over ``total`` query rows, or None when disabled, not a TTY or tqdm is missing."""
     if enabled is None:
         enabled = sys.stderr.isatty()
@@ -118,7 +118,7 @@ def search(
     ``backend`` must already be concrete ("faiss" or "torch"); outputs live on ``query.device``.
     """
     num_queries = query.shape[0]
-    bar = _progress(num_queries, progress, f"{backend} k-NN")
+    bar = progress_bar(num_queries, progress, f"{backend} k-NN")
     if backend == "faiss":
         chunks = _search_faiss(query, reference, k, chunk_size)
     else:
@@ -135,7 +135,7 @@ def search(
 
 def _search_torch(query, reference, k, chunk_size):
     reference_t = reference.t()
-    with _ieee_float32_matmul():
+    with ieee_float32_matmul():
         for first_row in range(0, query.shape[0], chunk_size):
             similarities = query[first_row : first_row + chunk_size] @ reference_t
             top = torch.topk(similarities, k, dim=1, largest=True, sorted=True)
@@ -144,7 +144,7 @@ def _search_torch(query, reference, k, chunk_size):
 
 
 def _search_faiss(query, reference, k, chunk_size):
-    faiss = _import_faiss()
+    faiss = import_faiss()
     if query.device.type == "cuda":
         importlib.import_module("faiss.contrib.torch_utils")
         resources = faiss.StandardGpuResources()

@@ -20,7 +20,7 @@ pass a local file; the model never falls back to random weights silently.
 Head (``EmbeddingModel``): backbone feature map -> pooling (``"avg+max"``: global average + global
 max, summed; or ``"avg"``/``"max"``) -> optional LayerNorm without affine -> Linear (kaiming_normal
 fan_out, zero bias) -> L2-normalised embedding. ``freeze_bn=True`` keeps every BatchNorm in eval mode
-with its affine parameters frozen. ``uncertainty_head=True`` adds IDML's second Linear (SPEC §6) on
+with its affine parameters frozen. ``uncertainty_head=True`` adds IDML's second Linear (docs/losses.md §6) on
 the same pooled feature, read by ``forward_with_uncertainty``; ``forward`` (evaluation) returns the
 semantic embedding only.
 """
@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from dmlfast.checks import InputError
 
 from .bn_inception import BNInception
 
@@ -50,7 +52,7 @@ BN_INCEPTION_WEIGHTS_HINT = ("BN-Inception's ImageNet weights are not in torchvi
 _CLASSIFIER_PREFIXES = ("fc.", "last_linear.", "aux1.", "aux2.", "classifier.")
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(InputError, RuntimeError):
     """Pretrained weights were asked for and cannot be had (offline, no cache, bad file)."""
 
 

@@ -8,6 +8,8 @@ per device: ``cuda:LOCAL_RANK`` with NCCL when the run is on CUDA, the CPU with 
 Every helper also works in a plain single process (no process group): ``rank()`` is 0,
 ``world_size()`` 1, the collectives return their input, ``replicate`` wraps nothing, so the
 training loop calls them unconditionally and a single-process run computes what it always did.
+The rank helpers and collectives (``rank``, ``world_size``, ``is_initialized``, ``barrier``,
+``broadcast_object``, ``mean_over_ranks``) are :mod:`dmlfast.collectives`', importable from here.
 
 What is replicated and who writes what lives in :func:`replicate` and :func:`writes_checkpoints`;
 with class-sharded proxies (``--shard-proxies``) the loss stays unwrapped, the backbone's gradients
@@ -25,10 +27,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dmlfast.checks import InputError
+from dmlfast.collectives import (allreduce_sum_hook, barrier, broadcast_object, gather_rows, is_initialized,
+                                 mean_over_ranks, rank, world_size)
+
+__all__ = ["ENV_VARS", "DistributedSetupError", "LossInputs", "all_gather_rows", "backend_for", "device_for_rank",
+           "gather_in_order", "is_main", "local_rank", "main_first", "print_main", "process_group", "replicate",
+           "requested_world_size", "shard_checkpoint_path", "sync_buffers", "trainable_signature", "writes_checkpoints",
+           # from dmlfast.collectives:
+           "barrier", "broadcast_object", "is_initialized", "mean_over_ranks", "rank", "world_size"]
+
 ENV_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
 
 
-class DistributedSetupError(ValueError):
+class DistributedSetupError(InputError, ValueError):
     """The torchrun environment or the requested device cannot run a distributed training."""
 
 
@@ -53,20 +65,6 @@ def requested_world_size() -> int:
 def local_rank() -> int:
     """``LOCAL_RANK`` from the environment (0 when unset): this process's index on its machine."""
     return _env_int("LOCAL_RANK", 0)
-
-
-def is_initialized() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank() -> int:
-    """This process's global rank (0 without a process group)."""
-    return dist.get_rank() if is_initialized() else 0
-
-
-def world_size() -> int:
-    """Number of training processes (1 without a process group)."""
-    return dist.get_world_size() if is_initialized() else 1
 
 
 def is_main() -> bool:
@@ -151,12 +149,6 @@ def process_group(device) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def barrier() -> None:
-    """Wait for every rank (nothing in a single process)."""
-    if is_initialized():
-        dist.barrier()
-
-
 @contextmanager
 def main_first() -> Iterator[None]:
     """Rank 0 runs the block first, the other ranks after it finished (e.g. rendering or downloading
@@ -178,20 +170,9 @@ def sync_buffers(module: nn.Module) -> None:
         dist.broadcast(buffer, src=0)
 
 
-def mean_over_ranks(value: torch.Tensor) -> float:
-    """The mean of the scalar ``value`` over all ranks, as a Python float (every rank gets the same)."""
-    value = value.detach().float().reshape(1).clone()
-    if is_initialized():
-        dist.all_reduce(value)
-        value /= world_size()
-    return value.item()
-
-
 def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """The rows of ``tensor`` of every rank, rank 0's first; ranks may hold different row counts.
-    No gradient: :func:`dmlfast.sharded.gather_rows` of the detached tensor."""
-    from dmlfast.sharded import gather_rows
-
+    No gradient: :func:`dmlfast.collectives.gather_rows` of the detached tensor."""
     return gather_rows(tensor.detach())
 
 
@@ -219,15 +200,6 @@ def gather_in_order(tensors: Sequence[torch.Tensor], positions: Sequence[int], t
         ordered[everywhere] = rows
         result.append(ordered)
     return result
-
-
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank (a picklable object; other ranks' argument is ignored)."""
-    if not is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 class LossInputs(nn.Module):
@@ -270,7 +242,7 @@ def replicate(forward: nn.Module, loss_fn: nn.Module, device, sharded_loss: bool
 
     ``sharded_loss``: ``loss_fn`` holds this rank's shard of the proxies (:mod:`dmlfast.sharded`) and
     returns the global batch's loss, so it stays unwrapped and the ``forward`` wrapper sums the
-    ranks' gradients (:func:`dmlfast.sharded.allreduce_sum_hook`) instead of averaging them.
+    ranks' gradients (:func:`dmlfast.collectives.allreduce_sum_hook`) instead of averaging them.
     """
     if not is_initialized():
         return forward, loss_fn
@@ -284,8 +256,6 @@ def replicate(forward: nn.Module, loss_fn: nn.Module, device, sharded_loss: bool
         return nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
     if sharded_loss:
-        from dmlfast.sharded import allreduce_sum_hook
-
         wrapped = wrap(forward)
         if wrapped is not forward:
             wrapped.register_comm_hook(None, allreduce_sum_hook)

@@ -10,11 +10,13 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from dmlfast.checks import InputError
+
 #: flag -> (module that must be importable, pip package)
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
 
 
-class TrackingUnavailableError(RuntimeError):
+class TrackingUnavailableError(InputError, RuntimeError):
     """An experiment tracker was asked for and its package is not installed."""
 
 

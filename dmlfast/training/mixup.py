@@ -1,4 +1,4 @@
-"""Image-level mixup as IDML trains with it (SPEC §6).
+"""Image-level mixup as IDML trains with it (docs/losses.md §6).
 
 One λ ~ Beta(1, 1) and one random permutation π per step, drawn from torch's (CPU) generator so a
 seeded run repeats exactly; x_mix = λ x + (1 - λ) x_π and the extra loss
