@@ -224,6 +224,30 @@ def test_csv_split_values_and_duplicates(tmp_path):
         D.load_dataset("csv", tmp_path, list_file="nope.csv")
 
 
+def test_csv_paths_that_escape_the_root_or_alias_another_row_are_errors(tmp_path):
+    """``../x.png`` read files outside --data-root, and ``./a.png`` next to ``a.png`` (or a link to
+    it) listed one image twice, possibly under two labels; both used to pass."""
+    root = tmp_path / "root"
+    _png(root / "a.png", 1)
+    _png(root / "b.png", 2)
+    _png(root / "sub" / "c.png", 3)
+    _png(tmp_path / "outside.png", 4)
+    (root / "also_a.png").symlink_to(root / "a.png")
+    listing = root / "list.csv"
+    listing.write_text("a.png,1,train\nb.png,1,train\n../outside.png,2,test\nsub/../../outside.png,2,test\nsub/c.png,2,test\n")
+    with pytest.raises(D.DatasetLayoutError, match=r"2 bad row\(s\): line 3: path '../outside.png' leads outside the data root.*"
+                                                   r"line 4: path 'sub/../../outside.png' leads outside"):
+        D.load_dataset("csv", root, list_file=listing)
+    listing.write_text("a.png,1,train\nb.png,1,train\n./a.png,2,test\nsub/c.png,2,test\nsub/./c.png,2,test\n")
+    with pytest.raises(D.DatasetLayoutError, match=r"2 path\(s\) listed twice: line 3: ./a.png \(a.png, first on line 1\), "
+                                                   r"line 5: sub/./c.png \(sub/c.png, first on line 4\)"):
+        D.load_dataset("csv", root, list_file=listing)
+    listing.write_text("a.png,1,train\nb.png,1,train\nalso_a.png,2,test\nsub/c.png,2,test\n")
+    with pytest.raises(D.DatasetLayoutError, match=r"1 file\(s\) listed twice under other names: line 3: also_a.png is "
+                                                   r"a.png \(line 1\)"):
+        D.load_dataset("csv", root, list_file=listing)
+
+
 def test_custom_recipe_uses_resnet50_with_torchvision_weights():
     for dataset in ("folder", "csv"):
         recipe = resolve_recipe(dataset, "ProxyAnchor")
