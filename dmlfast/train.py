@@ -175,8 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", choices=AMP_MODES, default="auto", help="autocast dtype: bf16, fp16 (with GradScaler) or off; auto = bf16 on CUDA, off on CPU")
     g.add_argument("--eval-every", type=int, default=1, metavar="N", help="evaluate every N epochs and after the last (default: 1)")
     g.add_argument("--output", type=Path, default=Path("runs/train"), metavar="DIR", help="folder for checkpoints, config and logs (default: runs/train)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --output from its last.pt (starts afresh when there is none); "
-                   "with as many processes as wrote it")
+    g.add_argument("--resume", action="store_true", help="continue the run in --output from its last.pt (starts afresh when "
+                   "--output holds no earlier run); with as many processes as wrote it")
+    g.add_argument("--overwrite", action="store_true", help="start afresh in an --output that holds an earlier run, removing its "
+                   "checkpoints, logs and summary (without it, such a folder is an error)")
     g.add_argument("--seed", type=int, default=1, help="seed of initialisation, batches and augmentation (default: 1, as Proxy-Anchor)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     g.add_argument("--tensorboard", action="store_true", help="mirror log.jsonl's scalars to TensorBoard events in OUTPUT/tensorboard "

@@ -190,3 +190,22 @@ def test_not_a_checkpoint_is_one_line_in_a_fresh_process(tmp_path):
     assert result.returncode == 2
     line = _one_error_line(result.stderr, evaluate.PROG)
     assert "cannot read checkpoint" in line and "weights_only" not in line
+
+
+def test_a_checkpoint_without_a_model_entry_is_one_line(tiny, tmp_path, capsys):
+    """A proxy shard (or any checkpoint lacking 'model') given to evaluate, retrieve or plot used to
+    end in a KeyError traceback."""
+    root, best = tiny
+    state = load_checkpoint(best)
+    shard = save_checkpoint({"config": state["config"], "epoch": state["epoch"], "loss": state["loss"],
+                             "optimizer": state["optimizer"]}, tmp_path / "best.shard-0-of-2.pt")
+    commands = {
+        evaluate: ["--checkpoint", str(shard), "--data-root", str(root), "--workers", "0", "--no-progress"],
+        retrieve: ["--checkpoint", str(shard), "--query", str(root / "class_0" / "0.png"), "--gallery", str(root),
+                   "--out", str(tmp_path / "grid.png"), "--workers", "0", "--no-progress"],
+        plot: ["--checkpoint", str(shard), "--out", str(tmp_path / "map.png"), "--workers", "0", "--no-progress"],
+    }
+    for command, args in commands.items():
+        assert command.main(args) == 2
+        line = _one_error_line(capsys.readouterr().err, command.PROG)
+        assert "has no 'model' entry" in line and "best.shard-0-of-2.pt" in line, line

@@ -13,7 +13,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,8 @@ from dmlfast.safe_load import UnreadableFileError, load_torch_file
 FORMAT = 2
 #: Formats :func:`load_checkpoint` reads: 1 stored numpy's RNG state as a numpy array.
 READABLE_FORMATS = (1, 2)
+#: Suffix of the temporary file a checkpoint is written to before it replaces the old one.
+TEMPORARY_SUFFIX = ".tmp"
 
 
 class CheckpointError(ValueError):
@@ -68,6 +70,10 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         raise CheckpointError(f"set_rng_state: state is not one rng_state() returns ({type(error).__name__}: {error})") from error
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. the disk is full); the previous file at its path is intact."""
+
+
 #: The types a checkpoint may hold (inside dicts, lists and tuples): what ``weights_only=True`` reads back.
 PLAIN_TYPES = (torch.Tensor, str, int, float, bool, type(None), torch.Size, torch.dtype)
 
@@ -90,30 +96,50 @@ def save_checkpoint(state: Dict[str, Any], path) -> Path:
     """Write ``state`` to ``path`` atomically: a reader sees the old file or the new one, never a partial one.
 
     ``state`` may hold only tensors, plain containers and primitives (``TypeError`` naming the entry
-    otherwise)."""
+    otherwise). A failed write (``CheckpointWriteError``: a full disk, a read-only folder) removes
+    its temporary file and leaves the previous file at ``path`` as it was."""
     if not isinstance(state, dict):
         raise ValueError(f"save_checkpoint: state must be a dict, got {type(state).__name__}")
     _check_plain(state, "state")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save({"format": FORMAT, **state}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as error:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(error, OSError):
+            before = f"the previous {path.name} is intact" if path.exists() else f"no earlier {path.name} existed"
+            raise CheckpointWriteError(f"cannot write checkpoint {path}: {error.strerror or error} ({before})") from error
         raise
     return path
 
 
-def load_checkpoint(path) -> Dict[str, Any]:
+def remove_stale_temporaries(folder) -> list:
+    """Delete the temporary files that interrupted :func:`save_checkpoint` calls left in ``folder``
+    (``.<name>.<random>.tmp``); returns their paths. Call it only while no other process writes
+    checkpoints there (under the run's lock)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = sorted(p for p in folder.glob(f".*.pt.*{TEMPORARY_SUFFIX}") if p.is_file())
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def load_checkpoint(path, entries: Sequence[str] = ()) -> Dict[str, Any]:
     """Read a checkpoint written by ``save_checkpoint`` (on the CPU) without running code from it;
-    ``CheckpointError`` (one line) if it is missing, unreadable, holds other Python objects, or is
-    not a dmlfast training checkpoint."""
+    ``CheckpointError`` (one line) if it is missing, unreadable, holds other Python objects, is not
+    a dmlfast training checkpoint, or lacks one of ``entries`` (e.g. ``("model",)``)."""
+    if isinstance(entries, str) or not all(isinstance(e, str) for e in entries):
+        raise ValueError(f"load_checkpoint: entries must be a sequence of key names, got {entries!r}")
     path = Path(path)
     try:
         state = load_torch_file(path, "checkpoint")
@@ -121,4 +147,9 @@ def load_checkpoint(path) -> Dict[str, Any]:
         raise CheckpointError(str(error)) from None
     if not isinstance(state, dict) or state.get("format") not in READABLE_FORMATS or "config" not in state:
         raise CheckpointError(f"{path} is not a dmlfast training checkpoint (format {', '.join(map(str, READABLE_FORMATS))})")
+    missing = [e for e in entries if state.get(e) is None]
+    if missing:
+        held = ", ".join(k for k, v in state.items() if v is not None and k != "format")
+        raise CheckpointError(f"{path} has no {', '.join(repr(e) for e in missing)} entry (it holds {held}); a training "
+                              "run's last.pt and best.pt have it (a proxy shard, *.shard-R-of-N.pt, holds only proxies)")
     return state
