@@ -8,8 +8,8 @@
   ``require_int`` and the loss families' hyperparameters), which raise ``ValueError``/``TypeError``
   naming the function, the argument, what was expected and what was given.
 - :func:`check_loss_inputs`, the fused ops' own input checks repeated in Python for code that
-  computes on the inputs before an op sees them (Proxy Synthesis), and :func:`overflow_message`,
-  which names a finite row whose norm overflows (the op reports it as NaN/Inf).
+  computes on the inputs before an op sees them (Proxy Synthesis), and :func:`run_op_checked`,
+  which runs an op and names a finite row whose norm overflows (the op reports it as NaN/Inf).
 """
 from __future__ import annotations
 
@@ -176,3 +176,22 @@ def check_loss_inputs(op, embeddings, proxies, labels):
                 first = int((~torch.isfinite(rows).all(1)).nonzero()[0, 0])
                 message = f"{op}: {name} contain NaN or Inf (first bad row: {first})"
             raise ValueError(message)
+
+
+def run_op_checked(op, call, embeddings, proxies):
+    """``call()``, a fused op on ``embeddings`` and ``proxies``. The op reports a row whose norm is not
+    finite as "NaN or Inf"; when that row's values are all finite, its ``ValueError`` is replaced by
+    one naming the overflow (:func:`overflow_message`). The diagnosis runs only after the op failed
+    (which read its checks back already): no cost and no device read on success, none under torch.compile."""
+    if torch.compiler.is_compiling():
+        return call()
+    try:
+        return call()
+    except ValueError as error:
+        accumulation = accumulation_dtype(embeddings, proxies)
+        for name, rows in (("embeddings", embeddings), ("proxies", proxies)):
+            if f"{name} contain" in str(error):
+                message = overflow_message(op, name, rows.detach(), accumulation)
+                if message is not None:
+                    raise ValueError(message) from None
+        raise

@@ -10,25 +10,7 @@ NaN loss, and so are finite rows whose norm overflows (e.g. 1e30 in float32), na
 import torch
 
 from . import _ops  # noqa: F401  (loads the kernels and registers autograd/fake/autocast)
-from .checks import accumulation_dtype, anchor_hyperparameters, overflow_message, require_tensors, softmax_hyperparameters
-
-
-def _run_checked(op, call, embeddings, proxies, **others):
-    """``call()``, the fused op; the op reports a row whose norm is not finite as "NaN or Inf", so when
-    that row's values are all finite its ``ValueError`` is replaced by one naming the overflow. The
-    diagnosis runs only after the op has failed: no cost, and no device read, on success."""
-    if torch.compiler.is_compiling():
-        return call()
-    try:
-        return call()
-    except ValueError as error:
-        accumulation = accumulation_dtype(embeddings, proxies)
-        for name, rows in {"embeddings": embeddings, "proxies": proxies, **others}.items():
-            if f"{name} contain" in str(error):
-                message = overflow_message(op, name, rows.detach(), accumulation)
-                if message is not None:
-                    raise ValueError(message) from None
-        raise
+from .checks import anchor_hyperparameters, require_tensors, run_op_checked, softmax_hyperparameters
 
 
 def proxy_anchor_loss(embeddings, proxies, labels, margin=0.1, alpha=32.0):
@@ -41,7 +23,7 @@ def proxy_anchor_loss(embeddings, proxies, labels, margin=0.1, alpha=32.0):
     op = "proxy_anchor_loss"
     require_tensors(op, embeddings=embeddings, proxies=proxies, labels=labels)
     margin, alpha = anchor_hyperparameters(op, margin, alpha)
-    return _run_checked(op, lambda: torch.ops.dmlfast.proxy_anchor_loss(embeddings, proxies, labels, margin, alpha)[0],
+    return run_op_checked(op, lambda: torch.ops.dmlfast.proxy_anchor_loss(embeddings, proxies, labels, margin, alpha)[0],
                         embeddings, proxies)
 
 
@@ -56,7 +38,7 @@ def proxy_nca_loss(embeddings, proxies, labels, scale=18.0, smoothing=0.0, exclu
     op = "proxy_nca_loss"
     require_tensors(op, embeddings=embeddings, proxies=proxies, labels=labels)
     scale, smoothing, exclude_positive = softmax_hyperparameters(op, scale, smoothing, exclude_positive)
-    return _run_checked(op, lambda: torch.ops.dmlfast.proxy_nca_loss(embeddings, proxies, labels, scale, smoothing,
+    return run_op_checked(op, lambda: torch.ops.dmlfast.proxy_nca_loss(embeddings, proxies, labels, scale, smoothing,
                                                                       exclude_positive)[0], embeddings, proxies)
 
 
@@ -111,7 +93,7 @@ def proxy_isa_loss(
     # class vectors in that dtype, so none is rounded on the way.
     wide = torch.float64 in (embeddings.dtype, proxies.dtype)
     params = torch.stack([v.detach().to(torch.float64 if wide else torch.float32) for v in vectors.values()])
-    return _run_checked(op, lambda: torch.ops.dmlfast.proxy_anchor_loss(embeddings, proxies, labels, margin, alpha, params,
+    return run_op_checked(op, lambda: torch.ops.dmlfast.proxy_anchor_loss(embeddings, proxies, labels, margin, alpha, params,
                                                                          filter_positives)[0], embeddings, proxies)
 
 
@@ -132,5 +114,5 @@ def idml_proxy_anchor_loss(embeddings, uncertainty, proxies, labels, margin=0.1,
     op = "idml_proxy_anchor_loss"
     require_tensors(op, embeddings=embeddings, uncertainty=uncertainty, proxies=proxies, labels=labels)
     margin, alpha = anchor_hyperparameters(op, margin, alpha)
-    return _run_checked(op, lambda: torch.ops.dmlfast.idml_proxy_anchor_loss(embeddings, uncertainty, proxies, labels, margin,
+    return run_op_checked(op, lambda: torch.ops.dmlfast.idml_proxy_anchor_loss(embeddings, uncertainty, proxies, labels, margin,
                                                                               alpha)[0], embeddings, proxies)

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _ops  # noqa: F401  (loads the kernels and registers autograd/fake/autocast)
-from .checks import anchor_hyperparameters, require_int, softmax_hyperparameters
+from .checks import anchor_hyperparameters, require_int, run_op_checked, softmax_hyperparameters
 from .collectives import allreduce_sum_hook, gather_rows, group_rank_and_size, sum_over_ranks
 from .losses import LOSSES, IntrospectiveProxyAnchorLoss, NormSoftmaxLoss, ProxyAnchorLoss, ProxyNCALoss
 
@@ -138,8 +138,8 @@ class ShardedProxyAnchorLoss(_ShardedAnchorLoss):
 
     def forward(self, embeddings, labels):
         x, y = self._gather(embeddings, labels)
-        local = torch.ops.dmlfast.proxy_anchor_loss(x, self.proxies, y, self.margin, self.alpha, None, False,
-                                                    self.class_offset, self.num_classes)[0]
+        local = run_op_checked("proxy_anchor_loss", lambda: torch.ops.dmlfast.proxy_anchor_loss(
+            x, self.proxies, y, self.margin, self.alpha, None, False, self.class_offset, self.num_classes)[0], x, self.proxies)
         return sum_over_ranks(local, self.group)
 
 
@@ -151,8 +151,8 @@ class ShardedIntrospectiveProxyAnchorLoss(_ShardedAnchorLoss):
 
     def forward(self, embeddings, uncertainty, labels):
         x, v, y = self._gather(embeddings, labels, uncertainty=uncertainty)
-        local = torch.ops.dmlfast.idml_proxy_anchor_loss(x, v, self.proxies, y, self.margin, self.alpha,
-                                                         self.class_offset, self.num_classes)[0]
+        local = run_op_checked("idml_proxy_anchor_loss", lambda: torch.ops.dmlfast.idml_proxy_anchor_loss(
+            x, v, self.proxies, y, self.margin, self.alpha, self.class_offset, self.num_classes)[0], x, self.proxies)
         return sum_over_ranks(local, self.group)
 
 
@@ -184,8 +184,8 @@ class ShardedProxyNCALoss(_ShardedProxyLoss):
     def forward(self, embeddings, labels):
         x, y = self._gather(embeddings, labels)
         shard = (self.class_offset, self.num_classes)
-        stats = torch.ops.dmlfast.proxy_nca_shard_row_stats(x.detach(), self.proxies.detach(), y, self.scale,
-                                                             self.exclude_positive, *shard)
+        stats = run_op_checked("proxy_nca_shard_row_stats", lambda: torch.ops.dmlfast.proxy_nca_shard_row_stats(
+            x.detach(), self.proxies.detach(), y, self.scale, self.exclude_positive, *shard), x, self.proxies)
         stats = reduce_softmax_row_stats(stats, self.group)
         return torch.ops.dmlfast.proxy_nca_shard_loss_and_grads(x, self.proxies, y, stats, self.scale, self.smoothing,
                                                                 self.exclude_positive, *shard)[0]

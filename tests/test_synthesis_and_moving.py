@@ -146,6 +146,11 @@ def test_a_finite_embedding_whose_norm_overflows_is_named_as_such():
     proxies[3] = 1e200
     with pytest.raises(ValueError, match=r"proxy_nca_loss: proxies row 3 is finite, but its norm overflows float64"):
         dmlfast.functional.proxy_nca_loss(torch.randn(4, 8, dtype=torch.float64), proxies, torch.arange(4))
+    from dmlfast.sharded import ShardedProxyAnchorLoss, ShardedProxyNCALoss  # one process: the whole table
+
+    for sharded, op in ((ShardedProxyAnchorLoss, "proxy_anchor_loss"), (ShardedProxyNCALoss, "proxy_nca_shard_row_stats")):
+        with pytest.raises(ValueError, match=rf"{op}: embeddings row 2 is finite, but its norm overflows float32"):
+            sharded(4, 8)(x, torch.arange(4))
     nan = torch.randn(4, 8)
     nan[1, 0] = float("inf")
     with pytest.raises(ValueError, match=r"embeddings contain NaN or Inf \(first bad row: 1\)"):  # a real Inf stays one
