@@ -9,7 +9,10 @@ loss and the backbone; any flag given overrides the recipe. Run ``python -m dmlf
 Outputs in ``--output``: ``config.json`` (the final configuration), ``last.pt`` (after every epoch;
 ``--resume`` continues from it), ``best.pt`` (best Recall@1), ``log.jsonl``, ``curves.png`` and,
 with ``--tensorboard`` / ``--wandb``, the same scalars as TensorBoard events / an offline W&B run.
-User errors (bad flags, missing data, wrong checkpoint) print one ``error:`` line and exit with status 2.
+One run at a time holds ``--output`` (a lock; a second run is an error naming the live one), and a
+folder holding an earlier run's results is continued with ``--resume`` or replaced with
+``--overwrite``, never silently. User errors (bad flags, missing data, wrong checkpoint, a full disk,
+a diverging loss) print one ``error:`` line and exit with status 2.
 
 ``torchrun --nproc-per-node N -m dmlfast.train ...`` trains data-parallel in N processes
 (:mod:`dmlfast.training.distributed`): one per GPU (``cuda:LOCAL_RANK``, NCCL) or on the CPU
@@ -93,6 +96,7 @@ examples:
   python -m dmlfast.train --loss NormSoftmax --proxy-synthesis 0.4,1.0 --binary-eval
   python -m dmlfast.train --dataset CUB --data-root ~/data/CUB --loss IDML --weights imagenet
   python -m dmlfast.train --output runs/glyphs --resume     # continue a killed run
+  python -m dmlfast.train --output runs/glyphs --overwrite  # start afresh, replacing the earlier run there
   torchrun --nproc-per-node 4 -m dmlfast.train --dataset SOP --data-root ~/data/SOP --model resnet50 --batch-size 30
                                                             # 4 GPUs, 4 x 30 images per step; rank 0 prints and writes
   python -m dmlfast.train --dataset folder --data-root ~/photos --test-classes 0.5   # DIR/<class>/<image>
