@@ -80,7 +80,8 @@ std::string nonfinite_reason(const at::Tensor& t, const char* name, const char* 
   const double largest = t[first].abs().max().item<double>();
   return std::string(name) + " are finite, but the norm of row " + std::to_string(first) + " overflows " +
          (wide_acc ? "float64" : "float32") + " (its largest entry is " + c10::str(largest) +
-         " in magnitude); rescale them to a moderate range";
+         " in magnitude); values this large usually mean a diverging model: lower the learning rate or clip "
+         "gradients";
 }
 
 }  // namespace

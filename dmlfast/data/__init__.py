@@ -49,9 +49,11 @@ from ._common import (
     DataDefaults,
     DatasetLayoutError,
     DatasetSplits,
+    FolderImages,
     ImageList,
     check_images,
     dataset_defaults,
+    image_folders,
     image_problem,
     remap_labels,
 )
@@ -81,9 +83,10 @@ LOADERS = ("auto", "dali", "torch")
 
 __all__ = [
     "DATASETS", "DATASET_DEFAULTS", "IMAGE_EXTENSIONS", "LOADERS", "NORMALIZATIONS", "DALI_INSTALL_HINT",
-    "CUSTOM_DATASETS", "DATASET_OPTIONS", "CorruptImageError", "DataDefaults", "DatasetLayoutError", "DatasetSplits", "ImageList",
-    "MPerClassSampler", "RandomBatchSampler", "TransformConfig",
-    "check_images", "dali_available", "dataset_defaults", "image_problem", "load_dataset", "make_loader", "make_sampler", "normalize", "parse_test_classes", "remap_labels",
+    "CUSTOM_DATASETS", "DATASET_OPTIONS", "CorruptImageError", "DataDefaults", "DatasetLayoutError", "DatasetSplits", "FolderImages",
+    "ImageList", "MPerClassSampler", "RandomBatchSampler", "TransformConfig",
+    "check_images", "dali_available", "dataset_defaults", "image_folders", "image_problem", "load_dataset", "make_loader", "make_sampler",
+    "normalize", "parse_test_classes", "remap_labels",
 ]
 
 

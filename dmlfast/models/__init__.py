@@ -152,12 +152,14 @@ def _imagenet_state_dict(name: str) -> Dict[str, torch.Tensor]:
 
 
 def _local_state_dict(path: Path) -> Dict[str, torch.Tensor]:
+    from dmlfast.safe_load import UnreadableFileError, load_torch_file
+
     if not path.is_file():
         raise WeightsUnavailableError(f"--weights: no such file: {path} (give 'imagenet', 'none' or the path of a state dict)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch.load raises several types for a file that is not a checkpoint
-        raise WeightsUnavailableError(f"--weights: cannot read {path} as a torch state dict ({type(error).__name__}: {error})") from error
+        state = load_torch_file(path, "state dict")
+    except UnreadableFileError as error:
+        raise WeightsUnavailableError(f"--weights: {error}") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
