@@ -304,8 +304,8 @@ def proxy_anchor_loss(embeddings, proxies, labels, margin, alpha, isa_class_para
 
 def _introspective_pairs(dot, x_sq, x_norm, p_sq, p_norm, certainty):
     """IDML's S' = 1 − (1 − S) g, g = e^{−(a + 4)/(5 d)} (0 where d ≤ 0 or the exponent passes 80),
-    from the raw dot products x·p, d = ‖x‖² + ‖p‖² − 2 x·p and a = ‖v‖² (SPEC §6, §7.5); returns
-    (S', S, g, ∂S'/∂d, ∂S'/∂a) with ∂S'/∂S = g, ∂S'/∂a = (1 − S) g / (5d), ∂S'/∂d = −∂S'/∂a (a + 4)/d."""
+    from the raw dot products x·p, d = ‖x‖² + ‖p‖² − 2 x·p and a = ‖v‖² (SPEC §6, §7.5). Returns
+    (S', S, g, ∂S'/∂d, ∂S'/∂a): ∂S'/∂S = g, ∂S'/∂a = (1 − S) g / (5d), ∂S'/∂d = −∂S'/∂a (a + 4)/d."""
     dist = x_sq + p_sq - 2 * dot
     exponent = (certainty + 4) / (5 * dist)
     gate = torch.where((dist > 0) & (exponent < IDML_MAX_EXPONENT), torch.exp(-exponent), 0)
@@ -318,10 +318,13 @@ def _introspective_pairs(dot, x_sq, x_norm, p_sq, p_norm, certainty):
 @_eager
 def idml_proxy_anchor_loss(embeddings, uncertainty, proxies, labels, margin, alpha, class_offset=0, num_classes=-1,
                            *, tile_columns=None):
-    """IDML (SPEC §6, §7.5): Proxy-Anchor on S' = 1 − (1 − S) e^{−(‖v‖² + 4)/(5 ‖x − p‖²)}, x as given
-    and p raw. Through the chain rule with H = G g/(n m) − 2 G ∂S'/∂d:
-    ∂L/∂x_b = Σ_c H_bc p_c + x_b Σ_c (2 G ∂S'/∂d − G g S/n²)_bc, ∂L/∂p_c = Σ_b H_bc x_b + p_c Σ_b (2 G ∂S'/∂d
-    − G g S/m²)_bc, ∂L/∂v_b = 2 v_b Σ_c G ∂S'/∂a. Returns (loss, ∂L/∂embeddings, ∂L/∂uncertainty, ∂L/∂proxies).
+    """IDML (SPEC §6, §7.5): Proxy-Anchor on S' = 1 − (1 − S) e^{−(‖v‖² + 4)/(5 ‖x − p‖²)}, x as
+    given and p raw. With G = ∂L/∂S' and H = G g/(n m) − 2 G ∂S'/∂d, by the chain rule:
+
+    ∂L/∂x_b = Σ_c H_bc p_c + x_b Σ_c (2 G ∂S'/∂d − G g S/n²)_bc,
+    ∂L/∂p_c = Σ_b H_bc x_b + p_c Σ_b (2 G ∂S'/∂d − G g S/m²)_bc,   ∂L/∂v_b = 2 v_b Σ_c (G ∂S'/∂a)_bc.
+
+    Returns (loss, ∂L/∂embeddings, ∂L/∂uncertainty, ∂L/∂proxies).
     """
     op = "idml_proxy_anchor_loss"
     x, v, p = embeddings, uncertainty, proxies
