@@ -140,8 +140,11 @@ def fetch_from_pypi(torch_cuda, target, environ, dirs):
     result = subprocess.run(command, capture_output=True, text=True, env=dict(environ))
     if result.returncode != 0:
         lines = [line.strip() for line in (result.stderr + result.stdout).splitlines() if line.strip()]
-        errors = [line for line in lines if line.startswith("ERROR")]
-        raise FetchError((errors or lines or [f"pip exited with {result.returncode}"])[-1])
+        errors = [line.removeprefix("ERROR: ") for line in lines if line.startswith("ERROR")]
+        reason = (errors or lines[-1:] or [f"pip exited with {result.returncode}"])[0]
+        if any("Failed to establish a new connection" in line or "connection broken" in line for line in lines):
+            reason = f"the package index could not be reached ({reason})"
+        raise FetchError(reason)
     home = Path(target, "nvidia", f"cu{torch_cuda.split('.')[0]}")
     if not is_toolkit(home):
         raise FetchError(f"the installed wheels have no bin/nvcc and include/cuda_runtime.h under {home}")

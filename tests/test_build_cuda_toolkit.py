@@ -168,7 +168,7 @@ def test_no_fetch_with_dmlfast_cuda_0_or_a_cpu_torch(cuda_torch, tmp_path):
 
 
 def test_failed_fetch_builds_cpu_kernels_with_one_line_saying_why(cuda_torch):
-    reason = "ERROR: No matching distribution found for nvidia-cuda-nvcc==13.0.*"
+    reason = "No matching distribution found for nvidia-cuda-nvcc==13.0.*"
     lines, inside = run_build({"PATH": ""}, cuda_torch, Recorder(reason))
     assert inside is None
     message = lines[-1]
@@ -184,11 +184,16 @@ def test_failed_fetch_stops_the_build_when_cuda_is_required(cuda_torch):
         run_build({"PATH": "", "DMLFAST_CUDA": "1"}, cuda_torch, Recorder("offline"))
 
 
-def test_real_pip_without_a_matching_wheel_reports_its_reason(tmp_path):
-    """pip itself, with no index and an empty wheel folder (nothing is downloaded): a FetchError
-    carrying pip's own error line."""
+def test_real_pip_failures_give_their_reason(tmp_path):
+    """pip itself (nothing is downloaded): with no index and an empty wheel folder, and with an
+    index that refuses connections; a FetchError carrying pip's reason."""
     environ = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path)}
-    with pytest.raises(cuda_toolkit.FetchError, match=r"ERROR: .*nvidia-cuda-nvcc==13\.0\.\*"):
+    with pytest.raises(cuda_toolkit.FetchError, match=r"^Could not find a version that satisfies the requirement "
+                                                      r"nvidia-cuda-nvcc==13\.0\.\*"):
         cuda_toolkit.fetch_from_pypi("13.0", tmp_path / "target", environ, sys.path)
+    unreachable = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+                   "PIP_FIND_LINKS": "", "PIP_RETRIES": "1"}
+    with pytest.raises(cuda_toolkit.FetchError, match=r"^the package index could not be reached \(Could not find"):
+        cuda_toolkit.fetch_from_pypi("13.0", tmp_path / "target", unreachable, sys.path)
     with pytest.raises(cuda_toolkit.FetchError, match="no pip to fetch it with"):
         cuda_toolkit.fetch_from_pypi("13.0", tmp_path / "target", environ, [])
