@@ -12,6 +12,9 @@ grad_uncertainty, grad_proxies, value_flags)``); the class-sharded softmax's fir
   so autocast is told to leave their inputs alone (a fallthrough for AutocastCPU/AutocastCUDA):
   bf16 embeddings from an autocast model meet float32 proxies without either being cast;
 - the value checks (labels in range, finite inputs), see :func:`value_check_mode`.
+
+When the extension was built without its CUDA kernels, dmlfast.fallback (the same tiled algorithm
+on PyTorch ops) is registered as the ops' CUDA kernels, so all of the above applies to it too.
 """
 import contextlib
 from pathlib import Path
@@ -245,14 +248,25 @@ for _name in OP_NAMES:
         _autocast_library.impl(_name, torch.library.fallthrough_kernel, _key)
 
 
+if not _C.build_info()["cuda_kernels"]:
+    from . import fallback
+
+    fallback.register_cuda_kernels()
+
+
 def build_info():
-    """How dmlfast._C was built: version, torch, cuda_kernels, cuda_arch_list, openmp."""
+    """How dmlfast._C was built: version, torch, cuda_kernels, cuda_arch_list, openmp, and
+    cuda_path: what runs the losses on CUDA tensors ("kernels": dmlfast's CUDA kernels;
+    "fallback": dmlfast.fallback on PyTorch ops, the extension having no CUDA kernels; "none":
+    torch is a CPU-only build)."""
     info = dict(_C.build_info())
     arch_list = info.pop("cuda_arch_list")
+    cuda_kernels = bool(info["cuda_kernels"])
     return {
         "version": __version__,
         "torch": info["torch"],
-        "cuda_kernels": bool(info["cuda_kernels"]),
+        "cuda_kernels": cuda_kernels,
         "cuda_arch_list": [arch for arch in arch_list.split(";") if arch],
         "openmp": bool(info["openmp"]),
+        "cuda_path": "kernels" if cuda_kernels else "fallback" if torch.backends.cuda.is_built() else "none",
     }
