@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ._ops import CHECKS_OFF, value_check_mode
-from .checks import anchor_hyperparameters, require_int, softmax_hyperparameters
+from .checks import anchor_hyperparameters, as_int64_labels, require_int, softmax_hyperparameters
 from .collectives import allreduce_sum_hook, gather_rows, group_rank_and_size, sum_over_ranks
 from .losses import LOSSES, IntrospectiveProxyAnchorLoss, NormSoftmaxLoss, ProxyAnchorLoss, ProxyNCALoss
 
@@ -100,6 +100,7 @@ class _ShardedProxyLoss(nn.Module):
     def _gather(self, embeddings, labels, **extra):
         """Checks this rank's inputs, then gathers them (and ``extra`` (B, ·) tensors) from all ranks."""
         owner = type(self).__name__
+        labels = as_int64_labels(owner, labels)
         tensors = dict(embeddings=embeddings, **extra, labels=labels)
         for name, value in tensors.items():
             if not isinstance(value, torch.Tensor):
@@ -108,8 +109,8 @@ class _ShardedProxyLoss(nn.Module):
                 raise ValueError(f"{owner}: {name} must be on the proxies' device {self.proxies.device}, got {value.device}")
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
             raise ValueError(f"{owner}: embeddings must have shape (batch, {self.embedding_size}), got {tuple(embeddings.shape)}")
-        if labels.dtype != torch.long or labels.shape != (embeddings.shape[0],):
-            raise ValueError(f"{owner}: labels must be int64 of shape ({embeddings.shape[0]},), got {labels.dtype} "
+        if labels.shape != (embeddings.shape[0],):
+            raise ValueError(f"{owner}: labels must have shape ({embeddings.shape[0]},), got {labels.dtype} "
                              f"of shape {tuple(labels.shape)}")
         for name, value in extra.items():
             if value.dim() != 2 or value.shape[0] != embeddings.shape[0]:
