@@ -44,7 +44,7 @@ def canonical_name(what: str, name, choices) -> str:
     folded = {c.casefold(): c for c in choices}
     if name.casefold() in folded:
         return folded[name.casefold()]
-    close = difflib.get_close_matches(name.casefold(), list(folded), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(name.casefold(), list(folded), n=1, cutoff=0.7)
     hint = f"; did you mean {folded[close[0]]}?" if close else ""
     raise ValueError(f"unknown {what} {name!r}{hint} (choose one of {one_of(choices)})")
 

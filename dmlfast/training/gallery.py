@@ -100,14 +100,18 @@ def _write_cache(cache: Path, content) -> bool:
     return True
 
 
-def nearest(query: torch.Tensor, reference: torch.Tensor, k: int, backend: str):
+def nearest(query: torch.Tensor, reference: torch.Tensor, k: int, backend: str, exclude: Optional[int] = None):
     """``(concrete backend, similarities, indices)`` of the ``k`` references most similar to the one
-    ``query`` row, best first; ``InputError`` naming ``--backend`` when it cannot serve the search."""
+    ``query`` row, best first, reference ``exclude`` left out (the query itself, when it is a gallery
+    image); ``InputError`` naming ``--backend`` when it cannot serve the search."""
     from dmlfast.evaluation.knn import default_chunk_size, resolve_backend, search
 
+    depth = k + (exclude is not None)
     try:
-        backend = resolve_backend(backend, query.device, k)
+        backend = resolve_backend(backend, query.device, depth)
     except ValueError as error:
         raise InputError(f"--backend: {error}") from error
-    ((_, similarities, indices),) = list(search(query, reference.to(query.dtype), k, backend, default_chunk_size(len(reference)), progress=False))
-    return backend, similarities[0].tolist(), indices[0].tolist()
+    ((_, similarities, indices),) = list(search(query, reference.to(query.dtype), depth, backend,
+                                                default_chunk_size(len(reference)), progress=False))
+    kept = [(s, i) for s, i in zip(similarities[0].tolist(), indices[0].tolist()) if i != exclude][:k]
+    return backend, [s for s, _ in kept], [i for _, i in kept]
