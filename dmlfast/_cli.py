@@ -1,6 +1,6 @@
 """What the command-line tools (train, evaluate, retrieve, plot, embed, export, index) share: the
 argument parser whose errors are one line, case-insensitive names with a suggestion, the options
-that name a dataset split, the checks of the embedding flags, the CPU threads beside the loader's
+that name a dataset split or the images to embed, the checks of the embedding flags, the CPU threads beside the loader's
 workers, and how a command ends: one ``PROG: error: ...`` line and exit status 2 for an
 :class:`~dmlfast.checks.InputError`, every progress bar silenced with ``--no-progress``."""
 from __future__ import annotations
@@ -15,8 +15,8 @@ from dmlfast.checks import InputError, canonical_name, require_at_least
 
 USAGE_ERROR = 2
 
-__all__ = ["InputError", "Parser", "USAGE_ERROR", "add_custom_data_arguments", "check_embedding_flags", "name_choice",
-           "parse_test_classes_flag", "run_command", "share_cores_with_loader"]
+__all__ = ["InputError", "Parser", "USAGE_ERROR", "add_custom_data_arguments", "add_image_source_arguments", "add_model_arguments", "check_embedding_flags",
+           "name_choice", "parse_test_classes_flag", "read_image_source", "run_command", "share_cores_with_loader"]
 
 
 class Parser(argparse.ArgumentParser):
@@ -62,6 +62,38 @@ def check_embedding_flags(args) -> None:
     """``--batch-size`` at least 1 and ``--workers`` >= 0 (``InputError`` otherwise)."""
     require_at_least("--batch-size", args.batch_size, 1)
     require_at_least("--workers", args.workers, 0)
+
+
+def add_model_arguments(parser, embedding: bool = True) -> None:
+    """``--checkpoint`` and ``--device``; with ``embedding`` also ``--batch-size``, ``--workers`` and ``--no-progress``."""
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a best.pt/last.pt of python -m dmlfast.train")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    if embedding:
+        parser.add_argument("--batch-size", type=int, default=64, help="images per embedding batch (default: 64)")
+        parser.add_argument("--workers", type=int, default=2, help="loader worker processes (default: 2; 0 = main process)")
+        parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def add_image_source_arguments(parser, folder_flag: str) -> None:
+    """``folder_flag DIR`` or ``--list FILE.csv`` (with ``--data-root`` and ``--split``): the images a
+    command embeds (:func:`read_image_source`)."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(folder_flag, type=Path, metavar="DIR", help="every image below DIR (label: the top-level sub-folder's name)")
+    source.add_argument("--list", type=Path, metavar="FILE.csv", help="the images of a CSV list, rows path,label[,split]")
+    parser.add_argument("--data-root", type=Path, metavar="DIR", help="--list: the folder its paths are relative to (default: the list's folder)")
+    parser.add_argument("--split", choices=("train", "test", "query", "gallery"), help="--list: only the rows of this split")
+
+
+def read_image_source(args, folder_flag: str):
+    """``(ImageList, labels)`` of the images the arguments of :func:`add_image_source_arguments` name."""
+    from dmlfast.training.gallery import gallery_from_folder, gallery_from_list
+
+    folder = getattr(args, folder_flag.lstrip("-").replace("-", "_"))
+    if folder is not None:
+        if args.data_root is not None or args.split is not None:
+            raise InputError(f"--data-root and --split apply to --list, not {folder_flag}")
+        return gallery_from_folder(folder, flag=folder_flag)
+    return gallery_from_list(args.list, args.data_root, args.split)
 
 
 def share_cores_with_loader(workers: int) -> Optional[int]:
