@@ -44,6 +44,8 @@ def test_embed_a_folder_paths_and_pil_images_alike(model, tiny):
     assert from_folder.shape == (32, 16) and from_folder.dtype == torch.float32 and not from_folder.requires_grad
     torch.testing.assert_close(from_folder.norm(dim=1), torch.ones(32))
     torch.testing.assert_close(model.embed(gallery.paths[::-1], batch_size=7), from_folder.flip(0), rtol=0, atol=1e-6)
+    # files read here (workers=0) or by the training's loader in a worker process: the same rows
+    torch.testing.assert_close(model.embed(root, batch_size=5, workers=1), from_folder, rtol=0, atol=1e-6)
     pictures = [Image.open(p) for p in gallery.paths[:6]]
     torch.testing.assert_close(model.embed(pictures, batch_size=4), from_folder[:6], rtol=0, atol=1e-6)
     torch.testing.assert_close(model.embed(pictures[0]), from_folder[:1], rtol=0, atol=1e-6)

@@ -32,7 +32,7 @@ INDEX_FILE = "index.faiss"
 META_FILE = "gallery.json"
 FORMAT = 1
 #: Search defaults of the approximate kinds (the benchmark's choice at 10^6 x 128, RESULTS.md).
-DEFAULT_NPROBE = 32
+DEFAULT_NPROBE = 128
 DEFAULT_HNSW_M = 32
 DEFAULT_EF_SEARCH = 128
 HNSW_EF_CONSTRUCTION = 80

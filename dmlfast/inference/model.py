@@ -100,8 +100,9 @@ class TrainedModel:
         :func:`dmlfast.training.gallery.gallery_from_folder`: sorted paths, links followed once,
         unreadable files skipped with a warning), a list of image paths (each must decode), a
         :class:`dmlfast.data.ImageList`, or one or a list of ``PIL.Image.Image``. ``workers``: loader
-        processes for files (0 = this process). ``progress``: a bar (default: when there is more than
-        one batch; :func:`dmlfast.progress.progress_bars` silences it)."""
+        processes for files (the training's loader); 0 reads them here, one batch at a time, without a
+        loader to start (a few ms for one query image). ``progress``: a bar (default: when there is more
+        than one batch; :func:`dmlfast.progress.progress_bars` silences it)."""
         from dmlfast.progress import bars_enabled
         from dmlfast.training.embedding import embed, embed_list
 
@@ -110,15 +111,17 @@ class TrainedModel:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
             raise ValueError(f"TrainedModel.embed: workers must be an int >= 0, got {workers!r}")
         pictures = _as_pictures(images)
-        if pictures is not None:
-            show = (len(pictures) > batch_size if progress is None else progress) and bars_enabled()
-            batches = _PictureBatches(pictures, self.transform, batch_size, self.device)
-            embeddings, _ = embed(self.model, batches, self.device, self.dtype, show, "embed", self.embedding_size)
-            return torch.nn.functional.normalize(embeddings.float(), dim=1).cpu()
-        image_list = self._image_list(images)
-        show = (len(image_list) > batch_size if progress is None else progress) and bars_enabled()
-        return embed_list(self.model, image_list, self.config, self.device, self.dtype, batch_size=batch_size, workers=workers,
-                          progress=show, desc="embed")
+        if pictures is None:
+            image_list = self._image_list(images)
+            if workers > 0:
+                show = (len(image_list) > batch_size if progress is None else progress) and bars_enabled()
+                return embed_list(self.model, image_list, self.config, self.device, self.dtype, batch_size=batch_size,
+                                  workers=workers, progress=show, desc="embed")
+            pictures = image_list.paths
+        show = (len(pictures) > batch_size if progress is None else progress) and bars_enabled()
+        batches = _PictureBatches(pictures, self.transform, batch_size, self.device)
+        embeddings, _ = embed(self.model, batches, self.device, self.dtype, show, "embed", self.embedding_size)
+        return torch.nn.functional.normalize(embeddings.float(), dim=1).cpu()
 
     def _image_list(self, images):
         """An ImageList of the files ``images`` names, with the run's dataset (so its transform defaults)."""
@@ -161,8 +164,8 @@ def _as_pictures(images):
 
 
 class _PictureBatches:
-    """Batches ``(normalised images on device, dummy labels)`` of in-memory PIL images: what
-    :func:`dmlfast.training.embedding.embed` iterates."""
+    """Batches ``(normalised images on device, dummy labels)`` of PIL images, or of image files opened
+    one batch at a time: what :func:`dmlfast.training.embedding.embed` iterates."""
 
     def __init__(self, pictures, transform: EvalTransform, batch_size: int, device):
         self.pictures, self.transform, self.batch_size, self.device = pictures, transform, batch_size, device
@@ -172,8 +175,19 @@ class _PictureBatches:
 
     def __iter__(self):
         for start in range(0, len(self.pictures), self.batch_size):
-            chunk = self.pictures[start:start + self.batch_size]
+            chunk = [_opened(p) for p in self.pictures[start:start + self.batch_size]]
             yield torch.stack([self.transform(p) for p in chunk]).to(self.device), torch.zeros(len(chunk), dtype=torch.long)
+
+
+def _opened(picture):
+    """``picture`` itself, or the image file it names read into memory."""
+    from PIL import Image
+
+    if isinstance(picture, Image.Image):
+        return picture
+    with Image.open(picture) as image:
+        image.load()
+        return image
 
 
 def load(checkpoint, device=None) -> TrainedModel:
