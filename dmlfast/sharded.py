@@ -132,8 +132,16 @@ class _ShardedAnchorLoss(_ShardedProxyLoss):
 
 
 class ShardedProxyAnchorLoss(_ShardedAnchorLoss):
-    """Proxy-Anchor (:func:`dmlfast.functional.proxy_anchor_loss`) with class-sharded proxies:
-    ``forward(embeddings, labels)`` on this rank's batch returns the loss of the global batch."""
+    """Proxy-Anchor (:func:`dmlfast.functional.proxy_anchor_loss`) with class-sharded proxies, made
+    after ``torch.distributed.init_process_group``::
+
+        loss_fn = ShardedProxyAnchorLoss(num_classes, 512, margin=0.1, alpha=32.0)   # this rank's proxy rows
+        loss = loss_fn(embeddings, labels)
+
+    ``forward`` takes this rank's embeddings (B, D) float32/bfloat16/float16/float64 and labels (B,) of
+    any integer dtype in [0, num_classes) (global class indices) and returns the loss of the global
+    batch (every rank's rows) against all proxies: a 0-dim float32 tensor (float64 for float64
+    inputs), the same on every rank."""
 
     unsharded = ProxyAnchorLoss
 
@@ -147,7 +155,9 @@ class ShardedProxyAnchorLoss(_ShardedAnchorLoss):
 
 class ShardedIntrospectiveProxyAnchorLoss(_ShardedAnchorLoss):
     """IDML's introspective Proxy-Anchor (:func:`dmlfast.functional.idml_proxy_anchor_loss`) with
-    class-sharded proxies: ``forward(embeddings, uncertainty, labels)``."""
+    class-sharded proxies: ``loss = loss_fn(embeddings, uncertainty, labels)``, this rank's rows,
+    with the uncertainty (B, K) beside the embeddings; otherwise as :class:`ShardedProxyAnchorLoss`
+    (the global batch's loss, a 0-dim float32 tensor, the same on every rank)."""
 
     unsharded = IntrospectiveProxyAnchorLoss
 
@@ -174,7 +184,9 @@ def reduce_softmax_row_stats(stats, group=None):
 
 class ShardedProxyNCALoss(_ShardedProxyLoss):
     """ProxyNCA / ProxyNCA++ (:func:`dmlfast.functional.proxy_nca_loss`) with class-sharded proxies
-    and a distributed log-sum-exp."""
+    and a distributed log-sum-exp: ``loss = loss_fn(embeddings, labels)`` on this rank's rows, shapes
+    and dtypes as :class:`ShardedProxyAnchorLoss`'s; returns the global batch's loss against all
+    proxies, a 0-dim float32 tensor (float64 for float64 inputs), the same on every rank."""
 
     unsharded = ProxyNCALoss
 
@@ -197,7 +209,8 @@ class ShardedProxyNCALoss(_ShardedProxyLoss):
 
 
 class ShardedNormSoftmaxLoss(ShardedProxyNCALoss):
-    """Norm-SoftMax (softmax cross-entropy on scale · cos) with class-sharded proxies."""
+    """Norm-SoftMax (softmax cross-entropy on scale · cos) with class-sharded proxies:
+    ``loss = loss_fn(embeddings, labels)``, as :class:`ShardedProxyNCALoss`."""
 
     unsharded = NormSoftmaxLoss
 
