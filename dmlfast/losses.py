@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from . import functional
+from .margin_losses import ArcFaceLoss, CosFaceLoss, SoftTripleLoss, SubCenterArcFaceLoss
 from .checks import anchor_hyperparameters, check_loss_inputs, one_of, require_int, require_number, softmax_hyperparameters
 
 
@@ -392,6 +393,8 @@ class MovingProxyLoss(nn.Module):
 
 #: Every loss by the name the trainer (``--loss NAME``), the recipes and :mod:`dmlfast.sharded` use.
 LOSSES = {"ProxyAnchor": ProxyAnchorLoss, "ProxyNCA": ProxyNCALoss, "NormSoftmax": NormSoftmaxLoss,
-          "ProxyISA": ProxyISALoss, "Moving": MovingProxyLoss, "IDML": IntrospectiveProxyAnchorLoss}
+          "ProxyISA": ProxyISALoss, "Moving": MovingProxyLoss, "IDML": IntrospectiveProxyAnchorLoss,
+          "CosFace": CosFaceLoss, "ArcFace": ArcFaceLoss, "SubCenterArcFace": SubCenterArcFaceLoss,
+          "SoftTriple": SoftTripleLoss}
 #: The names of :data:`SYNTHESIS_BASES` (``--proxy-synthesis`` wraps these).
 SYNTHESIS_LOSSES = tuple(name for name, loss in LOSSES.items() if loss in SYNTHESIS_BASES)
