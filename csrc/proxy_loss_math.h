@@ -890,10 +890,14 @@ struct SoftmaxTile {
     return weight * (T(1) + classes.center_gamma * (c - s.similarity));
   }
 
-  // z of class j for row b, exactly as both passes round it.
-  DMLFAST_HD T logit(int64_t b, int64_t j, const ClassSimilarity<T>& s) const {
-    return scale * (is_target(b, j) ? classes.target(s.similarity) : s.similarity);
+  // The class similarity alone: the cosine itself with one center per class (the common case,
+  // without the struct), else similarity(b, j).similarity. Both passes use it, so they round alike.
+  DMLFAST_HD T class_similarity(int64_t b, int64_t j) const {
+    return classes.centers == 1 ? cosine(b, j) : similarity(b, j).similarity;
   }
+
+  // z of a class from its similarity s: scale * f(s) at the target, scale * s elsewhere.
+  DMLFAST_HD T logit(bool target, T s) const { return scale * (target ? classes.target(s) : s); }
   DMLFAST_HD bool is_target(int64_t b, int64_t j) const { return labels[b] - first_class == j; }
 };
 
@@ -917,20 +921,27 @@ struct SoftmaxSlices {
     bool any = false;
     T max = 0;
     double logit_sum = 0;
+    const int64_t target = t.labels[b] - t.first_class;
+    double sum = 0;
+    // One walk with an online max: the sum is rescaled when the max grows (one exponential per class
+    // either way).
     for (int64_t c = j; c < classes; c += slices) {
-      const T z = t.logit(b, c, t.similarity(b, c));
+      const T z = t.logit(c == target, t.class_similarity(b, c));
       logit_sum += z;
-      if (t.is_target(b, c)) {
+      if (c == target) {
         target_logit[b] = z;
         if (t.exclude_positive) continue;
       }
-      max = any ? math::max(max, z) : z;
-      any = true;
-    }
-    double sum = 0;
-    for (int64_t c = j; c < classes; c += slices) {
-      if (t.exclude_positive && t.is_target(b, c)) continue;
-      sum += math::exp(t.logit(b, c, t.similarity(b, c)) - max);
+      if (!any) {
+        max = z;
+        sum = 1;
+        any = true;
+      } else if (z > max) {
+        sum = sum * static_cast<double>(math::exp(max - z)) + 1;
+        max = z;
+      } else {
+        sum += math::exp(z - max);
+      }
     }
     const int64_t slot = b * slices + j;
     out.max[slot] = max;
@@ -1047,12 +1058,27 @@ struct SoftmaxGrad {
     if (!column_group(block * block_dim + thread, t.classes_in_tile(), t.rows, rows_per_group, cg)) return;
     const int64_t j = cg.column, first = j * centers;
     T* partial = cos_partial + cg.group * t.cols + first;
+    if (centers == 1) {  // the cosine is the class similarity: no per-center slopes
+      const T inv_norm = t.inv_norm[j];
+      T cos_sum = 0;
+      for (int64_t b = cg.first_row; b < cg.last_row; ++b) {
+        const bool is_target = t.is_target(b, j);
+        const T cosine = t.cosine(b, j);
+        // The logit exactly as pass 1 rounded it: with one class, p is then exactly 1.
+        const T prob = (is_target && t.exclude_positive) ? T(0) : math::exp(t.logit(is_target, cosine) - row_lse[b]);
+        T grad = grad_scale * (prob - (is_target ? target_weight : other_weight));
+        if (is_target) grad *= t.classes.target_slope(cosine);
+        cos_sum += grad * cosine;
+        out.at(b, j) = static_cast<O>(grad * inv_norm);
+      }
+      *partial = cos_sum;
+      return;
+    }
     for (int64_t k = 0; k < centers; ++k) partial[k] = 0;
     for (int64_t b = cg.first_row; b < cg.last_row; ++b) {
       const ClassSimilarity<T> s = t.similarity(b, j);
       const bool is_target = t.is_target(b, j);
-      // The logit exactly as pass 1 rounded it: with one class, p is then exactly 1.
-      const T prob = (is_target && t.exclude_positive) ? T(0) : math::exp(t.logit(b, j, s) - row_lse[b]);
+      const T prob = (is_target && t.exclude_positive) ? T(0) : math::exp(t.logit(is_target, s.similarity) - row_lse[b]);
       T grad = grad_scale * (prob - (is_target ? target_weight : other_weight));
       if (is_target) grad *= t.classes.target_slope(s.similarity);
       for (int64_t k = 0; k < centers; ++k) {
