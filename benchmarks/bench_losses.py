@@ -35,6 +35,8 @@ import subprocess
 import sys
 import time
 
+from timing import cuda_step_times
+
 CASES = {"CUB": 100, "In-shop": 3_997, "SOP": 11_318, "100k": 100_000, "1M": 1_000_000}
 IMPLEMENTATIONS = ("gemm3", "dmlfast", "eager", "compiled", "pml")
 LOSSES = ("proxy_anchor", "proxy_nca", "proxy_isa", "idml", "cosface", "arcface", "subcenter_arcface", "soft_triple")
@@ -142,21 +144,9 @@ def worker(args):
 
     grads_bytes = (batch + classes * CENTERS.get(args.loss, 1)) * dim * 4 if args.implementation != "gemm3" else 0
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()
-        for i in range(args.warmup):
-            steps[i % sets]()
-        torch.cuda.synchronize()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(args.repeats)]
-        for i, (start, end) in enumerate(events):
-            start.record()
-            steps[i % sets]()
-            end.record()
-        torch.cuda.synchronize()
-        times = [start.elapsed_time(end) / 1e3 for start, end in events]
-        grads_bytes *= sets
+        times_ms, peak = cuda_step_times(steps, args.warmup, args.repeats)
+        times = [t / 1e3 for t in times_ms]
+        baseline, grads_bytes = 0, grads_bytes * sets
     else:
         baseline = current_rss_bytes()
         for _ in range(args.warmup):
@@ -166,9 +156,7 @@ def worker(args):
             start = time.perf_counter()
             steps[0]()
             times.append(time.perf_counter() - start)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:
+    if device.type != "cuda":
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({
         "median_ms": 1e3 * statistics.median(times),

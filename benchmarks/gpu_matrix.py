@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from timing import cuda_step_times
+
 LOSSES = ("proxy_anchor", "proxy_nca", "idml", "arcface", "soft_triple")
 #: Proxy rows per class (SoftTriple's K = 10 centers); its matrix stops at 100,000 classes (a million centers).
 CENTERS = {"soft_triple": 10}
@@ -187,22 +189,8 @@ def measure(implementation, loss, classes, precision, args, device, compiled_cac
     grads_bytes = 0 if implementation == "gemm3" else sets * sum(
         t.numel() * t.element_size() for inputs in all_inputs for t in inputs.values() if t.requires_grad)
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()
-        for i in range(args.warmup):
-            steps[i % sets]()
-        torch.cuda.synchronize()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(args.repeats)]
-        for i, (start, end) in enumerate(events):
-            start.record()
-            steps[i % sets]()
-            end.record()
-        torch.cuda.synchronize()
-        times = [start.elapsed_time(end) for start, end in events]
-        peak = torch.cuda.max_memory_allocated()
-        extra = max(0, peak - baseline - grads_bytes) / 2**20
+        times, peak = cuda_step_times(steps, args.warmup, args.repeats)
+        extra = max(0, peak - grads_bytes) / 2**20
     else:
         for i in range(args.warmup):
             steps[i % sets]()
