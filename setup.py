@@ -4,7 +4,10 @@ The CPU kernels are always compiled; the CUDA kernels whenever nvcc and a CUDA b
 are present, even with no GPU visible. Environment knobs:
 
 - ``DMLFAST_CUDA=0|1``: skip or require the CUDA kernels (default: build them when possible).
-- ``CUDA_HOME``: the CUDA toolkit (default: found from nvcc on PATH or /usr/local/cuda).
+- ``CUDA_HOME``: the CUDA toolkit (default: found from nvcc on PATH, /usr/local/cuda or nvcc wheels
+  installed in the environment; build_backend.py fetches those from PyPI when none is found).
+- ``DMLFAST_IGNORE_SYSTEM_CUDA=1``: do not look on PATH and in /usr/local (CI uses it to check the
+  PyPI compiler on a machine with a toolkit).
 - ``TORCH_CUDA_ARCH_LIST``: GPU architectures, e.g. ``"9.0"``. Default: the visible GPUs, or
   ``"8.0;9.0"`` when none can be queried.
 - ``MAX_JOBS``: parallel compile jobs (ninja).
@@ -15,11 +18,12 @@ instead of letting pip install a second, possibly different one (see README, "Bu
 """
 import glob
 import os
-import shutil
 import sys
 import sysconfig
 
 from setuptools import find_packages, setup
+
+from build_tools import cuda_toolkit
 
 DEFAULT_ARCH_LIST = "8.0;9.0"
 
@@ -46,33 +50,42 @@ def import_target_torch():
     return torch
 
 
-def find_cuda_home():
-    """The CUDA toolkit to build with: the first of $CUDA_HOME, $CUDA_PATH, the folder above the
-    nvcc on PATH and /usr/local/cuda that has both bin/nvcc and include/cuda_runtime.h.
+def find_cuda_home(torch):
+    """The CUDA toolkit to build with (build_tools/cuda_toolkit.py: $CUDA_HOME, $CUDA_PATH, nvcc on
+    PATH, /usr/local/cuda, nvcc wheels), exported as CUDA_HOME for torch.utils.cpp_extension.
 
     torch guesses the folder above nvcc, which is wrong when nvcc on PATH is a wrapper script
     (e.g. /usr/local/bin/nvcc calling /usr/local/cuda-13.0/bin/nvcc); exporting the checked
     folder as CUDA_HOME before torch.utils.cpp_extension is imported fixes its guess.
     """
-    nvcc = shutil.which("nvcc")
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
-                  os.path.dirname(os.path.dirname(nvcc)) if nvcc else None, "/usr/local/cuda"]
-    for home in filter(None, candidates):
-        if os.path.isfile(os.path.join(home, "bin", "nvcc")) and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
-            os.environ["CUDA_HOME"] = home
-            return home
-    return None
+    home = cuda_toolkit.find_cuda_home(os.environ, torch.version.cuda, cuda_toolkit.search_dirs())
+    if home is not None:
+        os.environ["CUDA_HOME"] = home
+    return home
 
 
 def want_cuda(torch, cuda_home):
+    """``(build the CUDA kernels?, why they cannot be although DMLFAST_CUDA=1 asks for them, or None)``."""
     choice = os.environ.get("DMLFAST_CUDA", "").strip()
     if choice not in ("", "0", "1"):
         sys.exit(f"DMLFAST_CUDA must be 0 or 1, got {choice!r}")
     possible = torch.version.cuda is not None and cuda_home is not None
     if choice == "1" and not possible:
-        reason = "torch is a CPU-only build" if torch.version.cuda is None else "no CUDA toolkit with nvcc and headers was found (set CUDA_HOME)"
-        sys.exit(f"DMLFAST_CUDA=1 but the CUDA kernels cannot be built: {reason}.")
-    return possible if choice == "" else choice == "1"
+        reason = ("torch is a CPU-only build" if torch.version.cuda is None else
+                  "no CUDA toolkit with nvcc and headers was found (set CUDA_HOME; see README, 'Build options')")
+        return False, f"DMLFAST_CUDA=1 but the CUDA kernels cannot be built: {reason}."
+    return (possible if choice == "" else choice == "1"), None
+
+
+def refusing_build_ext(build_ext, message):
+    """``build_ext`` that stops with ``message`` when it runs. The other PEP 517 hooks (build
+    requirements, metadata) still succeed: only build_backend.py's wheel build may fetch nvcc."""
+
+    class RefusingBuildExt(build_ext):
+        def run(self):
+            sys.exit(message)
+
+    return RefusingBuildExt
 
 
 def cuda_arch_list(torch):
@@ -97,10 +110,10 @@ def sources(with_cuda):
 
 def extensions():
     torch = import_target_torch()
-    cuda_home = find_cuda_home()
+    cuda_home = find_cuda_home(torch)
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    with_cuda = want_cuda(torch, cuda_home)
+    with_cuda, cannot_build = want_cuda(torch, cuda_home)
     arch_list = cuda_arch_list(torch) if with_cuda else ""
     defines = [
         f'-DDMLFAST_TORCH_VERSION="{torch.__version__}"',
@@ -120,9 +133,13 @@ def extensions():
             extra_compile_args={"cxx": cxx + ["-DDMLFAST_WITH_CUDA"], "nvcc": nvcc},
             extra_link_args=link,
         )
+        # NVIDIA's wheels ship libcudart.so.<N> only, which torch's -lcudart does not find.
+        cudart = cuda_toolkit.cudart_library(cuda_home)
+        ext.libraries = [cudart if library == "cudart" else library for library in ext.libraries]
     else:
         ext = CppExtension("dmlfast._C", sources(False), extra_compile_args={"cxx": cxx}, extra_link_args=link)
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    build_ext = BuildExtension.with_options(use_ninja=True)
+    return [ext], {"build_ext": refusing_build_ext(build_ext, cannot_build) if cannot_build else build_ext}
 
 
 ext_modules, cmdclass = extensions()

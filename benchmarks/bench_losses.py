@@ -23,6 +23,7 @@ table of ratios and writes JSON with every figure.
     python benchmarks/bench_losses.py                       # all cases, CPU
     python benchmarks/bench_losses.py --cases SOP --repeats 9
     python benchmarks/bench_losses.py --device cuda --json out.json
+    python benchmarks/bench_losses.py --interleave --cases SOP --implementations gemm3 dmlfast --repeats 30
 """
 import argparse
 import json
@@ -208,6 +209,52 @@ def markdown_table(results, args):
     return "\n".join(lines)
 
 
+def interleaved(args):
+    """Time the implementations in one process, one repetition of each per round (PERF.md: the
+    shared machines have slow phases), and report each one's median per-round ratio to gemm3."""
+    import torch
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    lines = [f"B={args.batch}, D={args.dim}, {args.threads} thread(s); {args.repeats} interleaved rounds after "
+             f"{args.warmup} warm-up; median of the per-round ratios to gemm3 (min ms of gemm3)",
+             "", "| loss | C | gemm3 min ms | " + " | ".join(i for i in args.implementations if i != "gemm3") + " |",
+             "|---|---|---|" + "---|" * (len(args.implementations) - 1)]
+    results = []
+    for case in args.cases:
+        for loss in args.losses:
+            classes = CASES[case]
+            steps = {}
+            for implementation in args.implementations:
+                x = torch.randn(args.batch, args.dim, device=device).requires_grad_()
+                p = torch.randn(classes, args.dim, device=device).requires_grad_()
+                labels = torch.randint(0, classes, (args.batch,), device=device)
+                steps[implementation] = build_step(implementation, loss, x, p, labels)
+            for _ in range(args.warmup):
+                for step in steps.values():
+                    step()
+            times = {name: [] for name in steps}
+            for _ in range(args.repeats):
+                for name, step in steps.items():
+                    start = time.perf_counter()
+                    step()
+                    times[name].append(time.perf_counter() - start)
+            ratios = {name: statistics.median(t / g for t, g in zip(times[name], times["gemm3"]))
+                      for name in steps if name != "gemm3"}
+            results.append({"case": case, "loss": loss, "classes": classes, "gemm3_min_ms": 1e3 * min(times["gemm3"]),
+                            "median_ratio_to_gemm3": ratios, "times_ms": {n: [1e3 * t for t in v] for n, v in times.items()}})
+            lines.append(f"| {loss} | {classes:,} | {1e3 * min(times['gemm3']):.1f} | "
+                         + " | ".join(f"{ratios[n]:.2f}×" for n in ratios) + " |")
+            print(lines[-1], file=sys.stderr, flush=True)
+    print("\n".join(lines))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"meta": {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "mode": "interleaved",
+                                "batch": args.batch, "dim": args.dim, "threads": args.threads},
+                       "results": results}, out, indent=1)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
@@ -220,6 +267,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", help="write every figure here")
+    parser.add_argument("--interleave", action="store_true",
+                        help="time in one process, one repetition of each implementation per round (no memory figures)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--implementation", help=argparse.SUPPRESS)
     parser.add_argument("--loss", help=argparse.SUPPRESS)
@@ -227,6 +276,11 @@ def main():
     args = parser.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.interleave:
+        if "gemm3" not in args.implementations:
+            parser.error("--interleave reports ratios to gemm3: include it in --implementations")
+        interleaved(args)
         return
 
     results = []

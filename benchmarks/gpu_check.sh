@@ -35,5 +35,5 @@ stage build 150 "$py" setup.py build_ext --inplace > "$out/build.log" 2>&1 || { 
 if command -v readelf > /dev/null && ! readelf -d dmlfast/_C*.so | grep -q 'libstdc++'; then
     echo "WARNING: dmlfast/_C links libstdc++ statically: its error messages will be garbled or crash"
 fi
-stage tests 120 "$py" -m pytest -q -p no:cacheprovider -n 8 -rfEs tests/test_cuda.py tests/test_gpu_plan.py
+stage tests 120 "$py" -m pytest -q -p no:cacheprovider -n 8 -rfEs tests/test_cuda.py tests/test_gpu_plan.py tests/test_fallback.py
 stage matrix 240 "$py" benchmarks/gpu_matrix.py --out "$out"

@@ -49,9 +49,9 @@ def predict_ms(loss, classes, precision, implementation, batch=BATCH, dim=DIM):
     """Predicted time from counted flops and bytes (the larger of the two per pass, plus launches).
 
     gemm3: three GEMMs (+ the bf16 cast of P). dmlfast (docs/losses.md §7.1, csrc/tiles.h): per tile
-    the proxies' norms, the S GEMM, the epilogue passes over the B x tile block, the dX and dP GEMMs
-    and one elementwise pass over dP (read dP and P, write dP); ProxyNCA beyond 64 MiB of S runs a
-    fourth GEMM and its norms twice. eager: the reference's B x C temporaries (counted by reading
+    the proxies' norms (+ the bf16 copy), the S GEMM (float32 out), the epilogue passes over the
+    B x tile block, the dX and dP GEMMs (dP in the GEMM dtype) and one elementwise pass that writes
+    the float32 dP; ProxyNCA beyond 64 MiB of S runs a fourth GEMM and its norms twice. eager: the reference's B x C temporaries (counted by reading
     dmlfast/reference.py: ~30 passes forward and backward) plus its three GEMMs. None for compiled.
     """
     if implementation == "compiled":
@@ -79,9 +79,9 @@ def predict_ms(loss, classes, precision, implementation, batch=BATCH, dim=DIM):
     tile = max(256, min(C, (1 << 24) // B))
     tiles = math.ceil(C / tile)
     three = (cast + gemm(gemm_bytes * C * D, s_bytes) + gemm(g_bytes + gemm_bytes * C * D, 4 * B * D)
-             + gemm(g_bytes, 4 * C * D))
+             + gemm(g_bytes, gemm_bytes * C * D))
     norms = passes(4 * C * D, 2 * tiles)
-    finish = passes(3 * 4 * C * D, tiles)
+    finish = passes((2 * gemm_bytes + 4) * C * D, tiles)  # read G'^T X_hat and p in the GEMM dtype, write dP
     fixed = passes(0, 12)
     if loss == "proxy_nca":
         recompute = C * B * 4 > (64 << 20)

@@ -113,7 +113,7 @@ LossAndGrads proxy_anchor_loss(const at::Tensor& embeddings, const at::Tensor& p
                                int64_t value_checks) {
   const char* op = "proxy_anchor_loss";
   check_metadata(embeddings, proxies, labels, op);
-  const ClassShard shard = class_shard(proxies, class_offset, num_classes, op);
+  const ClassShard shard = class_shard(proxies.size(0), class_offset, num_classes, op);
   const CheckMode mode = check_mode(value_checks, op);
   TORCH_CHECK_VALUE(std::isfinite(margin), op, ": margin must be finite, got ", margin);
   TORCH_CHECK_VALUE(std::isfinite(alpha) && alpha > 0, op, ": alpha must be a finite number > 0, got ", alpha);

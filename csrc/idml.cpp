@@ -111,7 +111,7 @@ IdmlLossAndGrads idml_proxy_anchor_loss(const at::Tensor& embeddings, const at::
                                         int64_t value_checks) {
   const char* op = "idml_proxy_anchor_loss";
   check_metadata(embeddings, proxies, labels, op);
-  const ClassShard shard = class_shard(proxies, class_offset, num_classes, op);
+  const ClassShard shard = class_shard(proxies.size(0), class_offset, num_classes, op);
   const CheckMode mode = check_mode(value_checks, op);
   TORCH_CHECK_VALUE(uncertainty.dim() == 2, op, ": uncertainty must be 2-D (batch, uncertainty_dim), got a ",
                     describe(uncertainty));

@@ -26,15 +26,19 @@ TORCH_LIBRARY(dmlfast, m) {
       "Tensor grad_embeddings, Tensor grad_uncertainty, Tensor grad_proxies, Tensor value_flags)");
   m.def(
       "proxy_nca_loss(Tensor embeddings, Tensor proxies, Tensor labels, float scale, float smoothing, "
-      "bool exclude_positive, int value_checks=1) -> (Tensor loss, Tensor grad_embeddings, Tensor grad_proxies, "
-      "Tensor value_flags)");
+      "bool exclude_positive, int value_checks=1, int centers_per_class=1, int center_aggregation=0, "
+      "float center_gamma=1.0, int margin_type=0, float margin=0.0) -> (Tensor loss, Tensor grad_embeddings, "
+      "Tensor grad_proxies, Tensor value_flags)");
   m.def(
       "proxy_nca_shard_row_stats(Tensor embeddings, Tensor proxies, Tensor labels, float scale, "
-      "bool exclude_positive, int class_offset, int num_classes, int value_checks=1) -> Tensor");
+      "bool exclude_positive, int class_offset, int num_classes, int value_checks=1, int centers_per_class=1, "
+      "int center_aggregation=0, float center_gamma=1.0, int margin_type=0, float margin=0.0) -> Tensor");
   m.def(
       "proxy_nca_shard_loss_and_grads(Tensor embeddings, Tensor proxies, Tensor labels, Tensor row_stats, "
       "float scale, float smoothing, bool exclude_positive, int class_offset, int num_classes, "
-      "int value_checks=1) -> (Tensor loss, Tensor grad_embeddings, Tensor grad_proxies, Tensor value_flags)");
+      "int value_checks=1, int centers_per_class=1, int center_aggregation=0, float center_gamma=1.0, "
+      "int margin_type=0, float margin=0.0) -> (Tensor loss, Tensor grad_embeddings, Tensor grad_proxies, "
+      "Tensor value_flags)");
 }
 
 #define DMLFAST_IMPL_ALL_OPS(m)                                                        \
@@ -80,9 +84,9 @@ void raise_for_flags(const std::string& op, const at::Tensor& flags, const at::T
 }
 
 void override_tile_plan(int64_t tile_columns, int64_t rows_per_group, int64_t slice_columns, int64_t merge_fan_in,
-                        int64_t column_major, int64_t low_precision_gemm) {
+                        int64_t column_major, int64_t low_precision_gemm, int64_t finish_chunk) {
   set_tile_plan_override(
-      {tile_columns, rows_per_group, slice_columns, merge_fan_in, column_major, low_precision_gemm});
+      {tile_columns, rows_per_group, slice_columns, merge_fan_in, column_major, low_precision_gemm, finish_chunk});
 }
 
 }  // namespace
@@ -113,5 +117,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("_override_tile_plan", &dmlfast::override_tile_plan,
              "Tests only: the tile plan's parameters (-1 keeps the device's default).", py::arg("tile_columns") = -1,
              py::arg("rows_per_group") = -1, py::arg("slice_columns") = -1, py::arg("merge_fan_in") = -1,
-             py::arg("column_major") = -1, py::arg("low_precision_gemm") = -1);
+             py::arg("column_major") = -1, py::arg("low_precision_gemm") = -1, py::arg("finish_chunk") = -1);
 }

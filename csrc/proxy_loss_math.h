@@ -179,23 +179,29 @@ struct EmbeddingBackward {
   }
 };
 
-// dL/dp for one tile of proxies, one thread per element (c, d): out = gemm - kappa_c p_c, where
-// gemm = G'^T X_hat (or H^T X for IDML) and kappa as in the header comment. S is the GEMMs' dtype:
-// with low-precision GEMMs both the product and p_c are read in it (the tile's converted copy),
-// which halves this pass's reads; `gemm` may be `out` when S = T.
+// dL/dp for one tile of proxies, one thread per (row c, chunk of dim_chunk components):
+// out = gemm - kappa_c p_c, where gemm = G'^T X_hat (or H^T X for IDML) and kappa as in the header
+// comment. S is the GEMMs' dtype: with low-precision GEMMs both the product and p_c are read in it
+// (the tile's converted copy), which halves this pass's reads; `gemm` may be `out` when S = T.
+// The GPU gives each thread a few neighbouring components (wide, coalesced accesses), the CPU a
+// whole row (one index division per row, not per element).
 template <typename T, typename S>
 struct ProxyGradFinish {
   const S* gemm;      // [cols, D]
   const S* proxies;   // [cols, D]
   const T* kappa;     // [cols]
-  int64_t elements;   // cols * D
-  int64_t dim;
+  int64_t cols, dim, dim_chunk;
   T* out;             // [cols, D]
 
   DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
-    const int64_t i = block * block_dim + thread;
-    if (i >= elements) return;
-    out[i] = static_cast<T>(gemm[i]) - kappa[i / dim] * static_cast<T>(proxies[i]);
+    const int64_t chunks = blocks_for(dim, dim_chunk);
+    const int64_t index = block * block_dim + thread;
+    const int64_t c = index / chunks;
+    if (c >= cols) return;
+    const int64_t first = c * dim + (index - c * chunks) * dim_chunk;
+    const int64_t last = c * dim + math::min((index - c * chunks + 1) * dim_chunk, dim);
+    const T k = kappa[c];
+    for (int64_t i = first; i < last; ++i) out[i] = static_cast<T>(gemm[i]) - k * static_cast<T>(proxies[i]);
   }
 };
 
@@ -791,22 +797,110 @@ DMLFAST_HD void merge_softmax_partial(const SoftmaxPartials<T>& in, int64_t slot
   }
 }
 
+// How a class's logit comes from the cosines of its K centers (K adjacent proxy rows) and the
+// label: z_bc = scale * s_bc for the other classes and scale * f(s_by) for the target, where s is
+// the class similarity (docs/losses.md §2 with K = 1 and no margin: ProxyNCA, Norm-SoftMax; §9:
+// CosFace, ArcFace, Sub-center ArcFace; §10: SoftTriple).
+enum CenterAggregation : int { kMaxCenter = 0, kSoftCenters = 1 };
+enum MarginType : int { kNoMargin = 0, kCosFaceMargin = 1, kArcFaceMargin = 2 };
+
+// Below this, 1 - s^2 is taken as it: ArcFace's slope (cos m + s sin m / sqrt(1 - s^2)) stays finite
+// when an embedding lies on its target centre.
+constexpr double kArcFaceMinSine2 = 1e-12;
+
+template <typename T>
+struct ClassLogit {
+  int64_t centers;          // K
+  int aggregation;          // CenterAggregation: the max (Sub-center ArcFace) or a softmax-weighted mean
+  T center_gamma;           // kSoftCenters: the weights are softmax_k(center_gamma * cos_k) (SoftTriple's 1/gamma)
+  int margin_type;          // MarginType
+  T margin;                 // m (radians for ArcFace)
+  T cos_margin, sin_margin; // cos m, sin m
+  T arc_threshold;          // cos(pi - m): at or below it ArcFace's f is s - m sin m (InsightFace's), which keeps
+                            // f decreasing in the angle
+
+  // f(s) of the target class.
+  DMLFAST_HD T target(T s) const {
+    if (margin_type == kCosFaceMargin) return s - margin;
+    if (margin_type != kArcFaceMargin) return s;
+    if (s <= arc_threshold) return s - margin * sin_margin;
+    return s * cos_margin - math::sqrt(math::max(T(1) - s * s, T(kArcFaceMinSine2))) * sin_margin;
+  }
+  // f'(s).
+  DMLFAST_HD T target_slope(T s) const {
+    if (margin_type != kArcFaceMargin || s <= arc_threshold) return T(1);
+    return cos_margin + s * sin_margin / math::sqrt(math::max(T(1) - s * s, T(kArcFaceMinSine2)));
+  }
+};
+
+// A class's similarity s from its centers' cosines, and what its slope ds/dcos_k needs.
+template <typename T>
+struct ClassSimilarity {
+  T similarity;             // s
+  T max;                    // the largest cosine
+  T weight_sum;             // kSoftCenters: sum_k e^{gamma (cos_k - max)}
+  int64_t argmax;           // the first center with the largest cosine
+};
+
 template <typename T>
 struct SoftmaxTile {
-  TileView<T> sim;          // [B, cols]: S
-  const int64_t* labels;    // [B], local
+  TileView<T> sim;          // [B, cols]: S; cols = K * the tile's classes
+  const int64_t* labels;    // [B], local classes
   int64_t rows, cols, first_class;
   const T* inv_norm;        // [cols] 1 / m_c
   T scale;
   bool exclude_positive;    // the paper's classic form: the target is not in the denominator
+  ClassLogit<T> classes;
 
-  DMLFAST_HD T logit(int64_t b, int64_t c) const { return scale * sim.at(b, c) * inv_norm[c]; }
+  DMLFAST_HD int64_t classes_in_tile() const { return cols / classes.centers; }
+  DMLFAST_HD T cosine(int64_t b, int64_t c) const { return sim.at(b, c) * inv_norm[c]; }
+
+  // Class j of the tile (columns j K .. j K + K - 1) for row b.
+  DMLFAST_HD ClassSimilarity<T> similarity(int64_t b, int64_t j) const {
+    const int64_t first = j * classes.centers;
+    ClassSimilarity<T> out{cosine(b, first), cosine(b, first), T(1), 0};
+    for (int64_t k = 1; k < classes.centers; ++k) {
+      const T c = cosine(b, first + k);
+      if (c > out.max) {
+        out.max = c;
+        out.argmax = k;
+      }
+    }
+    out.similarity = out.max;
+    if (classes.aggregation == kSoftCenters && classes.centers > 1) {
+      T sum = 0, weighted = 0;
+      for (int64_t k = 0; k < classes.centers; ++k) {
+        const T c = cosine(b, first + k);
+        const T e = math::exp(classes.center_gamma * (c - out.max));
+        sum += e;
+        weighted += e * c;
+      }
+      out.weight_sum = sum;
+      out.similarity = weighted / sum;
+    }
+    return out;
+  }
+
+  // ds/dcos_k of center k with cosine c: 1 for K = 1; the argmax's 1 (others 0) for the max; for
+  // the softmax-weighted mean w_k (1 + gamma (cos_k - s)) (docs/losses.md §10).
+  DMLFAST_HD T center_slope(const ClassSimilarity<T>& s, int64_t k, T c) const {
+    if (classes.centers == 1) return T(1);
+    if (classes.aggregation != kSoftCenters) return k == s.argmax ? T(1) : T(0);
+    const T weight = math::exp(classes.center_gamma * (c - s.max)) / s.weight_sum;
+    return weight * (T(1) + classes.center_gamma * (c - s.similarity));
+  }
+
+  // z of class j for row b, exactly as both passes round it.
+  DMLFAST_HD T logit(int64_t b, int64_t j, const ClassSimilarity<T>& s) const {
+    return scale * (is_target(b, j) ? classes.target(s.similarity) : s.similarity);
+  }
+  DMLFAST_HD bool is_target(int64_t b, int64_t j) const { return labels[b] - first_class == j; }
 };
 
-// Pass 1, one thread per (row b, slice j) with index b * slices + j: the slice holds the columns
-// j, j + slices, j + 2 slices, ... (neighbouring threads read neighbouring columns; with one
+// Pass 1, one thread per (row b, slice j) with index b * slices + j: the slice holds the tile's
+// classes j, j + slices, j + 2 slices, ... (neighbouring threads read neighbouring columns; with one
 // slice a row is walked in order). Writes the slice's partials and, where the row's target is
-// among its columns, the target logit.
+// among its classes, the target logit.
 template <typename T>
 struct SoftmaxSlices {
   SoftmaxTile<T> tile;
@@ -819,14 +913,14 @@ struct SoftmaxSlices {
     const int64_t index = block * block_dim + thread;
     const int64_t b = index / slices, j = index % slices;
     if (b >= t.rows) return;
-    const int64_t target = t.labels[b] - t.first_class;
+    const int64_t classes = t.classes_in_tile();
     bool any = false;
     T max = 0;
     double logit_sum = 0;
-    for (int64_t c = j; c < t.cols; c += slices) {
-      const T z = t.logit(b, c);
+    for (int64_t c = j; c < classes; c += slices) {
+      const T z = t.logit(b, c, t.similarity(b, c));
       logit_sum += z;
-      if (c == target) {
+      if (t.is_target(b, c)) {
         target_logit[b] = z;
         if (t.exclude_positive) continue;
       }
@@ -834,9 +928,9 @@ struct SoftmaxSlices {
       any = true;
     }
     double sum = 0;
-    for (int64_t c = j; c < t.cols; c += slices) {
-      if (c == target && t.exclude_positive) continue;
-      sum += math::exp(t.logit(b, c) - max);
+    for (int64_t c = j; c < classes; c += slices) {
+      if (t.exclude_positive && t.is_target(b, c)) continue;
+      sum += math::exp(t.logit(b, c, t.similarity(b, c)) - max);
     }
     const int64_t slot = b * slices + j;
     out.max[slot] = max;
@@ -929,9 +1023,12 @@ struct SoftmaxLoss {
   }
 };
 
-// Pass 2, one thread per (column c, group of rows): G_bc = (scale/B)(p_bc - T_bc), where
-// p_bc = e^{z_bc - lse_b} (0 for a target excluded from the denominator) and T the smoothed
-// targets; G' = G / m_c into `out`, and the group's sum of G cos for kappa (ColumnSum).
+// Pass 2, one thread per (column c, group of rows), c being center k of class j: with
+// dL/ds' = (scale/B)(p_bj - T_bj) for s' = f(s) at the target and s elsewhere, p_bj =
+// e^{z_bj - lse_b} (0 for a target excluded from the denominator) and T the smoothed targets,
+// G_bc = dL/ds' f'(s) ds/dcos_c; G' = G / m_c into `out`, and the group's sum of G cos for kappa
+// (ColumnSum). Each thread recomputes its class's similarity from the K columns of the row
+// (neighbouring threads read the same cache lines).
 template <typename T, typename O>
 struct SoftmaxGrad {
   SoftmaxTile<T> tile;
@@ -947,15 +1044,18 @@ struct SoftmaxGrad {
     const SoftmaxTile<T>& t = tile;
     ColumnGroup cg;
     if (!column_group(block * block_dim + thread, t.cols, t.rows, rows_per_group, cg)) return;
-    const int64_t c = cg.column, cls = t.first_class + c;
+    const int64_t c = cg.column, j = c / t.classes.centers, k = c % t.classes.centers;
     const T inv_norm = t.inv_norm[c];
     T cos_sum = 0;
     for (int64_t b = cg.first_row; b < cg.last_row; ++b) {
-      const T cosine = t.sim.at(b, c) * inv_norm;
-      const bool is_target = t.labels[b] == cls;
+      const ClassSimilarity<T> s = t.similarity(b, j);
+      const bool is_target = t.is_target(b, j);
       // The logit exactly as pass 1 rounded it: with one class, p is then exactly 1.
-      const T prob = (is_target && t.exclude_positive) ? T(0) : math::exp(t.logit(b, c) - row_lse[b]);
-      const T grad = grad_scale * (prob - (is_target ? target_weight : other_weight));
+      const T prob = (is_target && t.exclude_positive) ? T(0) : math::exp(t.logit(b, j, s) - row_lse[b]);
+      T grad = grad_scale * (prob - (is_target ? target_weight : other_weight));
+      if (is_target) grad *= t.classes.target_slope(s.similarity);
+      const T cosine = t.cosine(b, c);
+      grad *= t.center_slope(s, k, cosine);
       cos_sum += grad * cosine;
       out.at(b, c) = static_cast<O>(grad * inv_norm);
     }

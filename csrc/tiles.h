@@ -36,6 +36,7 @@ struct TilePlan {
   int64_t groups;             // blocks_for(batch, rows_per_group)
   int64_t slice_columns;      // softmax pass 1: columns per (row, slice) thread; 0: the whole tile row
   int64_t merge_fan_in;       // softmax pass 1: partials merged per thread and tree level
+  int64_t finish_chunk;       // proxy-gradient components per ProxyGradFinish thread (0: a whole row)
   bool column_major;          // S tiles stored column by column (walked down columns on the CPU)
   at::ScalarType gemm_dtype;  // what the tile GEMMs read
   bool emulate_gemm;          // low-precision GEMMs emulated on the CPU (tests), see gemm()
@@ -52,6 +53,7 @@ struct TilePlanOverride {
   int64_t merge_fan_in = -1;
   int64_t column_major = -1;
   int64_t low_precision_gemm = -1;
+  int64_t finish_chunk = -1;
 };
 void set_tile_plan_override(const TilePlanOverride& override_values);
 

@@ -7,6 +7,8 @@
 - The checks of a library call's arguments (``require_tensors``, ``require_number``,
   ``require_int`` and the loss families' hyperparameters), which raise ``ValueError``/``TypeError``
   naming the function, the argument, what was expected and what was given.
+- :func:`check_loss_inputs`, the fused ops' own input checks repeated in Python for code that
+  computes on the inputs before an op sees them (Proxy Synthesis).
 """
 from __future__ import annotations
 
@@ -94,3 +96,90 @@ def softmax_hyperparameters(op: str, scale, smoothing, exclude_positive):
     if not isinstance(exclude_positive, bool):
         raise TypeError(f"{op}: exclude_positive must be a bool, got {type(exclude_positive).__name__}")
     return scale, smoothing, exclude_positive
+
+
+# ------------------------------------------------------------------------------ the fused ops' inputs
+
+def _dtype_name(tensor):
+    """The dtype as the op's messages spell it (c10's names: Float, Half, BFloat16, Long, Byte)."""
+    return tensor.type().split(".")[-1][: -len("Tensor")]
+
+
+def _describe(tensor):
+    return f"{_dtype_name(tensor)} tensor of shape {list(tensor.shape)} on {tensor.device}"
+
+
+def accumulation_dtype(embeddings, proxies):
+    """The dtype the op computes row norms in: float64 when an input is float64, else float32."""
+    return torch.float64 if torch.float64 in (embeddings.dtype, proxies.dtype) else torch.float32
+
+
+def overflow_message(op, name, rows, accumulation):
+    """The fused ops' message for ``rows`` whose values are finite but whose norm overflows
+    ``accumulation`` (csrc/checks.cpp words it the same; embeddings' squared norms are summed in
+    float64 there, the proxies' in ``accumulation``); ``None`` when every row's norm is finite or a
+    value is NaN/Inf (then the NaN/Inf message is right)."""
+    if not bool(torch.isfinite(rows).all()):
+        return None
+    if name == "embeddings":
+        norms = rows.to(torch.float64).square().sum(1).sqrt().to(accumulation)
+    else:
+        norms = rows.to(accumulation).square().sum(1)
+    bad = ~torch.isfinite(norms)
+    if not bool(bad.any()):
+        return None
+    row = int(bad.nonzero()[0, 0])
+    largest = float(rows[row].abs().max())
+    dtype = str(accumulation).replace("torch.", "")
+    return (f"{op}: {name} are finite, but the norm of row {row} overflows {dtype} (its largest entry is {largest:g} "
+            f"in magnitude); values this large usually mean a diverging model: lower the learning rate or clip "
+            f"gradients")
+
+
+def check_loss_inputs(op, embeddings, proxies, labels):
+    """The input checks of the fused op ``op`` (same order, same messages), in Python, for wrappers
+    that compute on the inputs before they reach the op (:class:`dmlfast.losses.ProxySynthesis`):
+    types, shapes, dtypes and devices, then the values (labels in [0, C), embeddings and proxies
+    finite with finite row norms) with one device-to-host read."""
+    require_tensors(op, embeddings=embeddings, proxies=proxies, labels=labels)
+    for name, tensor, shape in (("embeddings", embeddings, "(batch, dim)"), ("proxies", proxies, "(num_classes, dim)")):
+        if tensor.dim() != 2:
+            raise ValueError(f"{op}: {name} must be 2-D {shape}, got a {_describe(tensor)}")
+    if labels.dim() != 1:
+        raise ValueError(f"{op}: labels must be 1-D (batch,), got a {_describe(labels)}")
+    for name, tensor in (("embeddings", embeddings), ("proxies", proxies)):
+        if not tensor.is_floating_point():
+            raise TypeError(f"{op}: {name} must be float32, bfloat16, float16 or float64, got {_describe(tensor)}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"{op}: labels must be int64, got {_describe(labels)}")
+    if embeddings.shape[0] == 0:
+        raise ValueError(f"{op}: the batch is empty (embeddings has 0 rows)")
+    if proxies.shape[0] == 0:
+        raise ValueError(f"{op}: proxies has 0 rows (num_classes must be >= 1)")
+    if embeddings.shape[1] == 0:
+        raise ValueError(f"{op}: embeddings have dimension 0")
+    if labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(f"{op}: labels must have one entry per embedding: embeddings has {embeddings.shape[0]} rows, "
+                         f"labels has {labels.shape[0]}")
+    if proxies.shape[1] != embeddings.shape[1]:
+        raise ValueError(f"{op}: embedding dimension and proxy dimension differ: embeddings are {embeddings.shape[1]}-d, "
+                         f"proxies are {proxies.shape[1]}-d")
+    if torch.compiler.is_compiling():
+        return
+    accumulation = accumulation_dtype(embeddings, proxies)
+    x, p = embeddings.detach(), proxies.detach()
+    low, high = torch.aminmax(labels)
+    x_norms = x.to(torch.float64).square().sum(1).sqrt().to(accumulation)
+    flags = torch.stack([low.double(), high.double(), torch.isfinite(x_norms).all().double(),
+                         torch.isfinite(p.to(accumulation).square().sum(1)).all().double()]).cpu().tolist()
+    num_classes = proxies.shape[0]
+    if flags[0] < 0 or flags[1] >= num_classes:
+        raise ValueError(f"{op}: labels must be in [0, {num_classes}) (num_classes = proxies.shape[0]), got min "
+                         f"{int(flags[0])} and max {int(flags[1])}")
+    for name, rows, finite in (("embeddings", x, flags[2]), ("proxies", p, flags[3])):
+        if not finite:
+            message = overflow_message(op, name, rows, accumulation)
+            if message is None:
+                first = int((~torch.isfinite(rows).all(1)).nonzero()[0, 0])
+                message = f"{op}: {name} contain NaN or Inf (first bad row: {first})"
+            raise ValueError(message)

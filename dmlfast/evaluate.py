@@ -85,7 +85,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     """Rebuild the model saved in ``args.checkpoint`` and compute its metrics on the held-out split."""
     if args.embeddings is not None or args.labels is not None or args.reference is not None:
         raise InputError("--checkpoint cannot be combined with --embeddings/--labels/--reference")
-    state = read_checkpoint(args.checkpoint, "--checkpoint")
+    state = read_checkpoint(args.checkpoint, "--checkpoint", entries=("model",))
     config = apply_dataset_arguments(state["config"], args)
     require_at_least("--workers", args.workers, 0)
     config.update(workers=args.workers, weights="none", ks=list(args.ks) if args.ks else list(DATASET_KS[config["dataset"]]))

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from . import functional
-from .checks import anchor_hyperparameters, one_of, require_int, require_number, softmax_hyperparameters
+from .margin_losses import ArcFaceLoss, CosFaceLoss, SoftTripleLoss, SubCenterArcFaceLoss
+from .checks import anchor_hyperparameters, check_loss_inputs, one_of, require_int, require_number, softmax_hyperparameters
 
 
 # Initial proxies, drawn in place into ``proxies``: the whole (num_classes, D) table, or a block of its
@@ -70,6 +71,8 @@ class ProxyAnchorLoss(_ProxyLoss):
     N(0, 2/num_classes) per entry.
     """
 
+    op = "proxy_anchor_loss"  # the fused op it calls, whose input checks and messages ProxySynthesis repeats
+
     def __init__(self, num_classes, embedding_size, margin=0.1, alpha=32.0):
         super().__init__(num_classes, embedding_size)
         self.margin, self.alpha = anchor_hyperparameters(type(self).__name__, margin, alpha)
@@ -89,6 +92,7 @@ class ProxyNCALoss(_ProxyLoss):
     scale 18 is ProxyNCA++'s (and dichotomies' s_x = s_p = 3).
     """
 
+    op = "proxy_nca_loss"  # the fused op it calls, whose input checks and messages ProxySynthesis repeats
     init_proxies_ = staticmethod(normal_over_8_)
 
     def __init__(self, num_classes, embedding_size, scale=18.0, smoothing=0.0, exclude_positive=False):
@@ -113,6 +117,7 @@ class NormSoftmaxLoss(_ProxyLoss):
     Proxies are initialised kaiming_uniform_(a=√5) as in the Proxy Synthesis code.
     """
 
+    op = "proxy_nca_loss"  # the fused op it calls, whose input checks and messages ProxySynthesis repeats
     init_proxies_ = staticmethod(kaiming_uniform_sqrt5_)
 
     def __init__(self, num_classes, embedding_size, scale=23.0):
@@ -168,7 +173,8 @@ class ProxyISALoss(_ProxyLoss):
         self.filter_start_epoch = require_int(owner, "filter_start_epoch", filter_start_epoch, minimum=0)
         memory_size = require_int(owner, "memory_size", memory_size)
         self.init_proxies_(self.proxies, num_classes)
-        self.register_buffer("counter", torch.zeros(num_classes, dtype=torch.float64))
+        # int64, so that module casts (.float(), .half()) leave the counts exact
+        self.register_buffer("counter", torch.zeros(num_classes, dtype=torch.int64))
         self.register_buffer("learned_sim", torch.ones(num_classes))
         self.register_buffer("memory_embeddings", torch.zeros(memory_size, embedding_size))
         self.register_buffer("memory_labels", torch.full((memory_size,), -1, dtype=torch.long))
@@ -182,7 +188,7 @@ class ProxyISALoss(_ProxyLoss):
     def class_schedule(self):
         """The per-class vectors (s̄, θ, w, easy-negative weight) the next step uses, float32."""
         beta = (self.V - 1) / self.V
-        effective = (1 - beta ** self.counter) / (1 - beta)
+        effective = (1 - beta ** self.counter.double()) / (1 - beta)
         base = 1 / (1 + torch.log1p(effective))
         gate = 1 + torch.exp(self.V - self.tau - effective)
         weight = 1 + (1 + math.exp(-self.tau)) * (base - 1) / gate
@@ -211,7 +217,7 @@ class ProxyISALoss(_ProxyLoss):
         if filter_positives:
             keep = (unit * normalize(self.proxies.detach()[labels].float(), dim=1)).sum(1) >= threshold[labels]
         unit, kept_labels = unit[keep], labels[keep]
-        self.counter.index_add_(0, kept_labels, torch.ones_like(kept_labels, dtype=torch.float64))
+        self.counter.index_add_(0, kept_labels, torch.ones_like(kept_labels))
         if int(self.epoch) < self.memory_start_epoch or len(kept_labels) == 0:
             return
         size, position = self.memory_labels.shape[0], int(self.memory_position)
@@ -223,12 +229,13 @@ class ProxyISALoss(_ProxyLoss):
         self.memory_position.fill_(0 if position + count > size else position + count)
         classes = torch.unique(kept_labels)
         stored = torch.isin(self.memory_labels, classes)
-        sums = torch.zeros(len(classes), unit.shape[1], device=unit.device)
+        work = torch.promote_types(self.memory_embeddings.dtype, torch.float32)  # the module may be cast to half
+        sums = torch.zeros(len(classes), unit.shape[1], device=unit.device, dtype=work)
         slot_class = torch.searchsorted(classes, self.memory_labels[stored])
-        sums.index_add_(0, slot_class, self.memory_embeddings[stored])
+        sums.index_add_(0, slot_class, self.memory_embeddings[stored].to(work))
         counts = torch.bincount(slot_class, minlength=len(classes)).clamp_min(1)
-        class_proxies = normalize(self.proxies.detach()[classes].float(), dim=1)
-        self.learned_sim[classes] = self.hardness_scale * (class_proxies * sums).sum(1) / counts
+        class_proxies = normalize(self.proxies.detach()[classes].to(work), dim=1)
+        self.learned_sim[classes] = (self.hardness_scale * (class_proxies * sums).sum(1) / counts).to(self.learned_sim.dtype)
 
     def extra_repr(self):
         return (
@@ -300,6 +307,7 @@ class ProxySynthesis(nn.Module):
         return self.base_loss.proxies
 
     def forward(self, embeddings, labels):
+        check_loss_inputs(self.base_loss.op, embeddings, self.proxies, labels)  # before any arithmetic on them
         count = int(self.mu * embeddings.shape[0])
         if count == 0:
             return self.base_loss(embeddings, labels)
@@ -361,13 +369,20 @@ class MovingProxyLoss(nn.Module):
         if not isinstance(labels, torch.Tensor) or labels.dtype != torch.long or labels.shape != (embeddings.shape[0],):
             raise ValueError(f"{owner}: labels must be an int64 tensor of shape ({embeddings.shape[0]},), got "
                              f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
-        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-            raise ValueError(f"{owner}: labels must be in [0, {num_classes}), got min {int(labels.min())} and max {int(labels.max())}")
+        if len(labels):
+            low, high = torch.aminmax(labels)
+            low, high, finite = torch.stack([low.double(), high.double(), torch.isfinite(embeddings).all().double()]).tolist()
+            if low < 0 or high >= num_classes:
+                raise ValueError(f"{owner}: labels must be in [0, {num_classes}), got min {int(low)} and max {int(high)}")
+            if not finite:
+                first = int((~torch.isfinite(embeddings).all(1)).nonzero()[0, 0])
+                raise ValueError(f"{owner}: embeddings contain NaN or Inf (first bad row: {first}); the proxies were not moved")
         classes, slot = torch.unique(labels, return_inverse=True)
-        sums = torch.zeros(len(classes), self.proxies.shape[1], device=self.proxies.device)
-        sums.index_add_(0, slot, embeddings.detach().float())
-        current = torch.nn.functional.normalize(self.proxies[classes], dim=1)
-        self.proxies[classes] = (1 - self.momentum) * current + self.momentum * sums
+        work = torch.promote_types(self.proxies.dtype, torch.float32)  # the module may be cast to half
+        sums = torch.zeros(len(classes), self.proxies.shape[1], device=self.proxies.device, dtype=work)
+        sums.index_add_(0, slot, embeddings.detach().to(work))
+        current = torch.nn.functional.normalize(self.proxies[classes].to(work), dim=1)
+        self.proxies[classes] = ((1 - self.momentum) * current + self.momentum * sums).to(self.proxies.dtype)
 
     def extra_repr(self):
         return (
@@ -378,6 +393,8 @@ class MovingProxyLoss(nn.Module):
 
 #: Every loss by the name the trainer (``--loss NAME``), the recipes and :mod:`dmlfast.sharded` use.
 LOSSES = {"ProxyAnchor": ProxyAnchorLoss, "ProxyNCA": ProxyNCALoss, "NormSoftmax": NormSoftmaxLoss,
-          "ProxyISA": ProxyISALoss, "Moving": MovingProxyLoss, "IDML": IntrospectiveProxyAnchorLoss}
+          "ProxyISA": ProxyISALoss, "Moving": MovingProxyLoss, "IDML": IntrospectiveProxyAnchorLoss,
+          "CosFace": CosFaceLoss, "ArcFace": ArcFaceLoss, "SubCenterArcFace": SubCenterArcFaceLoss,
+          "SoftTriple": SoftTripleLoss}
 #: The names of :data:`SYNTHESIS_BASES` (``--proxy-synthesis`` wraps these).
 SYNTHESIS_LOSSES = tuple(name for name, loss in LOSSES.items() if loss in SYNTHESIS_BASES)

@@ -85,6 +85,9 @@ def plot(args: argparse.Namespace) -> Path:
     check_embedding_flags(args)
     method = resolve_method(args.method)
     out = args.out if args.out is not None else args.checkpoint.parent / "embeddings.png"
+    if out.suffix.lower() != ".png":  # before any work: the map is a PNG, the interactive .html goes beside it
+        raise InputError(f"--out must name a .png file, got {out} (with plotly installed, the interactive map is written "
+                         f"beside it as {out.with_suffix('.html').name})")
     model, config, device, dtype = load_model(args.checkpoint, args.device)
     split, data_config = dataset_split(config, args, args.split)
     chosen = pick_classes(split.labels, args.classes, args.seed)

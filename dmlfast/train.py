@@ -9,7 +9,10 @@ loss and the backbone; any flag given overrides the recipe. Run ``python -m dmlf
 Outputs in ``--output``: ``config.json`` (the final configuration), ``last.pt`` (after every epoch;
 ``--resume`` continues from it), ``best.pt`` (best Recall@1), ``log.jsonl``, ``curves.png`` and,
 with ``--tensorboard`` / ``--wandb``, the same scalars as TensorBoard events / an offline W&B run.
-User errors (bad flags, missing data, wrong checkpoint) print one ``error:`` line and exit with status 2.
+One run at a time holds ``--output`` (a lock; a second run is an error naming the live one), and a
+folder holding an earlier run's results is continued with ``--resume`` or replaced with
+``--overwrite``, never silently. User errors (bad flags, missing data, wrong checkpoint, a full disk,
+a diverging loss) print one ``error:`` line and exit with status 2.
 
 ``torchrun --nproc-per-node N -m dmlfast.train ...`` trains data-parallel in N processes
 (:mod:`dmlfast.training.distributed`): one per GPU (``cuda:LOCAL_RANK``, NCCL) or on the CPU
@@ -105,6 +108,7 @@ examples:
   python -m dmlfast.train --loss NormSoftmax --proxy-synthesis 0.4,1.0 --binary-eval
   python -m dmlfast.train --dataset CUB --data-root ~/data/CUB --loss IDML --weights imagenet
   python -m dmlfast.train --output runs/glyphs --resume     # continue a killed run
+  python -m dmlfast.train --output runs/glyphs --overwrite  # start afresh, replacing the earlier run there
   torchrun --nproc-per-node 4 -m dmlfast.train --dataset SOP --data-root ~/data/SOP --model resnet50 --batch-size 30
                                                             # 4 GPUs, 4 x 30 images per step; rank 0 prints and writes
   python -m dmlfast.train --dataset folder --data-root ~/photos --test-classes 0.5   # DIR/<class>/<image>
@@ -221,8 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", choices=AMP_MODES, default="auto", help="autocast dtype: bf16, fp16 (with GradScaler) or off; auto = bf16 on CUDA, off on CPU")
     g.add_argument("--eval-every", type=int, default=1, metavar="N", help="evaluate every N epochs and after the last (default: 1)")
     g.add_argument("--output", type=Path, default=Path("runs/train"), metavar="DIR", help="folder for checkpoints, config and logs (default: runs/train)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --output from its last.pt (starts afresh when there is none); "
-                   "with as many processes as wrote it")
+    g.add_argument("--resume", action="store_true", help="continue the run in --output from its last.pt (starts afresh when "
+                   "--output holds no earlier run); with as many processes as wrote it")
+    g.add_argument("--overwrite", action="store_true", help="start afresh in an --output that holds an earlier run, removing its "
+                   "checkpoints, logs and summary (without it, such a folder is an error)")
     g.add_argument("--seed", type=int, default=1, help="seed of initialisation, batches and augmentation (default: 1, as Proxy-Anchor)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     g.add_argument("--tensorboard", action="store_true", help="mirror log.jsonl's scalars to TensorBoard events in OUTPUT/tensorboard "

@@ -1,4 +1,5 @@
 """The user's own data: ``folder`` and ``csv`` readers on generated trees, and their command-line wiring."""
+import os
 import warnings
 import zlib
 from pathlib import Path
@@ -49,6 +50,64 @@ def test_folder_class_split_is_disjoint_and_deterministic(tmp_path):
         assert sorted(set(lst.labels.tolist())) == list(range(lst.num_classes))
         for path, label in zip(lst.paths, lst.labels):
             assert Path(path).parent.name == lst.class_ids[label]
+
+
+def _real_files(splits):
+    return {split: [os.path.realpath(p) for p in lst.paths] for split, lst in splits.splits().items()}
+
+
+def test_folder_links_never_read_a_folder_twice(tmp_path):
+    """``ln -s .. class_0/loop`` used to read the whole tree again under class_0 about 40 times
+    (relabelled, leaking training images into the test split); links to another class, to the
+    root, or a second link to one outside folder are skipped too, with one warning naming them."""
+    root = _tree(tmp_path / "data", classes=6)
+    outside = tmp_path / "more"
+    _png(outside / "m.png", 999)
+    (root / "class_0" / "loop").symlink_to("..")
+    (root / "class_1" / "other_class").symlink_to(root / "class_2")
+    (root / "class_3" / "extra").symlink_to(outside)  # a folder outside the tree: read, once
+    (root / "class_4" / "extra_again").symlink_to(outside)
+    with pytest.warns(UserWarning, match=r"skipped 3 folder link\(s\).*class_0/loop -> \.\.") as caught:
+        splits = D.load_dataset("folder", root, test_classes=0.5, seed=0)
+    message = str(caught[0].message)
+    assert "class_1/other_class" in message and "class_4/extra_again" in message
+    files = _real_files(splits)
+    every = files["train"] + files["test"]
+    assert len(every) == len(set(every)) == 6 * 3 + 1  # each real image once
+    assert not set(files["train"]) & set(files["test"])
+    extra = os.path.realpath(outside / "m.png")
+    lst = splits.train if extra in files["train"] else splits.test
+    assert lst.class_ids[lst.labels[lst.paths.index(str(root / "class_3" / "extra" / "m.png"))]] == "class_3"
+
+
+def test_presplit_folder_link_into_the_other_split_is_skipped(tmp_path):
+    root = tmp_path / "data"
+    _tree(root / "train", classes=2)
+    _tree(root / "test", classes=2)
+    (root / "train" / "class_0" / "leak").symlink_to(root / "test")
+    (root / "test" / "class_1" / "up").symlink_to(root)
+    with pytest.warns(UserWarning, match=r"skipped 2 folder link"):
+        splits = _quiet_class_overlap(D.load_dataset, "folder", root)
+    files = _real_files(splits)
+    assert len(files["train"]) == len(files["test"]) == 6 and not set(files["train"]) & set(files["test"])
+
+
+def _quiet_class_overlap(fn, *args, **kw):
+    """``fn`` with the warning about class names in both splits silenced (the other warnings pass)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*are in both")
+        return fn(*args, **kw)
+
+
+def test_imagefolder_reader_link_loop(tmp_path):
+    from dmlfast.data.readers import _image_folder
+
+    images = _tree(tmp_path / "images", classes=3)
+    (images / "class_2" / "loop").symlink_to(images)
+    with pytest.warns(UserWarning, match="skipped 1 folder link"):
+        classes, paths, labels = _image_folder(images)
+    assert classes == ["class_0", "class_1", "class_2"] and len(paths) == len(set(paths)) == 9
+    assert labels == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
 
 def test_split_classes_bounds():
@@ -165,6 +224,30 @@ def test_csv_split_values_and_duplicates(tmp_path):
         D.load_dataset("csv", tmp_path, list_file="nope.csv")
 
 
+def test_csv_paths_that_escape_the_root_or_alias_another_row_are_errors(tmp_path):
+    """``../x.png`` read files outside --data-root, and ``./a.png`` next to ``a.png`` (or a link to
+    it) listed one image twice, possibly under two labels; both used to pass."""
+    root = tmp_path / "root"
+    _png(root / "a.png", 1)
+    _png(root / "b.png", 2)
+    _png(root / "sub" / "c.png", 3)
+    _png(tmp_path / "outside.png", 4)
+    (root / "also_a.png").symlink_to(root / "a.png")
+    listing = root / "list.csv"
+    listing.write_text("a.png,1,train\nb.png,1,train\n../outside.png,2,test\nsub/../../outside.png,2,test\nsub/c.png,2,test\n")
+    with pytest.raises(D.DatasetLayoutError, match=r"2 bad row\(s\): line 3: path '../outside.png' leads outside the data root.*"
+                                                   r"line 4: path 'sub/../../outside.png' leads outside"):
+        D.load_dataset("csv", root, list_file=listing)
+    listing.write_text("a.png,1,train\nb.png,1,train\n./a.png,2,test\nsub/c.png,2,test\nsub/./c.png,2,test\n")
+    with pytest.raises(D.DatasetLayoutError, match=r"2 path\(s\) listed twice: line 3: ./a.png \(a.png, first on line 1\), "
+                                                   r"line 5: sub/./c.png \(sub/c.png, first on line 4\)"):
+        D.load_dataset("csv", root, list_file=listing)
+    listing.write_text("a.png,1,train\nb.png,1,train\nalso_a.png,2,test\nsub/c.png,2,test\n")
+    with pytest.raises(D.DatasetLayoutError, match=r"1 file\(s\) listed twice under other names: line 3: also_a.png is "
+                                                   r"a.png \(line 1\)"):
+        D.load_dataset("csv", root, list_file=listing)
+
+
 def test_custom_recipe_uses_resnet50_with_torchvision_weights():
     for dataset in ("folder", "csv"):
         recipe = resolve_recipe(dataset, "ProxyAnchor")
@@ -211,3 +294,49 @@ def test_train_and_evaluate_on_a_folder(tmp_path, capsys):
                           "--test-classes", "7"]) == 0
     assert evaluate.main(["--checkpoint", str(out / "best.pt"), "--dataset", "csv", "--data-root", str(root)]) == 2
     assert "--list" in _one_error_line(capsys, "evaluate")
+
+
+def _corrupt_middle_jpeg(path: Path) -> Path:
+    """A JPEG with both end markers whose entropy-coded middle is overwritten with 0xFF bytes:
+    it passes a marker check, and decoding it raises ``OSError: broken data stream``."""
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path, quality=90)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 400] = b"\xff" * 400
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _bomb_png(path: Path, side: int = 65000) -> Path:
+    """A 100-byte PNG whose header claims ``side`` x ``side`` pixels (a decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = side.to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_undecodable_images_and_bombs_are_skipped_at_load_time_and_never_reach_a_loader(tmp_path, capsys):
+    """Both used to pass the marker check, then kill a DataLoader worker (training, evaluation, retrieve)."""
+    root = _tree(tmp_path / "data", classes=4, per_class=4)
+    broken = _corrupt_middle_jpeg(root / "class_0" / "broken.jpg")
+    bomb = _bomb_png(root / "class_3" / "bomb.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        splits = D.load_dataset("folder", root, test_classes=2, seed=0)
+    for lst in (splits.train, splits.test):
+        for train_mode in (True, False):
+            loader = D.make_loader(lst, train=train_mode, batch_size=4, image_size=16, loader="torch", num_workers=0)
+            assert sum(len(y) for _, y in loader) == (len(lst) // 4 * 4 if train_mode else len(lst))
+    message = " ".join(str(w.message) for w in caught)
+    assert str(broken) in message and "broken data stream" in message
+    assert str(bomb) in message and "decompression bomb: its header claims 4,225,000,000 pixels" in message
+    assert len(splits.train) + len(splits.test) == 16
+    with pytest.raises(D.CorruptImageError, match="broken.jpg"):
+        D.load_dataset("folder", root, strict=True, test_classes=2, seed=0)
+    status = _quiet(train.main, ["--dataset", "folder", "--data-root", str(root), "--test-classes", "2", "--model", "smallcnn",
+                                 "--epochs", "1", "--batch-size", "4", "--image-size", "16", "--embedding-size", "8",
+                                 "--workers", "0", "--loader", "torch", "--no-progress", "--output", str(tmp_path / "run")])
+    assert status == 0, capsys.readouterr().err

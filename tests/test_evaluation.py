@@ -338,3 +338,16 @@ def test_invalid_inputs_raise_clear_errors(kwargs, error, message):
     arguments.update(kwargs)
     with pytest.raises(error, match=message):
         retrieval_metrics(arguments.pop("embeddings"), arguments.pop("labels"), **arguments)
+
+
+def test_labels_of_mixed_types_are_an_error_not_one_class():
+    """numpy turns [1, "1"] into two equal strings: the two classes used to be merged silently."""
+    x = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    with pytest.raises(TypeError, match=r"labels mixes numbers \(e.g. 1\) and text \(e.g. '1'\)"):
+        retrieval_metrics(x, [1, "1", 2, 2], ks=(1,))
+    with pytest.raises(TypeError, match="labels mixes numbers"):
+        retrieval_metrics(x, np.array([1, "1", 2, 2], dtype=object), ks=(1,))
+    with pytest.raises(TypeError, match=r"labels hold numbers \(e.g. \[1\]\) and reference_labels hold text \(e.g. \['1'\]\)"):
+        retrieval_metrics(x, np.array([1, 1, 2, 2]), ks=(1,), reference=x, reference_labels=["1", "1", "2", "2"])
+    same = retrieval_metrics(x, ["a", "a", "b", "b"], ks=(1,), reference=x, reference_labels=np.array(["a", "a", "b", "b"]))
+    assert same["num_queries"] == 4  # one kind on both sides is fine

@@ -15,9 +15,11 @@ from conftest import relative_error
 
 # Small plans that cross every boundary at B = 37, C = 50: several tiles, a partial last tile and
 # group, softmax slices merged over two tree levels.
-SMALL_GPU_PLAN = {"tile_columns": 7, "rows_per_group": 5, "slice_columns": 3, "merge_fan_in": 2, "column_major": 0}
+SMALL_GPU_PLAN = {"tile_columns": 7, "rows_per_group": 5, "slice_columns": 3, "merge_fan_in": 2, "column_major": 0,
+                  "finish_chunk": 4}
 # The GPU's own parameters (csrc/tiles.cpp), tiles shrunk so that C = 3000 spans several.
-GPU_PLAN = {"tile_columns": 1024, "rows_per_group": 32, "slice_columns": 32, "merge_fan_in": 32, "column_major": 0}
+GPU_PLAN = {"tile_columns": 1024, "rows_per_group": 32, "slice_columns": 32, "merge_fan_in": 32, "column_major": 0,
+            "finish_chunk": 4}
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import dmlfast
+from conftest import requires_cuda
 from dmlfast import reference
 
 
@@ -112,3 +113,68 @@ def test_proxy_nca_scale_is_twice_pml_softmax_scale():
     torch.testing.assert_close(
         torch.autograd.grad(ours_loss, x)[0], torch.autograd.grad(theirs_loss, x)[0], rtol=1e-4, atol=1e-7
     )
+
+
+def _every_loss(num_classes=6, dim=8):
+    """One module of every loss, ISA with its memory and positive filter active from the first step."""
+    return {
+        "ProxyAnchorLoss": dmlfast.ProxyAnchorLoss(num_classes, dim),
+        "ProxyNCALoss": dmlfast.ProxyNCALoss(num_classes, dim),
+        "NormSoftmaxLoss": dmlfast.NormSoftmaxLoss(num_classes, dim),
+        "ProxyISALoss": dmlfast.ProxyISALoss(num_classes, dim, memory_size=16, memory_start_epoch=0, filter_start_epoch=0),
+        "MovingProxyLoss": dmlfast.MovingProxyLoss(num_classes, dim),
+        "IntrospectiveProxyAnchorLoss": dmlfast.IntrospectiveProxyAnchorLoss(num_classes, dim),
+        "ProxySynthesis": dmlfast.ProxySynthesis(dmlfast.ProxyAnchorLoss(num_classes, dim)),
+    }
+
+
+CASTS = {"float": (lambda m: m.float(), torch.float32), "double": (lambda m: m.double(), torch.float64),
+         "half": (lambda m: m.half(), torch.float16), "bfloat16": (lambda m: m.to(torch.bfloat16), torch.bfloat16)}
+
+
+def _train_steps(loss_fn, dtype, device="cpu", steps=3):
+    """``steps`` forward + backward (and moving update) calls on embeddings of ``dtype``; the losses."""
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(12, 8, generator=generator).to(device, dtype).requires_grad_()
+        y = torch.arange(12).remainder(6).to(device)
+        inputs = (x, torch.rand(12, 4, generator=generator).to(device, dtype), y) if isinstance(
+            loss_fn, dmlfast.IntrospectiveProxyAnchorLoss) else (x, y)
+        loss = loss_fn(*inputs)
+        loss.backward()
+        if isinstance(loss_fn, dmlfast.MovingProxyLoss):
+            loss_fn.update_proxies(x.detach(), y)
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("cast", CASTS)
+@pytest.mark.parametrize("name", list(_every_loss()))
+def test_every_loss_keeps_working_after_a_module_cast(name, cast):
+    torch.manual_seed(0)
+    loss_fn, reference_fn = _every_loss()[name], _every_loss()[name]
+    reference_fn.load_state_dict(loss_fn.state_dict())
+    to, dtype = CASTS[cast]
+    loss_fn = to(loss_fn)
+    assert loss_fn.proxies.dtype == dtype
+    torch.manual_seed(1)  # Proxy Synthesis draws its mixing weights from torch's generator
+    losses = _train_steps(loss_fn, dtype)
+    assert all(math.isfinite(v) for v in losses)
+    assert loss_fn.proxies.dtype == dtype  # the moving update writes back in the module's dtype
+    if isinstance(loss_fn, dmlfast.ProxyISALoss):
+        assert loss_fn.counter.dtype == torch.int64 and 0 < loss_fn.counter.sum().item() <= 3 * 12  # outliers are not counted
+    if dtype in (torch.float32, torch.float64):  # the float32 module's numbers, to float32 rounding
+        torch.manual_seed(1)
+        assert losses == pytest.approx(_train_steps(reference_fn, torch.float32), rel=1e-4)
+        for key, value in reference_fn.state_dict().items():
+            torch.testing.assert_close(loss_fn.state_dict()[key].to(value.dtype), value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+@requires_cuda
+@pytest.mark.parametrize("name", list(_every_loss()))
+def test_every_loss_keeps_working_after_cuda(name):
+    loss_fn = _every_loss()[name].cuda()
+    assert loss_fn.proxies.is_cuda
+    assert all(math.isfinite(v) for v in _train_steps(loss_fn, torch.float32, device="cuda"))

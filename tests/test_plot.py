@@ -76,3 +76,14 @@ def test_curves_png_draws_map_and_binary_metrics(tmp_path):
     count = lambda p, c: int((np.abs(p.astype(int) - c).sum(-1) < 30).sum())
     assert count(pa, orange) > 50 and count(pa, green) == 0 and count(pa, red) == 0
     assert count(pb, green) > 50 and count(pb, red) > 50
+
+
+def test_out_must_be_a_png_and_is_checked_before_any_work(checkpoint, tmp_path, capsys):
+    """``--out x.html`` used to embed and project, then die in matplotlib's savefig with a traceback."""
+    assert plot.main(["--checkpoint", str(checkpoint), "--method", "tsne", "--out", str(tmp_path / "x.html"), "--workers", "0",
+                      "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "\n" not in err and err.startswith("python -m dmlfast.plot: error: --out must name a .png file"), err
+    assert "x.html" in err and "tsne:" not in captured.out  # nothing was embedded
+    assert not list(tmp_path.iterdir())

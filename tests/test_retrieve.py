@@ -106,3 +106,50 @@ def test_empty_query_image_is_an_input_error(tiny, tmp_path, capsys):
     assert retrieve.main(["--checkpoint", str(checkpoint), "--query", str(tmp_path / "q.png")]) == 2
     err = capsys.readouterr().err
     assert "--query: " in err and "empty file" in err
+
+
+def test_gallery_link_loop_reads_each_folder_once(tiny, tmp_path, capsys):
+    """A link back up the gallery (``ln -s .. class_0/loop``) used to list every image ~40 times
+    under class_0's label; it is skipped with a warning naming it."""
+    root, checkpoint = tiny
+    gallery = tmp_path / "gallery"
+    for c in ("class_0", "class_1"):
+        (gallery / c).mkdir(parents=True)
+        for i in range(2):
+            (gallery / c / f"{i}.png").symlink_to(root / c / f"{i}.png")
+    (gallery / "class_0" / "loop").symlink_to("..")
+    with pytest.warns(UserWarning, match=r"skipped 1 folder link.*class_0/loop -> \.\."):
+        status = retrieve.main(["--checkpoint", str(checkpoint), "--query", str(root / "class_1" / "0.png"), "--gallery",
+                                str(gallery), "--top", "4", "--out", str(tmp_path / "grid.png"), "--workers", "0",
+                                "--no-progress", "--no-cache"])
+    assert status == 0
+    text = capsys.readouterr().out
+    assert "4 images embedded" in text
+    assert sorted(r[2].split("/gallery/")[1] for r in _ranked(text)) == ["class_0/0.png", "class_0/1.png", "class_1/0.png",
+                                                                           "class_1/1.png"]
+
+
+def test_a_malicious_gallery_cache_is_refused_and_rebuilt(tiny, tmp_path, capsys):
+    import torch
+
+    from dmlfast.training.gallery import cache_key, gallery_from_folder
+    from dmlfast.training.setup import load_model
+
+    root, checkpoint = tiny
+    copy = tmp_path / "best.pt"
+    copy.write_bytes(checkpoint.read_bytes())
+    gallery, _ = gallery_from_folder(root)
+    _, config, _, dtype = load_model(copy, "cpu")
+    marker = tmp_path / "marker"
+
+    class Payload:
+        def __reduce__(self):
+            return exec, (f"open({str(marker)!r}, 'w').close()",)
+
+    key = cache_key(copy, gallery.paths, config, dtype)
+    torch.save({"key": key, "paths": list(gallery.paths), "embeddings": Payload()}, tmp_path / f"best.gallery-{key[:16]}.pt")
+    with pytest.warns(UserWarning, match="ignoring it: refusing to load gallery cache"):
+        status = retrieve.main(["--checkpoint", str(copy), "--query", str(root / "class_1" / "0.png"), "--gallery", str(root),
+                                "--top", "2", "--out", str(tmp_path / "grid.png"), "--workers", "0", "--no-progress"])
+    assert status == 0 and not marker.exists()
+    assert "32 images embedded, cached in" in capsys.readouterr().out

@@ -102,3 +102,69 @@ def test_learnable_moving_proxies_are_trained_not_moved():
 def test_moving_update_validates_its_inputs(embeddings, labels, pattern):
     with pytest.raises(ValueError, match=pattern):
         dmlfast.MovingProxyLoss(num_classes=6, embedding_size=8).update_proxies(embeddings, labels)
+
+
+def _bad_inputs():
+    """(name, embeddings, labels) the fused ops refuse: 4 classes, dimension 8."""
+    x, y = torch.randn(6, 8), torch.tensor([0, 1, 2, 3, 0, 1])
+    nan = x.clone()
+    nan[2, 5] = float("nan")
+    return [
+        ("norm overflow", x.sign() * 3e38, y),
+        ("NaN", nan, y),
+        ("uint8 labels", x, y.to(torch.uint8)),
+        ("label == C", x, torch.tensor([0, 1, 2, 3, 0, 4])),
+        ("negative label", x, torch.tensor([0, 1, -1, 3, 0, 1])),
+        ("labels too short", x, y[:5]),
+        ("1-D embeddings", x[0], y[:1]),
+        ("int embeddings", x.long(), y),
+    ]
+
+
+@pytest.mark.parametrize("base", ["ProxyAnchorLoss", "ProxyNCALoss", "NormSoftmaxLoss"])
+@pytest.mark.parametrize("case", _bad_inputs(), ids=[c[0] for c in _bad_inputs()])
+def test_synthesis_checks_its_inputs_as_the_loss_it_wraps(base, case):
+    """The same error type and message as the wrapped loss, before any arithmetic (×1e30 used to give a
+    finite loss with an all-zero gradient; uint8 labels a mask; label == C an IndexError)."""
+    _, embeddings, labels = case
+    base_loss = getattr(dmlfast, base)(4, 8)
+    with pytest.raises((ValueError, TypeError)) as expected:
+        base_loss(embeddings, labels)
+    torch.manual_seed(0)
+    with pytest.raises(type(expected.value)) as got:
+        dmlfast.ProxySynthesis(base_loss)(embeddings.requires_grad_() if embeddings.is_floating_point() else embeddings, labels)
+    assert str(got.value) == str(expected.value)
+
+
+def test_a_finite_embedding_whose_norm_overflows_is_named_as_such():
+    x = torch.randn(4, 8)
+    x[2] = 3e38  # finite in float32; its norm is not (squared norms of embeddings are summed in float64)
+    with pytest.raises(ValueError, match=r"proxy_anchor_loss: embeddings are finite, but the norm of row 2 overflows "
+                                         r"float32") as error:
+        dmlfast.ProxyAnchorLoss(4, 8)(x, torch.arange(4))
+    assert "NaN or Inf" not in str(error.value)
+    proxies = torch.randn(4, 8, dtype=torch.float64)
+    proxies[3] = 1e200
+    with pytest.raises(ValueError, match=r"proxy_nca_loss: proxies are finite, but the norm of row 3 overflows float64"):
+        dmlfast.functional.proxy_nca_loss(torch.randn(4, 8, dtype=torch.float64), proxies, torch.arange(4))
+    from dmlfast.sharded import ShardedProxyAnchorLoss, ShardedProxyNCALoss  # one process: the whole table
+
+    for sharded, op in ((ShardedProxyAnchorLoss, "proxy_anchor_loss"),
+                        (ShardedProxyNCALoss, "proxy_nca_shard_loss_and_grads")):
+        with pytest.raises(ValueError, match=rf"{op}: embeddings are finite, but the norm of row 2 overflows float32"):
+            sharded(4, 8)(x, torch.arange(4))
+    nan = torch.randn(4, 8)
+    nan[1, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"embeddings contain NaN or Inf \(first bad row: 1\)"):  # a real Inf stays one
+        dmlfast.ProxyAnchorLoss(4, 8)(nan, torch.arange(4))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_moving_update_refuses_nan_or_inf_and_leaves_the_proxies(bad):
+    loss_fn = dmlfast.MovingProxyLoss(num_classes=6, embedding_size=8)
+    before = loss_fn.proxies.clone()
+    x = torch.randn(5, 8)
+    x[3, 2] = bad
+    with pytest.raises(ValueError, match=r"MovingProxyLoss.update_proxies: embeddings contain NaN or Inf \(first bad row: 3\)"):
+        loss_fn.update_proxies(x, torch.tensor([0, 1, 2, 3, 4]))
+    assert torch.equal(loss_fn.proxies, before)

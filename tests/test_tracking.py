@@ -17,8 +17,8 @@ from dmlfast.training import RunLogger, TrackingUnavailableError, check_trackers
 
 
 class _Writer:
-    def __init__(self, folder):
-        self.folder, self.scalars, self.closed = folder, [], False
+    def __init__(self, folder, purge_step=None):
+        self.folder, self.scalars, self.closed, self.purge_step = folder, [], False, purge_step
         _Writer.last = self
 
     def add_scalar(self, tag, value, step):
@@ -109,3 +109,18 @@ def test_training_run_with_both_trackers(trackers, tmp_path):
     assert [values.get("epoch/recall@1") for values, _ in run.logged if "epoch/recall@1" in values] == \
         [r["recall@1"] for r in records if r["kind"] == "epoch"]
     assert {t for t, _, _ in _Writer.last.scalars} >= {"step/loss", "epoch/recall@1", "eval/map@r"}
+
+
+def test_a_resumed_logger_drops_what_came_after_the_checkpoint(trackers, tmp_path):
+    """Steps a killed run logged after its last checkpoint are cut from log.jsonl (a half-written
+    last line too) and hidden in TensorBoard (purge_step), so a resumed run logs each step once."""
+    logger = RunLogger(tmp_path, tensorboard=True)
+    for step in range(1, 8):
+        logger.log("step", step, loss=1.0)
+    logger.close()
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"kind": "step", "st')  # killed mid-write
+    RunLogger(tmp_path, tensorboard=True, resume_step=4).close()
+    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert _Writer.last.purge_step == 5
+    assert logs.truncate_log(tmp_path / "log.jsonl", 4) == 0

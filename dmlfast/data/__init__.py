@@ -51,9 +51,11 @@ from ._common import (
     DataDefaults,
     DatasetLayoutError,
     DatasetSplits,
+    FolderImages,
     ImageList,
     check_images,
     dataset_defaults,
+    image_folders,
     image_problem,
     remap_labels,
 )
@@ -84,9 +86,10 @@ LOADERS = ("auto", "dali", "nvjpeg", "torch")
 
 __all__ = [
     "DATASETS", "DATASET_DEFAULTS", "IMAGE_EXTENSIONS", "LOADERS", "NORMALIZATIONS", "DALI_INSTALL_HINT",
-    "CUSTOM_DATASETS", "DATASET_OPTIONS", "CorruptImageError", "DataDefaults", "DatasetLayoutError", "DatasetSplits", "ImageList",
-    "MPerClassSampler", "RandomBatchSampler", "TransformConfig",
-    "check_images", "choose_loader", "dali_available", "dataset_defaults", "gpu_decode_available", "image_problem", "load_dataset", "make_loader", "make_sampler", "normalize", "parse_test_classes", "remap_labels",
+    "CUSTOM_DATASETS", "DATASET_OPTIONS", "CorruptImageError", "DataDefaults", "DatasetLayoutError", "DatasetSplits", "FolderImages",
+    "ImageList", "MPerClassSampler", "RandomBatchSampler", "TransformConfig",
+    "check_images", "choose_loader", "dali_available", "dataset_defaults", "gpu_decode_available", "image_folders",
+    "image_problem", "load_dataset", "make_loader", "make_sampler", "normalize", "parse_test_classes", "remap_labels",
 ]
 
 

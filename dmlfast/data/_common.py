@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -169,11 +170,112 @@ def require_listed_images(dataset: str, paths: Sequence[str], layout: str, sourc
         raise err
 
 
-def image_problem(path: str) -> Optional[str]:
-    """Quick structural check of one image file: JPEG SOI/EOI markers, PNG signature and IEND chunk.
+@dataclass
+class FolderImages:
+    """The images below one folder, grouped by its top-level sub-folders (:func:`image_folders`)."""
 
-    Reads only the first and last bytes, so a full dataset is checked in seconds; other formats are
-    checked with PIL's ``verify``."""
+    classes: Dict[str, List[str]]  #: sub-folder name -> image paths below it (sorted by folder, then name); none empty
+    loose: List[str]  #: images directly in the folder, sorted
+
+
+def _is_image_name(name: str) -> bool:
+    return not name.startswith("._") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _folder_key(path) -> Optional[Tuple[int, int]]:
+    """``(device, inode)`` of the real directory ``path`` leads to; ``None`` when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def image_folders(*tops, reserved: Sequence = (), skip_hidden: bool = True) -> List[FolderImages]:
+    """The images below each of ``tops``, grouped by top-level sub-folder (one :class:`FolderImages` per top).
+
+    Symbolic links are followed, but no real directory is entered twice: each top, its sub-folders
+    and the folders in ``reserved`` (e.g. the dataset root above the tops) count as visited before the
+    walk starts, so a link back into them (``ln -s .. loop``, a link to another class) or a second
+    link to a folder already read is skipped, with one warning naming the skipped links. Files whose
+    names start with ``._`` or lack an image extension are ignored; with ``skip_hidden`` so are
+    folders whose names start with ``.``."""
+    if not isinstance(skip_hidden, bool):
+        raise ValueError(f"image_folders: skip_hidden must be a bool, got {skip_hidden!r}")
+    visited = {key for key in map(_folder_key, reserved) if key is not None}
+    listings = []
+    for top in tops:
+        top = Path(top)
+        if not top.is_dir():
+            raise ValueError(f"image_folders: no such folder {top}")
+        visited.add(_folder_key(top))
+        entries = sorted(os.scandir(top), key=lambda e: e.name)
+        folders = [e for e in entries if e.is_dir() and not (skip_hidden and e.name.startswith("."))]
+        loose = [e.path for e in entries if not e.is_dir() and e.is_file() and _is_image_name(e.name)]
+        listings.append((top, folders, loose))
+    skipped: List[str] = []
+    kept = []
+    for top, folders, loose in listings:  # the sub-folders of every top are claimed before any walk
+        mine = []
+        for entry in folders:
+            key = _folder_key(entry.path)
+            if key is None or key in visited:
+                skipped.append(entry.path)
+            else:
+                visited.add(key)
+                mine.append(entry)
+        kept.append((top, mine, loose))
+    result = []
+    for top, folders, loose in kept:
+        classes = {}
+        for entry in folders:
+            files = _walk_images(entry.path, visited, skipped, skip_hidden)
+            if files:
+                classes[entry.name] = files
+        result.append(FolderImages(classes, loose))
+    if skipped:
+        links = [f"{p} -> {os.readlink(p)}" if os.path.islink(p) else p for p in skipped]
+        warnings.warn(f"skipped {len(skipped)} folder link(s) leading to a folder read already (a loop, or a second "
+                      f"link to one folder), so that no image is read twice: {', '.join(links[:5])}"
+                      + (f" and {len(links) - 5} more" if len(links) > 5 else ""), stacklevel=2)
+    return result
+
+
+def _walk_images(folder: str, visited: set, skipped: List[str], skip_hidden: bool) -> List[str]:
+    """Image paths below ``folder`` (already claimed in ``visited``), sorted by folder then name;
+    sub-folders whose real directory is in ``visited`` go to ``skipped``."""
+    by_folder = {}
+    pending = [folder]
+    while pending:
+        where = pending.pop()
+        try:
+            entries = sorted(os.scandir(where), key=lambda e: e.name)
+        except OSError:
+            continue
+        by_folder[where] = [e.path for e in entries if not e.is_dir() and e.is_file() and _is_image_name(e.name)]
+        children = []
+        for entry in entries:
+            if not entry.is_dir() or (skip_hidden and entry.name.startswith(".")):
+                continue
+            key = _folder_key(entry.path)
+            if key is None or key in visited:
+                skipped.append(entry.path)
+                continue
+            visited.add(key)
+            children.append(entry.path)
+        pending.extend(reversed(children))  # depth-first in name order, as os.walk
+    return [p for where in sorted(by_folder) for p in by_folder[where]]
+
+
+def image_problem(path: str) -> Optional[str]:
+    """Why the image at ``path`` cannot be used, or ``None``: every image is decoded once.
+
+    Checks, cheapest first: an empty or unreadable file; a JPEG without its end-of-image marker or a
+    PNG without its IEND chunk (truncated); a header PIL cannot identify; a decompression bomb (more
+    than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels claimed, about 89 million); then a full decode (JPEGs
+    at 1/8 scale, which still reads every entropy-coded byte), so that an image with a corrupt middle
+    is found here and not in a loader worker hours later. Costs about 1 ms of CPU per SOP-sized JPEG
+    (``benchmarks/RESULTS.md``)."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -184,18 +286,29 @@ def image_problem(path: str) -> Optional[str]:
         return f"unreadable ({exc.strerror})"
     if size == 0:
         return "empty file"
-    if head[:3] == b"\xff\xd8\xff":
-        # Trailing padding after EOI is legal; look for the marker near the end.
-        return None if b"\xff\xd9" in tail else "truncated JPEG (no end-of-image marker)"
-    if head[:8] == b"\x89PNG\r\n\x1a\n":
-        return None if b"IEND" in tail else "truncated PNG (no IEND chunk)"
-    try:
-        from PIL import Image
+    if head[:3] == b"\xff\xd8\xff" and b"\xff\xd9" not in tail:  # trailing padding after EOI is legal
+        return "truncated JPEG (no end-of-image marker)"
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in tail:
+        return "truncated PNG (no IEND chunk)"
+    from PIL import Image
 
-        with Image.open(path) as im:
-            im.verify()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
+                if width * height > (Image.MAX_IMAGE_PIXELS or float("inf")):
+                    return (f"decompression bomb: its header claims {width} x {height} = {width * height:,} pixels "
+                            f"(limit {Image.MAX_IMAGE_PIXELS:,})")
+                if im.format == "JPEG":
+                    im.draft(im.mode, (max(1, width // 8), max(1, height // 8)))
+                im.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        claimed = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = f"{int(claimed.group(1)):,} pixels" if claimed else "too many pixels"
+        return f"decompression bomb: its header claims {pixels} (limit {Image.MAX_IMAGE_PIXELS:,})"
     except Exception as exc:  # PIL raises many types for broken files
-        return f"not a readable image ({type(exc).__name__}: {exc})"
+        return f"not a decodable image ({type(exc).__name__}: {exc})"
     return None
 
 

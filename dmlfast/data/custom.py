@@ -1,7 +1,8 @@
 """Readers of the user's own data: an image folder per class (``folder``) or a CSV list (``csv``).
 
 ``folder`` (``read_folder``)
-    ``<root>/<class>/<image>`` (images may sit in sub-folders of a class folder): the classes are
+    ``<root>/<class>/<image>`` (images may sit in sub-folders of a class folder; links are followed,
+    but no folder is read twice, see :func:`dmlfast.data.image_folders`): the classes are
     split into disjoint train and test classes, ``test_classes`` of them (an int N, or a fraction in
     (0, 1) of the classes, rounded, at least 1 and at most K - 1) held out, chosen by a permutation of
     the sorted class names seeded with ``seed``. Or, when the user has split already,
@@ -16,7 +17,8 @@
     as given, or relative to ``root`` when it is not a file as given.
 
 Checks, as the standard readers: malformed rows are an error naming the file, the line numbers and
-what is wrong (the first few, and how many); listed images that do not exist are an error naming the
+what is wrong (the first few, and how many), a path leading outside ``root`` (``../``) and one file
+listed twice (``a.png`` and ``./a.png``, or through a link) included; listed images that do not exist are an error naming the
 first few and the count; unreadable images are skipped with a warning naming each path
 (``CorruptImageError`` when ``strict``); classes of an evaluation split with a single image are a
 warning naming them (such an image has nothing to retrieve). Each split's labels are remapped to
@@ -33,7 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ._common import IMAGE_EXTENSIONS, DatasetLayoutError, DatasetSplits, ImageList, check_images, remap_labels
+from ._common import DatasetLayoutError, DatasetSplits, ImageList, check_images, image_folders, remap_labels
 
 CUSTOM_DATASETS = ("folder", "csv")
 CSV_SPLITS = ("train", "test", "query", "gallery")
@@ -137,19 +139,6 @@ def _finish(dataset: str, root: Path, lists: Dict[str, ImageList], strict: bool,
     return DatasetSplits(dataset, str(root), out["train"], test=out.get("test"), query=out.get("query"), gallery=out.get("gallery"))
 
 
-def _class_folders(folder: Path) -> Dict[str, List[str]]:
-    """``{class folder name: sorted image paths}`` (recursive; ``._*`` and non-image files ignored)."""
-    classes = {}
-    for cls in sorted(d.name for d in os.scandir(folder) if d.is_dir() and not d.name.startswith(".")):
-        files = []
-        for where, _, names in sorted(os.walk(folder / cls, followlinks=True)):
-            files.extend(os.path.join(where, n) for n in sorted(names)
-                         if not n.startswith("._") and n.lower().endswith(IMAGE_EXTENSIONS))
-        if files:
-            classes[cls] = files
-    return classes
-
-
 def _from_classes(classes: Dict[str, List[str]], keys: Sequence[str], dataset: str, split: str) -> ImageList:
     paths = [p for k in keys for p in classes[k]]
     names = [k for k in keys for _ in classes[k]]
@@ -167,7 +156,7 @@ def read_folder(root, strict: bool = False, test_classes: TestClasses = None, se
     if presplit:
         if test_classes is not None:
             raise DatasetLayoutError(f"folder: {root} is split already (train/ and test/ folders); test_classes (--test-classes) does not apply")
-        train, test = _class_folders(root / "train"), _class_folders(root / "test")
+        train, test = (f.classes for f in image_folders(root / "train", root / "test", reserved=[root]))
         for name, classes in (("train", train), ("test", test)):
             if not classes:
                 raise DatasetLayoutError(f"folder: no class folder with images in {root / name}; expected {FOLDER_LAYOUT}")
@@ -182,7 +171,8 @@ def read_folder(root, strict: bool = False, test_classes: TestClasses = None, se
         raise DatasetLayoutError(f"folder: {root} has no train/ and test/ folders, so test_classes (--test-classes N|FRACTION) "
                                  "must say how many classes to hold out")
     _check_test_classes(test_classes, "test_classes")
-    classes = _class_folders(root)
+    (found,) = image_folders(root)
+    classes = found.classes
     if len(classes) < 2:
         raise DatasetLayoutError(f"folder: found {len(classes)} class folder(s) with images in {root}; need at least 2; expected {FOLDER_LAYOUT}")
     try:
@@ -233,6 +223,8 @@ def _read_rows(path: Path) -> Tuple[List[Tuple[int, str, str, Optional[str]]], b
             problem = "empty path"
         elif os.path.isabs(r[0]):
             problem = f"path {r[0]!r} is absolute; paths are relative to the data root"
+        elif _escapes(r[0]):
+            problem = f"path {r[0]!r} leads outside the data root"
         elif not r[1]:
             problem = "empty label"
         elif len(r) == 3 and r[2] not in CSV_SPLITS:
@@ -243,15 +235,37 @@ def _read_rows(path: Path) -> Tuple[List[Tuple[int, str, str, Optional[str]]], b
             rows.append((line, r[0], r[1], r[2] if len(r) == 3 else None))
     if bad:
         raise DatasetLayoutError(f"csv: {path}: {len(bad)} bad row(s): {_listing(bad)}")
-    seen: Dict[str, int] = {}
+    seen: Dict[str, Tuple[int, str]] = {}
     dup = []
     for line, p, _, _ in rows:
-        if p in seen:
-            dup.append(f"line {line}: {p} (first on line {seen[p]})")
-        seen.setdefault(p, line)
+        key = os.path.normpath(p)  # ./a.png, a.png and x/../a.png are one file
+        if key in seen:
+            first_line, first = seen[key]
+            dup.append(f"line {line}: {p} (first on line {first_line})" if p == first else
+                       f"line {line}: {p} ({first}, first on line {first_line})")
+        seen.setdefault(key, (line, p))
     if dup:
         raise DatasetLayoutError(f"csv: {path}: {len(dup)} path(s) listed twice: {_listing(dup)}")
     return rows, width == 3
+
+
+def _escapes(path: str) -> bool:
+    """Whether the relative ``path`` climbs above the folder it is relative to (``../x``, ``a/../../x``)."""
+    normal = os.path.normpath(path)
+    return normal == os.pardir or normal.startswith(os.pardir + os.sep)
+
+
+def _require_distinct_files(files: Sequence[str], rows, list_path: Path) -> None:
+    """``DatasetLayoutError`` when two rows name one real file through a link (their paths differ)."""
+    first: Dict[str, Tuple[int, str]] = {}
+    aliases = []
+    for file, (line, p, _, _) in zip(files, rows):
+        real = os.path.realpath(file)
+        if real in first:
+            aliases.append(f"line {line}: {p} is {first[real][1]} (line {first[real][0]})")
+        first.setdefault(real, (line, p))
+    if aliases:
+        raise DatasetLayoutError(f"csv: {list_path}: {len(aliases)} file(s) listed twice under other names: {_listing(aliases)}")
 
 
 def read_csv_list(root, strict: bool = False, list_file=None, test_classes: TestClasses = None, seed: int = 0) -> DatasetSplits:
@@ -267,6 +281,7 @@ def read_csv_list(root, strict: bool = False, list_file=None, test_classes: Test
     rows, has_split = _read_rows(path)
     files = [str(root / p) for _, p, _, _ in rows]
     _require_files("csv", files, str(path))
+    _require_distinct_files(files, rows, path)
     if has_split:
         if test_classes is not None:
             raise DatasetLayoutError(f"csv: {path} has a split column; test_classes (--test-classes) does not apply")

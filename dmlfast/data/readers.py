@@ -15,11 +15,11 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from ._common import (
-    IMAGE_EXTENSIONS,
     DatasetLayoutError,
     DatasetSplits,
     ImageList,
     check_images,
+    image_folders,
     remap_labels,
     require,
     require_listed_images,
@@ -35,16 +35,15 @@ CUB_COUNTS = {"train": (5864, 100), "test": (5924, 100)}
 
 
 def _image_folder(images: Path) -> Tuple[List[str], List[str], List[int]]:
-    """torchvision ImageFolder semantics: sorted class folders, sorted image files, ``._*`` dropped."""
+    """torchvision ImageFolder semantics: sorted class folders, sorted image files, ``._*`` dropped
+    (no folder read twice through a link: :func:`image_folders`)."""
+    (found,) = image_folders(images, skip_hidden=False)
     classes = sorted(d.name for d in os.scandir(images) if d.is_dir())
     paths, labels = [], []
     for idx, cls in enumerate(classes):
-        for root, _, files in sorted(os.walk(images / cls, followlinks=True)):
-            for name in sorted(files):
-                if name.startswith("._") or not name.lower().endswith(IMAGE_EXTENSIONS):
-                    continue
-                paths.append(os.path.join(root, name))
-                labels.append(idx)
+        for path in found.classes.get(cls, []):
+            paths.append(path)
+            labels.append(idx)
     return classes, paths, labels
 
 

@@ -200,10 +200,40 @@ def _as_embeddings(values, name: str) -> torch.Tensor:
     return tensor.contiguous()
 
 
+def _value_kind(value) -> str:
+    if isinstance(value, (bool, int, float, np.number, np.bool_)):
+        return "numbers"
+    if isinstance(value, (str, bytes, np.str_, np.bytes_)):
+        return "text"
+    return type(value).__name__
+
+
+def label_kind(values, name: str) -> str:
+    """``"numbers"`` or ``"text"`` (or a type's name): what the labels ``values`` hold; ``TypeError``
+    when they mix kinds, since numpy would turn ``[1, "1"]`` into two equal strings (one class)."""
+    array = values if isinstance(values, np.ndarray) else None
+    if array is not None and array.dtype.kind in "biuf":
+        return "numbers"
+    if array is not None and array.dtype.kind in "US":
+        return "text"
+    items = array.tolist() if array is not None else list(values)
+    kinds = {}
+    for item in items:
+        kinds.setdefault(_value_kind(item), item)
+    if len(kinds) > 1:
+        shown = " and ".join(f"{kind} (e.g. {example!r})" for kind, example in list(kinds.items())[:2])
+        raise TypeError(f"{name} mixes {shown}; 1 and '1' would silently become one class: give every label one type")
+    return next(iter(kinds), "numbers")
+
+
 def _as_labels(values, name: str, expected_length: int, embeddings_name: str) -> np.ndarray:
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().numpy()
+    if not isinstance(values, np.ndarray):
+        label_kind(values, name)  # before numpy converts a mixed list to text
     array = np.asarray(values)
+    if array.dtype.kind == "O":
+        label_kind(array, name)
     if array.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
     if array.shape[0] != expected_length:
@@ -215,7 +245,13 @@ def _as_labels(values, name: str, expected_length: int, embeddings_name: str) ->
 
 
 def _encode_labels(query_labels: np.ndarray, reference_labels: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Map both label arrays to shared int64 codes 0..C-1."""
+    """Map both label arrays to shared int64 codes 0..C-1; ``TypeError`` when one holds numbers and the
+    other text (concatenated, the numbers would be compared as text)."""
+    query_kind, reference_kind = label_kind(query_labels, "labels"), label_kind(reference_labels, "reference_labels")
+    if query_kind != reference_kind:
+        q, r = (labels[:1].tolist() for labels in (query_labels, reference_labels))
+        raise TypeError(f"labels hold {query_kind} (e.g. {q}) and reference_labels hold {reference_kind} (e.g. {r}); they "
+                        "would be compared as text: give both one type")
     try:
         _, codes = np.unique(np.concatenate([query_labels, reference_labels]), return_inverse=True)
     except TypeError as error:

@@ -1,8 +1,8 @@
 """Reading backbone weights from local files, without running code from them, and checking that a
 state dict fits a model.
 
-* ``.pth``/``.pt``/``.bin`` (and any other suffix): ``torch.load(weights_only=True)``, which
-  unpickles tensors and plain containers only;
+* ``.pth``/``.pt``/``.bin`` (and any other suffix): :func:`dmlfast.safe_load.load_torch_file`
+  (``torch.load(weights_only=True)``: tensors and plain containers only; anything else is refused unread);
 * ``.safetensors``: ``safetensors.torch.load_file`` (a header and raw tensor bytes).
 
 A ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper and a ``module.`` prefix (DataParallel) are
@@ -42,11 +42,12 @@ def read_state_dict(path) -> Dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         state = _read_safetensors(path)
     else:
+        from dmlfast.safe_load import UnreadableFileError, load_torch_file
+
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch.load raises several types for a file that is not a checkpoint
-            raise WeightsUnavailableError(f"--weights: cannot read {path} as a torch state dict ({type(error).__name__}: "
-                                          f"{str(error).splitlines()[0] if str(error) else ''})") from error
+            state = load_torch_file(path, "state dict")
+        except UnreadableFileError as error:
+            raise WeightsUnavailableError(f"--weights: {error}") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -12,8 +12,9 @@
   mixup; :mod:`.distributed`: data-parallel training under torchrun (imported as a module:
   ``from dmlfast.training import distributed``).
 """
-from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (CheckpointError, CheckpointWriteError, load_checkpoint, remove_stale_temporaries, rng_state, save_checkpoint,
+                         set_rng_state)
 from .logs import NullLogger, RunLogger, TrackingUnavailableError, check_trackers, plot_curves
 from .mixup import mixup_loss
 
-__all__ = ["CheckpointError", "NullLogger", "RunLogger", "TrackingUnavailableError", "check_trackers", "load_checkpoint", "mixup_loss", "plot_curves", "rng_state", "save_checkpoint", "set_rng_state"]
+__all__ = ["CheckpointError", "CheckpointWriteError", "NullLogger", "RunLogger", "TrackingUnavailableError", "check_trackers", "load_checkpoint", "mixup_loss", "plot_curves", "remove_stale_temporaries", "rng_state", "save_checkpoint", "set_rng_state"]

@@ -20,8 +20,8 @@ DATASET_KS = {"CUB": (1, 2, 4, 8), "Cars196": (1, 2, 4, 8), "SOP": (1, 10, 100, 
               "folder": (1, 2, 4, 8), "csv": (1, 2, 4, 8)}
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 #: Configuration keys that may differ between a checkpoint and the run resuming it.
-RESUMABLE_CHANGES = {"resume", "output", "device", "workers", "data_root", "progress", "loader", "tensorboard", "wandb",
-                     "compile"}
+RESUMABLE_CHANGES = {"resume", "overwrite", "output", "device", "workers", "data_root", "progress", "loader", "tensorboard",
+                     "wandb", "compile"}
 #: Configuration keys a checkpoint may lack, with the value a run without them had.
 LATER_KEYS = {"shard_proxies": False, "lr_schedule": "step", "lr_milestones": [], "lr_patience": 4, "crop_scale": None,
               "frozen_layers": []}
@@ -48,7 +48,7 @@ def make_config(args) -> Dict[str, Any]:
     config.update({k: list(config[k]) for k in _LIST_FIELDS if config[k] is not None})
     config.update(dataset=args.dataset, data_root=None if args.data_root is None else str(args.data_root), loss=args.loss,
                   device=args.device, amp=args.amp, loader=args.loader, workers=args.workers, eval_every=args.eval_every,
-                  output=str(args.output), resume=args.resume, seed=args.seed, progress=args.progress,
+                  output=str(args.output), resume=args.resume, overwrite=args.overwrite, seed=args.seed, progress=args.progress,
                   ks=list(DATASET_KS[args.dataset]), binary_eval=args.binary_eval,
                   data_list=None if args.list is None else str(args.list), test_classes=args.test_classes,
                   tensorboard=args.tensorboard, wandb=args.wandb, shard_proxies=args.shard_proxies, compile=args.compile)
@@ -136,6 +136,9 @@ def check_config(c: Dict[str, Any]) -> None:
     m = c["samples_per_class"]
     if m is not None and (m < 1 or c["batch_size"] % m):
         raise InputError(f"--samples-per-class must be >= 1 and divide --batch-size ({c['batch_size']}), got {m}")
+    from dmlfast.training.run_folder import check_output_folder
+
+    check_output_folder(c["output"])
     require_data_root(c)
     if c["data_root"] is not None and c["dataset"] != "glyphs" and not Path(c["data_root"]).is_dir():
         raise InputError(f"--data-root: no such folder: {c['data_root']}")

@@ -15,23 +15,22 @@ import numpy as np
 import torch
 
 from dmlfast.checks import InputError
-from dmlfast.data import IMAGE_EXTENSIONS, ImageList, check_images
+from dmlfast.data import IMAGE_EXTENSIONS, ImageList, check_images, image_folders
+from dmlfast.safe_load import UnreadableFileError, load_torch_file
 from dmlfast.training.embedding import embed_list
 
 
 def gallery_from_folder(folder: Path):
     """``(ImageList, labels)``: the readable images below ``folder`` in sorted order; the label of an
-    image is its top-level sub-folder's name (``None`` directly in ``folder``)."""
+    image is its top-level sub-folder's name (``None`` directly in ``folder``). Links are followed,
+    but no real folder is read twice (:func:`dmlfast.data.image_folders`)."""
     if not isinstance(folder, (str, Path)):
         raise ValueError(f"gallery_from_folder: folder must be a path, got {type(folder).__name__}")
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"--gallery: no such folder: {folder}")
-    paths = []
-    for where, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        paths.extend(os.path.join(where, f) for f in sorted(files) if not f.startswith("._") and f.lower().endswith(IMAGE_EXTENSIONS))
-    paths.sort()
+    (found,) = image_folders(folder)  # links followed, no folder read twice
+    paths = sorted([*found.loose, *(p for files in found.classes.values() for p in files)])
     if not paths:
         raise InputError(f"--gallery: no images ({', '.join(IMAGE_EXTENSIONS)}) below {folder}")
     checked = check_images(ImageList(paths, np.zeros(len(paths), dtype=np.int64), ["-"], str(folder), "gallery"), strict=False, remap=False)
@@ -71,11 +70,13 @@ def gallery_embeddings(model, image_list, config, device, dtype, *, checkpoint: 
         cache = checkpoint.parent / f"{checkpoint.stem}.gallery-{key[:16]}.pt"
         if cache.is_file():
             try:
-                saved = torch.load(cache, map_location="cpu", weights_only=True)
-                if saved.get("key") == key and saved.get("paths") == list(image_list.paths):
+                saved = load_torch_file(cache, "gallery cache")
+            except UnreadableFileError as error:  # an unreadable (or unsafe) cache is rebuilt, not fatal
+                warnings.warn(f"ignoring it: {error}", stacklevel=2)
+            else:
+                if isinstance(saved, dict) and saved.get("key") == key and saved.get("paths") == list(image_list.paths) \
+                        and isinstance(saved.get("embeddings"), torch.Tensor):
                     return saved["embeddings"], cache, True
-            except Exception as error:  # an unreadable cache is rebuilt, not fatal
-                warnings.warn(f"ignoring unreadable gallery cache {cache} ({type(error).__name__}: {error})", stacklevel=2)
     embeddings = embed_list(model, image_list, config, device, dtype, batch_size=batch_size, workers=workers,
                             progress=progress, desc="embed gallery")
     if cache is not None and not _write_cache(cache, {"key": key, "paths": list(image_list.paths), "embeddings": embeddings}):

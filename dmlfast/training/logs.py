@@ -30,27 +30,64 @@ def check_trackers(tensorboard: bool = False, wandb: bool = False) -> None:
             raise TrackingUnavailableError(f"--{name} needs the {package} package, which is not installed: pip install {package}")
 
 
+class LogWriteError(OSError):
+    """``log.jsonl`` could not be written (e.g. the disk is full); the message names the file and why."""
+
+
+def truncate_log(path, last_step: int) -> int:
+    """Keep the records of the JSON-lines log ``path`` up to step ``last_step`` (a resumed run's
+    checkpoint) and drop the rest, a half-written last line included; returns how many were dropped.
+    The file is replaced atomically."""
+    if isinstance(last_step, bool) or not isinstance(last_step, int) or last_step < 0:
+        raise ValueError(f"truncate_log: last_step must be an int >= 0, got {last_step!r}")
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            step = None
+        if isinstance(step, int) and step <= last_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(f".{path.name}.truncating")
+        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped
+
+
 class RunLogger:
     """Appends records to ``<folder>/log.jsonl`` and mirrors their numbers to the requested trackers.
 
     ``log(kind, step, **values)`` writes ``{"kind": kind, "step": step, **values}`` (NaN becomes
     ``null``); each int/float value also goes to TensorBoard (``<folder>/tensorboard``, tag
     ``kind/name``) and to Weights & Biases (a run in ``<folder>/wandb``, project ``dmlfast``, named after
-    the folder, ``config`` as its configuration, key ``kind/name`` at ``step``)."""
+    the folder, ``config`` as its configuration, key ``kind/name`` at ``step``). ``resume_step``: a run
+    resumed from the checkpoint at that step; what the killed run logged after it is dropped from
+    ``log.jsonl`` (:func:`truncate_log`) and hidden in TensorBoard (``purge_step``), so that no step is
+    logged twice. A failed write raises :class:`LogWriteError`."""
 
-    def __init__(self, folder, tensorboard: bool = False, wandb: bool = False, config: Optional[Dict[str, Any]] = None):
+    def __init__(self, folder, tensorboard: bool = False, wandb: bool = False, config: Optional[Dict[str, Any]] = None,
+                 resume_step: Optional[int] = None):
         check_trackers(tensorboard, wandb)
         if config is not None and not isinstance(config, dict):
             raise ValueError(f"RunLogger: config must be a dict or None, got {type(config).__name__}")
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / "log.jsonl"
+        if resume_step is not None:
+            truncate_log(self.path, resume_step)
         self._file = open(self.path, "a", encoding="utf-8")
         self._tb = self._wandb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.folder / "tensorboard"))
+            resumed = {} if resume_step is None else {"purge_step": resume_step + 1}  # hide the killed run's later steps
+            self._tb = SummaryWriter(str(self.folder / "tensorboard"), **resumed)
         if wandb:
             import wandb as wandb_module
 
@@ -60,8 +97,11 @@ class RunLogger:
     def log(self, kind: str, step: int, **values: Any) -> None:
         record = {"kind": kind, "step": int(step)}
         record.update({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in values.items()})
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as error:
+            raise LogWriteError(f"cannot write {self.path}: {error.strerror or error}") from error
         numbers = {f"{kind}/{name}": value for name, value in values.items()
                    if isinstance(value, (int, float)) and not isinstance(value, bool)}
         if self._tb is not None:

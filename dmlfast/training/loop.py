@@ -15,20 +15,21 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from dmlfast.checks import InputError
-from dmlfast.training import distributed
-from dmlfast.training.checkpoint import rng_state, save_checkpoint, set_rng_state
+from dmlfast.training import distributed, run_folder
+from dmlfast.training.checkpoint import CheckpointWriteError, rng_state, save_checkpoint, set_rng_state
 from dmlfast.training.config import check_world_size, compare_configs
 from dmlfast.training.embedding import evaluate_model
-from dmlfast.training.logs import NullLogger, RunLogger, plot_curves
+from dmlfast.training.logs import LogWriteError, NullLogger, RunLogger, plot_curves
 from dmlfast.training.mixup import mixup_loss
 from dmlfast.training.schedule import EpochSchedule
 from dmlfast.training.setup import (amp_dtype, epoch_seed, make_eval_loaders, make_loss, make_model, make_optimizer,
@@ -37,6 +38,8 @@ from dmlfast.training.setup import (amp_dtype, epoch_seed, make_eval_loaders, ma
 from dmlfast.training.throughput import EpochClock, prepare_model, to_model_layout
 
 say = distributed.print_main
+#: What a ``last.pt`` must hold to be resumed (the proxies and optimizer state may be in the shards).
+RESUME_ENTRIES = ("epoch", "model", "scheduler", "rng", "history", "best")
 
 
 def train(config: Dict[str, Any]) -> Dict[str, Any]:
@@ -57,12 +60,40 @@ def train(config: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def run_training(config: Dict[str, Any], device) -> Dict[str, Any]:
-    """:func:`train`'s run on ``device``, inside the process group when there is one; ``config`` has ``world_size``."""
-    run = start_run(config, device)
-    for epoch in range(run.start_epoch + 1, run.config["epochs"] + 1):
-        losses = train_epoch(run, epoch)
-        end_epoch(run, epoch, losses)
-    return finish_run(run)
+    """:func:`train`'s run on ``device``, inside the process group when there is one; ``config`` has
+    ``world_size``. The output folder is locked for the run (:mod:`.run_folder`); a checkpoint or log
+    that cannot be written (a full disk) ends it with an ``InputError`` saying what is intact."""
+    with claimed_output(config) as resumable:
+        try:
+            run = start_run(config, device, resumable)
+            for epoch in range(run.start_epoch + 1, run.config["epochs"] + 1):
+                losses = train_epoch(run, epoch)
+                end_epoch(run, epoch, losses)
+            return finish_run(run)
+        except CheckpointWriteError as error:
+            raise InputError(f"{error}; free some space, then continue with --resume") from error
+        except LogWriteError as error:
+            raise InputError(f"{error}; the checkpoints written before are intact: free some space, then continue with "
+                             "--resume") from error
+
+
+@contextmanager
+def claimed_output(config: Dict[str, Any]) -> Iterator[bool]:
+    """Rank 0 holds the output folder's lock while the ``with`` block runs and claims the folder
+    (:func:`.run_folder.claim`); every rank gets whether there is a ``last.pt`` to resume, or raises
+    rank 0's ``InputError`` (another live run, an earlier run's results not to be replaced)."""
+    with ExitStack() as stack:
+        outcome: Any = None
+        if distributed.is_main():
+            try:
+                stack.enter_context(run_folder.locked(config["output"]))
+                outcome = run_folder.claim(config["output"], config["resume"], config.get("overwrite", False))
+            except InputError as error:
+                outcome = error
+        outcome = distributed.broadcast_object(outcome)
+        if isinstance(outcome, InputError):
+            raise outcome
+        yield outcome
 
 
 @dataclass
@@ -122,14 +153,14 @@ class Run:
 
 # ------------------------------------------------------------------------------------------ start
 
-def start_run(config: Dict[str, Any], device) -> Run:
-    """Build the run's parts, then resume it from ``last.pt`` (``--resume``) or evaluate the untrained
-    model and write the first checkpoints."""
+def start_run(config: Dict[str, Any], device, resumable: bool) -> Run:
+    """Build the run's parts, then resume it from ``last.pt`` (``resumable``: ``--resume`` found one,
+    :func:`claimed_output`) or evaluate the untrained model and write the first checkpoints."""
     start_time = time.perf_counter()
     dtype = amp_dtype(config["amp"], device)
     config = dict(config, loader=resolve_loader(config["loader"], device))
     out = Path(config["output"])
-    state = _previous_run(config, out)
+    state = _previous_run(config, out) if resumable else None
     distributed.barrier()  # every rank has looked at last.pt before rank 0 writes anything
     with distributed.main_first():  # a dataset rendered or weights downloaded into a shared cache: by rank 0 alone
         splits, validation = training_splits(config)
@@ -141,7 +172,8 @@ def start_run(config: Dict[str, Any], device) -> Run:
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     train_loader = make_train_loader(config, splits, device)
     eval_loaders = make_eval_loaders(config, splits, device)
-    logger = _open_outputs(config, out, device, dtype, train_loader, splits.train)
+    resume_step = None if state is None else state["epoch"] * len(train_loader)
+    logger = _open_outputs(config, out, device, dtype, train_loader, splits.train, resume_step)
     run = Run(config, device, dtype, out, model, loss_fn, optimizer, scheduler, scaler, train_loader, eval_loaders, logger,
               start_time, validation_loaders=make_validation_loaders(config, validation, device))
     if state is not None:
@@ -157,25 +189,21 @@ def start_run(config: Dict[str, Any], device) -> Run:
     return run
 
 
-def _previous_run(config: Dict[str, Any], out: Path) -> Optional[Dict[str, Any]]:
-    """The checkpoint ``last.pt`` in ``out`` to resume (``--resume``), checked against this run; ``None``
-    for a fresh run. ``InputError`` when ``out`` holds a run and ``--resume`` was not given."""
+def _previous_run(config: Dict[str, Any], out: Path) -> Dict[str, Any]:
+    """The checkpoint ``last.pt`` in ``out`` to resume, checked against this run."""
     last_path = out / "last.pt"
-    if config["resume"] and last_path.is_file():
-        state = read_checkpoint(last_path, "--resume")
-        check_world_size(state["config"], config, last_path)
-        compare_configs(dict(state["config"], world_size=config["world_size"]), config, last_path)
-        return state
-    if not config["resume"] and last_path.is_file():
-        raise InputError(f"--output {out} already holds a run (last.pt); pass --resume to continue it or choose another --output")
-    return None
+    own = () if config.get("shard_proxies") else ("loss", "optimizer")  # sharded: in the proxy shards
+    state = read_checkpoint(last_path, "--resume", entries=(*RESUME_ENTRIES, *own))
+    check_world_size(state["config"], config, last_path)
+    compare_configs(dict(state["config"], world_size=config["world_size"]), config, last_path)
+    return state
 
 
-def _open_outputs(config: Dict[str, Any], out: Path, device, dtype, train_loader, train_split):
-    """Write ``config.json`` and print the configuration (rank 0); the run's logger (rank 0's writes ``log.jsonl``)."""
+def _open_outputs(config: Dict[str, Any], out: Path, device, dtype, train_loader, train_split, resume_step: Optional[int]):
+    """Write ``config.json`` and print the configuration (rank 0); the run's logger (rank 0's writes
+    ``log.jsonl``, cut back to ``resume_step`` when resuming)."""
     if distributed.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     say("configuration:\n" + "\n".join(f"  {k}: {v}" for k, v in config.items()))
     say(f"device {device}, autocast {dtype or 'off'}, loader {train_loader.backend}, train {train_split!r}")
     world = config["world_size"]
@@ -184,7 +212,16 @@ def _open_outputs(config: Dict[str, Any], out: Path, device, dtype, train_loader
             f"{config['batch_size']} = {world * config['batch_size']} images per step")
     if not distributed.is_main():
         return NullLogger()
-    return RunLogger(out, tensorboard=config.get("tensorboard", False), wandb=config.get("wandb", False), config=config)
+    return RunLogger(out, tensorboard=config.get("tensorboard", False), wandb=config.get("wandb", False), config=config,
+                     resume_step=resume_step)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write one of the run's small files; :class:`LogWriteError` naming it when that fails (a full disk)."""
+    try:
+        path.write_text(text)
+    except OSError as error:
+        raise LogWriteError(f"cannot write {path}: {error.strerror or error}") from error
 
 
 def _resume(run: Run, state: Dict[str, Any]) -> None:
@@ -205,7 +242,8 @@ def _load_proxy_shard(last_path: Path, config: Dict[str, Any], epoch: int) -> Di
     """This rank's ``{"loss", "optimizer"}`` state saved beside ``last_path`` by a run with sharded
     proxies; ``InputError`` when it is missing or from another epoch than ``last_path`` (``epoch``)."""
     path = distributed.shard_checkpoint_path(last_path, distributed.rank(), config["world_size"])
-    shard = read_checkpoint(path, "--resume", "with --shard-proxies every process saves its proxies there")
+    shard = read_checkpoint(path, "--resume", "with --shard-proxies every process saves its proxies there",
+                            entries=("epoch", "loss", "optimizer"))
     if shard["epoch"] != epoch:
         raise InputError(f"--resume: {path} holds the proxies after epoch {shard['epoch']}, {last_path} the model after "
                          f"epoch {epoch} (a run stopped while saving); start afresh in another --output")
@@ -292,20 +330,39 @@ def _loss_inputs(run: Run, images):
 
 def train_step(run: Run, images, labels, epoch: int) -> float:
     """One optimizer step on the batch (plus mixup and the moving-proxy update when configured);
-    returns the loss, averaged over ranks. ``FloatingPointError`` when it is not finite."""
+    returns the loss, averaged over ranks. ``InputError`` (:func:`diverged`) when the loss, or the
+    embeddings it is computed from, are no longer finite."""
     images = to_model_layout(run.model, images)
-    inputs = _loss_inputs(run, images)
-    loss = run.criterion(*inputs, labels)
-    if run.config.get("mixup"):
-        loss = loss + mixup_loss(lambda mixed: _loss_inputs(run, mixed), run.criterion, images, labels)
+    try:
+        inputs = _loss_inputs(run, images)
+        loss = run.criterion(*inputs, labels)
+        if run.config.get("mixup"):
+            loss = loss + mixup_loss(lambda mixed: _loss_inputs(run, mixed), run.criterion, images, labels)
+    except ValueError as error:  # the losses refuse NaN/Inf (or norm-overflowing) embeddings
+        if not _is_non_finite(error):
+            raise
+        raise diverged(run, epoch, "the embeddings") from error
     run.optimizer.zero_grad(set_to_none=True)
     _backward_and_update(run, loss)
     if hasattr(run.loss_fn, "update_proxies"):  # every rank moves its copy by the whole global batch
         run.loss_fn.update_proxies(distributed.all_gather_rows(inputs[0].detach()), distributed.all_gather_rows(labels))
     value = distributed.mean_over_ranks(loss)
     if not math.isfinite(value):
-        raise FloatingPointError(f"the loss became {value} at epoch {epoch}, step {run.step}; lower --lr or use --amp off")
+        raise diverged(run, epoch, f"the loss ({value})")
     return value
+
+
+def _is_non_finite(error: ValueError) -> bool:
+    return "NaN or Inf" in str(error) or "overflows" in str(error)
+
+
+def diverged(run: Run, epoch: int, what: str) -> InputError:
+    """The one-line error of a run whose numbers stopped being finite at the current step."""
+    clip = run.config["grad_clip"]
+    remedy = "enable --grad-clip" if clip <= 0 else f"lower --grad-clip (now {clip:g})"
+    return InputError(f"the loss became NaN/Inf at step {run.step + 1} (epoch {epoch}; {what} stopped being finite): the "
+                      f"training diverged; lower --lr (now {run.config['lr']:g}) or {remedy}, and start again with "
+                      "--overwrite")
 
 
 def _backward_and_update(run: Run, loss) -> None:
@@ -333,11 +390,11 @@ def end_epoch(run: Run, epoch: int, losses: List[float]) -> None:
     distributed.sync_buffers(run.model)
     record = {"epoch": epoch, "loss": float(np.mean(losses))}
     if run.scheduler.needs_validation(epoch):
-        validation = evaluate_model(run.model, run.validation_loaders, run.config, run.device, run.dtype, run.progress)
+        validation = _evaluate(run, epoch, run.validation_loaders, "the validation embeddings")
         record["validation_recall@1"] = validation["recall@1"]
     run.scheduler.step(epoch, record.get("validation_recall@1"))
     if epoch % run.config["eval_every"] == 0 or epoch == run.config["epochs"]:
-        metrics = evaluate_model(run.model, run.eval_loaders, run.config, run.device, run.dtype, run.progress)
+        metrics = _evaluate(run, epoch, run.eval_loaders, "the evaluation's embeddings")
         record.update(metrics)
         say(f"epoch {epoch}: loss {record['loss']:.4f}, Recall@1 {100 * metrics['recall@1']:.2f}, "
             f"MAP@R {100 * metrics['map@r']:.2f}")
@@ -349,6 +406,16 @@ def end_epoch(run: Run, epoch: int, losses: List[float]) -> None:
     if improved:
         run.best = {"epoch": epoch, "recall@1": record["recall@1"]}
     save_checkpoints(run, epoch, *((run.best_path, run.last_path) if improved else (run.last_path,)))
+
+
+def _evaluate(run: Run, epoch: int, loaders, what: str) -> Dict[str, float]:
+    """:func:`evaluate_model` on ``loaders``; :func:`diverged` when ``what`` are no longer finite."""
+    try:
+        return evaluate_model(run.model, loaders, run.config, run.device, run.dtype, run.progress)
+    except ValueError as error:  # the metrics refuse NaN/Inf embeddings
+        if not _is_non_finite(error):
+            raise
+        raise diverged(run, epoch, what) from error
 
 
 # ------------------------------------------------------------------------------------------ end
@@ -364,8 +431,11 @@ def finish_run(run: Run) -> Dict[str, Any]:
     summary = {"before": before, "after": after, "best": run.best, "history": run.history, "seconds": seconds,
                "images_per_s": images_per_s, **run.scheduler.summary()}
     if distributed.is_main():
-        plot_curves(run.history, run.out / "curves.png")
-        (run.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        try:
+            plot_curves(run.history, run.out / "curves.png")
+        except OSError as error:
+            raise LogWriteError(f"cannot write {run.out / 'curves.png'}: {error.strerror or error}") from error
+        _write_text(run.out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     say(format_summary(before, after, run.best, seconds, images_per_s))
     if run.scheduler.rerun_flags():
         say(f"plateau schedule: learning rate lowered from epochs {run.scheduler.drops or 'none'}, best validation epoch "

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -63,10 +63,11 @@ def amp_dtype(mode: str, device) -> Optional[torch.dtype]:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
 
 
-def read_checkpoint(path, flag: str, note: Optional[str] = None) -> Dict[str, Any]:
-    """The checkpoint at ``path``; ``InputError`` ``"{flag}: {why} ({note})"`` when it cannot be read."""
+def read_checkpoint(path, flag: str, note: Optional[str] = None, entries: Sequence[str] = ()) -> Dict[str, Any]:
+    """The checkpoint at ``path`` (read without running code from it); ``InputError``
+    ``"{flag}: {why} ({note})"`` when it cannot be read or lacks one of ``entries``."""
     try:
-        return load_checkpoint(path)
+        return load_checkpoint(path, entries)
     except CheckpointError as error:
         raise InputError(f"{flag}: {error}" + (f" ({note})" if note else "")) from error
 
@@ -199,7 +200,7 @@ def load_model(checkpoint: Path, device_name: Optional[str]):
     Raises ``InputError`` for a missing or foreign checkpoint or an unusable device."""
     if not isinstance(checkpoint, (str, Path)):
         raise ValueError(f"load_model: checkpoint must be a path, got {type(checkpoint).__name__}")
-    state = read_checkpoint(checkpoint, "--checkpoint")
+    state = read_checkpoint(checkpoint, "--checkpoint", entries=("model",))
     config = dict(state["config"], weights="none")
     device = resolve_device(device_name)
     model = restore_model(config, state["model"], device).eval()
