@@ -26,7 +26,7 @@ import torch
 from torch.nn import functional as F
 
 from ._common import ImageList
-from .torch_loader import _SeededBatches, _worker_context
+from .torch_loader import _ImageDataset, _SeededBatches, _worker_context
 from .transforms import TransformConfig, normalize, pil_transform, random_resized_crop_params
 
 JPEG_SIGNATURE = b"\xff\xd8\xff"
@@ -59,16 +59,8 @@ def crop_plan(width: int, height: int, cfg: TransformConfig, seed: int) -> Tuple
     return 0, 0, height, width, new_h, new_w, int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0)), 0
 
 
-class _EncodedImages(torch.utils.data.Dataset):
+class _EncodedImages(_ImageDataset):
     """``(index, seed) -> (bytes as uint8 tensor + crop plan, or the PIL-transformed image, label)``."""
-
-    def __init__(self, image_list: ImageList, cfg: TransformConfig):
-        self.paths = image_list.paths
-        self.labels = image_list.labels
-        self.cfg = cfg
-
-    def __len__(self):
-        return len(self.paths)
 
     def __getitem__(self, item):
         from PIL import Image
