@@ -1,6 +1,7 @@
 """The timing matrix of benchmarks/gpu_check.sh: the fused losses on a GPU, side by side, in one process.
 
-For proxy_anchor, proxy_nca and idml x C in {100, 11,318, 100,000, 1,000,000} (B = 256, D = 512) x
+For proxy_anchor, proxy_nca, idml, arcface and soft_triple (K = 10 centers per class, up to 100,000
+classes) x C in {100, 11,318, 100,000, 1,000,000} (B = 256, D = 512) x
 precision in {fp32 (matmul precision "highest"), tf32 ("high"), bf16 (autocast: bf16 embeddings,
 float32 proxies)} it times forward + backward of
 
@@ -8,7 +9,8 @@ float32 proxies)} it times forward + backward of
   P is cast to bf16 once per step, as autocast does), the floor;
 - ``dmlfast``: the fused op;
 - ``eager``: the eager reference (dmlfast.reference, the official formulas) in that precision;
-- ``compiled``: torch.compile of the reference, at 11,318 and 100,000 classes (fp32 and bf16).
+- ``compiled``: torch.compile of the reference, at 11,318 and 100,000 classes (fp32; Proxy-Anchor,
+  ProxyNCA and IDML).
 
 CUDA events, the median of ``--repeats`` after ``--warmup``, inputs rotated over several sets so that
 together they exceed L2 (never zeros). ``extra_mb`` is the peak allocation beyond the inputs and the
@@ -22,6 +24,7 @@ predicted_ms of :func:`predict_ms`; top-level device, torch, date), rewritten af
 """
 import argparse
 import contextlib
+import functools
 import json
 import math
 import statistics
@@ -29,12 +32,18 @@ import sys
 import time
 from pathlib import Path
 
-LOSSES = ("proxy_anchor", "proxy_nca", "idml")
+LOSSES = ("proxy_anchor", "proxy_nca", "idml", "arcface", "soft_triple")
+#: Proxy rows per class (SoftTriple's K = 10 centers); its matrix stops at 100,000 classes (a million centers).
+CENTERS = {"soft_triple": 10}
+MAX_CLASSES = {"soft_triple": 100_000}
 CLASSES = (100, 11_318, 100_000, 1_000_000)
 PRECISIONS = ("fp32", "tf32", "bf16")
 IMPLEMENTATIONS = ("gemm3", "dmlfast", "eager", "compiled")
+# torch.compile of the reference: one dynamic-shape compilation per loss, kept to the GPU issue's
+# three losses in fp32 so that gpu_check.sh stays within its minutes.
 COMPILED_CLASSES = (11_318, 100_000)
-COMPILED_PRECISIONS = ("fp32", "bf16")
+COMPILED_PRECISIONS = ("fp32",)
+COMPILED_LOSSES = ("proxy_anchor", "proxy_nca", "idml")
 BATCH, DIM = 256, 512
 L2_BYTES = 60 << 20  # H100: 50 MB, H200: 60 MB; rotated input sets exceed it several times
 
@@ -56,6 +65,8 @@ def predict_ms(loss, classes, precision, implementation, batch=BATCH, dim=DIM):
     """
     if implementation == "compiled":
         return None
+    if loss in ("arcface", "soft_triple"):  # the softmax family's passes over C·K proxy columns
+        return predict_ms("proxy_nca", classes * CENTERS.get(loss, 1), precision, implementation, batch, dim)
     B, C, D = batch, classes, dim
     low = precision == "bf16"
     gemm_bytes = 2 if low else 4
@@ -111,7 +122,7 @@ def make_inputs(loss, classes, precision, device, generator):
     if loss == "idml":
         x = torch.nn.functional.normalize(x, dim=1)
     x = x.to(torch.bfloat16 if precision == "bf16" else torch.float32).requires_grad_()
-    p = torch.randn(classes, DIM, device=device, generator=generator).requires_grad_()
+    p = torch.randn(classes * CENTERS.get(loss, 1), DIM, device=device, generator=generator).requires_grad_()
     labels = torch.randint(0, classes, (BATCH,), device=device, generator=generator)
     v = torch.nn.functional.normalize(torch.randn(BATCH, DIM, device=device, generator=generator), dim=1)
     return {"x": x, "p": p, "labels": labels, "v": v.to(x.dtype).requires_grad_()}
@@ -136,15 +147,21 @@ def make_step(implementation, loss, inputs, precision, device, compiled_cache):
 
         return step
     name = "idml_proxy_anchor_loss" if loss == "idml" else f"{loss}_loss"
+    # ArcFace: the functional takes degrees, the reference radians. SoftTriple: K = 10, the centre
+    # regulariser (eager in every implementation) left out.
+    kwargs = {"arcface": {"margin": 28.6}, "soft_triple": {"centers_per_class": 10, "tau": 0.0}}.get(loss, {})
     if implementation == "dmlfast":
-        fn = getattr(functional, name)
-    elif implementation == "eager":
-        fn = getattr(reference, name)
+        fn = functools.partial(getattr(functional, name), **kwargs)
     else:
-        key = (name, precision)
-        if key not in compiled_cache:
-            compiled_cache[key] = torch.compile(getattr(reference, name), dynamic=True)
-        fn = compiled_cache[key]
+        if loss == "arcface":
+            kwargs = {"margin": math.radians(28.6)}
+        if implementation == "eager":
+            fn = functools.partial(getattr(reference, name), **kwargs)
+        else:
+            key = (name, precision)
+            if key not in compiled_cache:
+                compiled_cache[key] = torch.compile(getattr(reference, name), dynamic=True)
+            fn = functools.partial(compiled_cache[key], **kwargs)
     args = (x, v, p, labels) if loss == "idml" else (x, p, labels)
     leaves = (x, v, p) if loss == "idml" else (x, p)
 
@@ -163,7 +180,7 @@ def measure(implementation, loss, classes, precision, args, device, compiled_cac
     import torch
 
     generator = torch.Generator(device=device).manual_seed(0)
-    set_bytes = (BATCH + classes) * DIM * 4
+    set_bytes = (BATCH + classes * CENTERS.get(loss, 1)) * DIM * 4
     sets = min(8, max(1, math.ceil(4 * L2_BYTES / set_bytes))) if device.type == "cuda" else 1
     all_inputs = [make_inputs(loss, classes, precision, device, generator) for _ in range(sets)]
     steps = [make_step(implementation, loss, inputs, precision, device, compiled_cache) for inputs in all_inputs]
@@ -203,8 +220,10 @@ def cases(args):
         for classes in args.classes:
             for precision in args.precisions:
                 for implementation in args.implementations:
-                    if implementation == "compiled" and (classes not in COMPILED_CLASSES
+                    if implementation == "compiled" and (classes not in COMPILED_CLASSES or loss not in COMPILED_LOSSES
                                                          or precision not in COMPILED_PRECISIONS):
+                        continue
+                    if classes > MAX_CLASSES.get(loss, classes):
                         continue
                     yield loss, classes, precision, implementation
 

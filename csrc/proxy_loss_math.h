@@ -1023,12 +1023,12 @@ struct SoftmaxLoss {
   }
 };
 
-// Pass 2, one thread per (column c, group of rows), c being center k of class j: with
-// dL/ds' = (scale/B)(p_bj - T_bj) for s' = f(s) at the target and s elsewhere, p_bj =
-// e^{z_bj - lse_b} (0 for a target excluded from the denominator) and T the smoothed targets,
-// G_bc = dL/ds' f'(s) ds/dcos_c; G' = G / m_c into `out`, and the group's sum of G cos for kappa
-// (ColumnSum). Each thread recomputes its class's similarity from the K columns of the row
-// (neighbouring threads read the same cache lines).
+// Pass 2, one thread per (class j of the tile, group of rows): with dL/ds' = (scale/B)(p_bj - T_bj)
+// for s' = f(s) at the target and s elsewhere, p_bj = e^{z_bj - lse_b} (0 for a target excluded from
+// the denominator) and T the smoothed targets, each of the class's K centers c gets
+// G_bc = dL/ds' f'(s) ds/dcos_c; G' = G / m_c into `out` (which may be the tile: a row's K columns are
+// read before they are written), and the group's sums of G cos for kappa (ColumnSum). One thread
+// per class computes the class similarity once per row, whatever K.
 template <typename T, typename O>
 struct SoftmaxGrad {
   SoftmaxTile<T> tile;
@@ -1037,16 +1037,17 @@ struct SoftmaxGrad {
   T target_weight;          // T_{b,y_b}: 1 - smoothing
   T other_weight;           // T_{b,c != y_b}: smoothing / (C - 1)
   T grad_scale;             // scale / B
-  TileView<O> out;          // [B, cols] (may be the tile itself)
+  TileView<O> out;          // [B, cols]
   T* cos_partial;           // [groups * cols] out
 
   DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
     const SoftmaxTile<T>& t = tile;
+    const int64_t centers = t.classes.centers;
     ColumnGroup cg;
-    if (!column_group(block * block_dim + thread, t.cols, t.rows, rows_per_group, cg)) return;
-    const int64_t c = cg.column, j = c / t.classes.centers, k = c % t.classes.centers;
-    const T inv_norm = t.inv_norm[c];
-    T cos_sum = 0;
+    if (!column_group(block * block_dim + thread, t.classes_in_tile(), t.rows, rows_per_group, cg)) return;
+    const int64_t j = cg.column, first = j * centers;
+    T* partial = cos_partial + cg.group * t.cols + first;
+    for (int64_t k = 0; k < centers; ++k) partial[k] = 0;
     for (int64_t b = cg.first_row; b < cg.last_row; ++b) {
       const ClassSimilarity<T> s = t.similarity(b, j);
       const bool is_target = t.is_target(b, j);
@@ -1054,12 +1055,13 @@ struct SoftmaxGrad {
       const T prob = (is_target && t.exclude_positive) ? T(0) : math::exp(t.logit(b, j, s) - row_lse[b]);
       T grad = grad_scale * (prob - (is_target ? target_weight : other_weight));
       if (is_target) grad *= t.classes.target_slope(s.similarity);
-      const T cosine = t.cosine(b, c);
-      grad *= t.center_slope(s, k, cosine);
-      cos_sum += grad * cosine;
-      out.at(b, c) = static_cast<O>(grad * inv_norm);
+      for (int64_t k = 0; k < centers; ++k) {
+        const T cosine = t.cosine(b, first + k);
+        const T g = grad * t.center_slope(s, k, cosine);
+        partial[k] += g * cosine;
+        out.at(b, first + k) = static_cast<O>(g * t.inv_norm[first + k]);
+      }
     }
-    cos_partial[cg.group * t.cols + c] = cos_sum;
   }
 };
 

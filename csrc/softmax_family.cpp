@@ -146,11 +146,8 @@ class SoftmaxTiles {
     const at::Tensor grad_unit = at::zeros({B, D}, acc_options_);
     at::Tensor grad_p = at::empty_like(p_);
     const at::Tensor sims = kept.defined() ? kept : at::empty({B * tile}, acc_options_);
-    // G' goes over S unless the GEMMs read another dtype, or a class has several centers (each
-    // column's thread reads its class's other columns of S).
-    const bool separate = plan_.gemm_dtype != acc_ || logits_.centers > 1;
-    const at::Tensor grad_buffer = separate ? at::empty({B * tile}, x_.options().dtype(plan_.gemm_dtype)) : at::Tensor();
-    const bool low_precision = plan_.gemm_dtype != acc_;
+    const bool low_precision = plan_.gemm_dtype != acc_;  // G' goes over S unless the GEMMs read another dtype
+    const at::Tensor grad_buffer = low_precision ? at::empty({B * tile}, x_.options().dtype(plan_.gemm_dtype)) : at::Tensor();
     const at::Tensor scratch = low_precision ? at::empty({B, D}, acc_options_) : at::Tensor();
     const at::Tensor cos_partial = at::empty({plan_.groups * tile}, acc_options_);
     for (int64_t first = 0, index = 0; first < C; first += tile, ++index) {
@@ -158,10 +155,10 @@ class SoftmaxTiles {
       const ProxyTile pt = proxy_tile(proxy_space_, p_, first, cols, acc_, checks_.device_flags());
       const at::Tensor sim = kept.defined() ? prefix(sims.narrow(0, index * B * tile, B * cols), B, cols)
                                             : similarity(sims, 0, pt);
-      const at::Tensor grad_tile = separate ? prefix(grad_buffer, B, cols) : sim;
+      const at::Tensor grad_tile = low_precision ? prefix(grad_buffer, B, cols) : sim;
       with_tile_type<T>(plan_.gemm_dtype, [&](auto tile_zero) {
         using O = decltype(tile_zero);
-        launch(x_, plan_.groups * cols,
+        launch(x_, plan_.groups * (cols / logits_.centers),
                SoftmaxGrad<T, O>{tile_args(sim, pt), plan_.rows_per_group, const_data_as<T>(row_lse),
                                  T(1.0 - smoothing), T(other_weight), T(logits_.scale / static_cast<double>(B)),
                                  view_of<O>(grad_tile), data_as<T>(cos_partial)});

@@ -5,7 +5,9 @@ patterns match (shell-style: ``"*"`` matches anything, ``"timm:*"`` any timm bac
 override earlier ones), on top of ``Recipe()``'s defaults. The model comes first: the one given (``--model``) or the ``model`` that the
 matching rules name for the dataset and loss. Command-line flags then override the result
 (``dmlfast.train``). Sources: docs/losses.md §1.2 (Proxy-Anchor, official train.py and README),
-§2.3 (ProxyNCA++), §4.4 (Norm-SoftMax, Proxy Synthesis recipe), §6 (IDML). The glyph and Omniglot rows are
+§2.3 (ProxyNCA++), §4.4 (Norm-SoftMax, Proxy Synthesis recipe), §6 (IDML), §9 (CosFace, ArcFace,
+Sub-center ArcFace: the papers' margins and scales, dmlfast's own optimisation), §10 (SoftTriple, the
+official train.py). The glyph and Omniglot rows are
 dmlfast's own: a small CNN trained from scratch, sized to finish in minutes on a CPU. The user's own
 data (``folder``, ``csv``) gets each loss's generic recipe on ResNet-50 (ImageNet weights from torchvision).
 A pretrained timm backbone (``timm:NAME``) gets the generic fine-tuning recipe of ResNet-50 (frozen
@@ -162,6 +164,28 @@ RULES: Tuple[Tuple[Any, Any, Any, Dict[str, Any]], ...] = (
                              loss_kwargs=dict(margin=0.1, alpha=32.0))),
     ("Cars196", "IDML", "*", dict(lr=2.5e-4, lr_step=10)),
     ("SOP", "IDML", "*", dict(lr_step=10, lr_gamma=0.25)),
+    # SoftTriple, the official train.py (idstcv/SoftTriple; docs/losses.md §10): BN-Inception with a 64-d
+    # embedding, batch 32, Adam (eps 0.01) lr 1e-4 and centers at 1e-2, weight decay 1e-4, lr x0.1 every 20
+    # epochs (the official decay falls one epoch earlier), 50 epochs, frozen BN, no warm-up or clipping,
+    # 224 px; la 20, gamma 0.1, tau 0.2, margin 0.01, K = 10.
+    ("*", "SoftTriple", "*", dict(model="bn_inception", embedding_size=64, pooling="avg", freeze_bn=True,
+                                   optimizer="adam", adam_eps=0.01, lr=1e-4, proxy_lr_mult=100.0, weight_decay=1e-4,
+                                   batch_size=32, epochs=50, lr_step=20, lr_gamma=0.1, warmup_epochs=0, grad_clip=0.0,
+                                   image_size=224,
+                                   loss_kwargs=dict(centers_per_class=10, la=20.0, gamma=0.1, margin=0.01, tau=0.2))),
+    # dmlfast's own choice for SOP / In-shop (few images per class): 512-d, K = 2.
+    (("SOP", "In-shop"), "SoftTriple", "*", dict(embedding_size=512, loss_kwargs=dict(
+        centers_per_class=2, la=20.0, gamma=0.1, margin=0.01, tau=0.2))),
+    # CosFace, ArcFace and Sub-center ArcFace: the papers' margins and scales (CosFace m 0.35, s 64; ArcFace
+    # m 0.5 rad = 28.6 deg, s 64; K = 3 sub-centers). Their published training is face recognition's; the
+    # rest of these rows is dmlfast's own choice, SoftTriple's optimisation on a 512-d BN-Inception.
+    ("*", ("CosFace", "ArcFace", "SubCenterArcFace"), "*", dict(
+        model="bn_inception", embedding_size=512, pooling="avg", freeze_bn=True, optimizer="adam", adam_eps=0.01,
+        lr=1e-4, proxy_lr_mult=100.0, weight_decay=1e-4, batch_size=32, epochs=50, lr_step=20, lr_gamma=0.1,
+        warmup_epochs=0, grad_clip=0.0, image_size=224)),
+    ("*", "CosFace", "*", dict(loss_kwargs=dict(margin=0.35, scale=64.0))),
+    ("*", "ArcFace", "*", dict(loss_kwargs=dict(margin=28.6, scale=64.0))),
+    ("*", "SubCenterArcFace", "*", dict(loss_kwargs=dict(margin=28.6, scale=64.0, sub_centers=3))),
     # dmlfast's small-image rows: a small CNN from scratch, any loss (its own loss_kwargs kept).
     (("glyphs", "Omniglot"), "*", "*", dict(model="smallcnn", weights="none", embedding_size=128, pooling="avg+max",
                                               layer_norm=False, freeze_bn=False, optimizer="adamw", adam_eps=1e-8,
