@@ -275,11 +275,12 @@ def test_existing_run_needs_resume(tiny_run, tiny_root, capsys):
 
 
 def test_unknown_names_exit_2(capsys):
-    for flag, value in (("--dataset", "MNIST"), ("--model", "vgg16"), ("--loss", "Triplet")):
+    for flag, value, says in (("--dataset", "MNIST", "invalid choice"), ("--model", "vgg16", "or timm:NAME (any timm model)"),
+                              ("--loss", "Triplet", "invalid choice")):
         with pytest.raises(SystemExit) as exit_info:
             train.main([flag, value])
         assert exit_info.value.code == 2
-        assert "invalid choice" in capsys.readouterr().err
+        assert says in capsys.readouterr().err
 
 
 def test_command_line_error_has_no_traceback(tmp_path):
