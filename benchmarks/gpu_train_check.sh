@@ -14,23 +14,8 @@
 # gpu_train_check.log (everything printed) and bench_train_eager.json / bench_train_compiled.json,
 # rewritten after every case. Commit them under benchmarks/results/<date>-<device>/.
 set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-out="${DMLFAST_GPU_CHECK_OUT:-${OUT:-benchmarks/out}}"
-py="${PYTHON:-python3}"
-mkdir -p "$out"
-exec > >(tee "$out/gpu_train_check.log") 2>&1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" DMLFAST_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" \
-    TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-
-stage() {  # stage NAME SECONDS COMMAND...: run with a time limit and report how it ended
-    local name=$1 limit=$2 started=$SECONDS
-    shift 2
-    echo "=== $name (limit ${limit}s)"
-    timeout "$limit" "$@"
-    local rc=$?
-    echo "=== $name: exit $rc after $((SECONDS - started))s"
-    return $rc
-}
+LOG_NAME=gpu_train_check.log
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
 
 nvidia-smi -L
 if ! "$py" -c "import dmlfast" 2> /dev/null; then
