@@ -27,6 +27,7 @@ table of ratios and writes JSON with every figure.
 """
 import argparse
 import json
+import math
 import platform
 import resource
 import statistics
@@ -34,9 +35,14 @@ import subprocess
 import sys
 import time
 
+from timing import cuda_step_times
+
 CASES = {"CUB": 100, "In-shop": 3_997, "SOP": 11_318, "100k": 100_000, "1M": 1_000_000}
 IMPLEMENTATIONS = ("gemm3", "dmlfast", "eager", "compiled", "pml")
-LOSSES = ("proxy_anchor", "proxy_nca", "proxy_isa", "idml")
+LOSSES = ("proxy_anchor", "proxy_nca", "proxy_isa", "idml", "cosface", "arcface", "subcenter_arcface", "soft_triple")
+#: Proxy rows per class of the class-center losses (the others have one): C classes have C·K proxies, the
+#: three GEMMs run over all of them.
+CENTERS = {"subcenter_arcface": 3, "soft_triple": 10}
 NCA_SCALE = 18.0  # pml's softmax_scale = scale / 2
 
 
@@ -76,19 +82,28 @@ def build_step(implementation, loss, x, p, labels):
 
         if loss in ("proxy_isa", "idml"):
             raise SystemExit(f"pytorch-metric-learning has no {loss}")
-
-        if loss == "proxy_anchor":
-            module = pml.ProxyAnchorLoss(p.shape[0], p.shape[1])
-        else:
-            module = pml.ProxyNCALoss(p.shape[0], p.shape[1], softmax_scale=NCA_SCALE / 2)
-        module = module.to(x.device)
+        classes, dim = p.shape[0] // CENTERS.get(loss, 1), p.shape[1]
+        module = {
+            "proxy_anchor": lambda: pml.ProxyAnchorLoss(classes, dim),
+            "proxy_nca": lambda: pml.ProxyNCALoss(classes, dim, softmax_scale=NCA_SCALE / 2),
+            "cosface": lambda: pml.CosFaceLoss(num_classes=classes, embedding_size=dim),
+            "arcface": lambda: pml.ArcFaceLoss(num_classes=classes, embedding_size=dim),
+            "subcenter_arcface": lambda: pml.SubCenterArcFaceLoss(num_classes=classes, embedding_size=dim, sub_centers=3),
+            "soft_triple": lambda: pml.SoftTripleLoss(classes, dim, centers_per_class=10),
+        }[loss]().to(x.device)
+        weights = next(module.parameters())
         with torch.no_grad():
-            module.proxies.copy_(p)
+            weights.copy_(p if weights.shape == p.shape else p.T)
         fn = lambda: module(x, labels)  # noqa: E731
     else:
-        kwargs = {"proxy_anchor": {}, "proxy_nca": {"scale": NCA_SCALE}, "proxy_isa": isa_bands(p), "idml": {}}[loss]
-        name = "idml_proxy_anchor_loss" if loss == "idml" else f"{loss}_loss"
-        base = getattr(dmlfast.functional if implementation == "dmlfast" else reference, name)
+        dml = implementation == "dmlfast"
+        kwargs = {"proxy_anchor": {}, "proxy_nca": {"scale": NCA_SCALE}, "proxy_isa": isa_bands(p), "idml": {},
+                  "cosface": {}, "arcface": {} if dml else {"margin": math.radians(28.6)},
+                  "subcenter_arcface": {"sub_centers": 3, **({} if dml else {"margin": math.radians(28.6)})},
+                  # the centre regulariser is eager in every implementation, and PML has none
+                  "soft_triple": {"centers_per_class": 10, "tau": 0.0}}[loss]
+        name = {"idml": "idml_proxy_anchor_loss", "subcenter_arcface": "arcface_loss"}.get(loss, f"{loss}_loss")
+        base = getattr(dmlfast.functional if dml else reference, name)
         if implementation == "compiled":
             base = torch.compile(base)
         if loss == "idml":
@@ -118,32 +133,20 @@ def worker(args):
     batch, dim, classes = args.batch, args.dim, args.classes
     # On the GPU, rotate among input sets that together exceed the L2 cache (PERF.md), so repeated
     # steps do not find the proxies already cached; the CPU's caches are far smaller than one set.
-    set_bytes = (batch + classes) * dim * 4
+    set_bytes = (batch + classes * CENTERS.get(args.loss, 1)) * dim * 4
     sets = min(4, max(1, (256 << 20) // set_bytes)) if device.type == "cuda" else 1
     steps = []
     for _ in range(sets):
         x = torch.randn(batch, dim, device=device).requires_grad_()
-        p = torch.randn(classes, dim, device=device).requires_grad_()
+        p = torch.randn(classes * CENTERS.get(args.loss, 1), dim, device=device).requires_grad_()
         labels = torch.randint(0, classes, (batch,), device=device)
         steps.append(build_step(args.implementation, args.loss, x, p, labels))
 
-    grads_bytes = (batch + classes) * dim * 4 if args.implementation != "gemm3" else 0
+    grads_bytes = (batch + classes * CENTERS.get(args.loss, 1)) * dim * 4 if args.implementation != "gemm3" else 0
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()
-        for i in range(args.warmup):
-            steps[i % sets]()
-        torch.cuda.synchronize()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(args.repeats)]
-        for i, (start, end) in enumerate(events):
-            start.record()
-            steps[i % sets]()
-            end.record()
-        torch.cuda.synchronize()
-        times = [start.elapsed_time(end) / 1e3 for start, end in events]
-        grads_bytes *= sets
+        times_ms, peak = cuda_step_times(steps, args.warmup, args.repeats)
+        times = [t / 1e3 for t in times_ms]
+        baseline, grads_bytes = 0, grads_bytes * sets
     else:
         baseline = current_rss_bytes()
         for _ in range(args.warmup):
@@ -153,9 +156,7 @@ def worker(args):
             start = time.perf_counter()
             steps[0]()
             times.append(time.perf_counter() - start)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:
+    if device.type != "cuda":
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({
         "median_ms": 1e3 * statistics.median(times),
@@ -228,9 +229,12 @@ def interleaved(args):
             steps = {}
             for implementation in args.implementations:
                 x = torch.randn(args.batch, args.dim, device=device).requires_grad_()
-                p = torch.randn(classes, args.dim, device=device).requires_grad_()
+                p = torch.randn(classes * CENTERS.get(loss, 1), args.dim, device=device).requires_grad_()
                 labels = torch.randint(0, classes, (args.batch,), device=device)
-                steps[implementation] = build_step(implementation, loss, x, p, labels)
+                try:
+                    steps[implementation] = build_step(implementation, loss, x, p, labels)
+                except SystemExit:  # pytorch-metric-learning has no such loss
+                    continue
             for _ in range(args.warmup):
                 for step in steps.values():
                     step()
@@ -245,7 +249,8 @@ def interleaved(args):
             results.append({"case": case, "loss": loss, "classes": classes, "gemm3_min_ms": 1e3 * min(times["gemm3"]),
                             "median_ratio_to_gemm3": ratios, "times_ms": {n: [1e3 * t for t in v] for n, v in times.items()}})
             lines.append(f"| {loss} | {classes:,} | {1e3 * min(times['gemm3']):.1f} | "
-                         + " | ".join(f"{ratios[n]:.2f}×" for n in ratios) + " |")
+                         + " | ".join(f"{ratios[n]:.2f}×" if n in ratios else "n/a"
+                                      for n in args.implementations if n != "gemm3") + " |")
             print(lines[-1], file=sys.stderr, flush=True)
     print("\n".join(lines))
     if args.json:

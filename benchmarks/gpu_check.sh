@@ -10,23 +10,8 @@
 # and build_info.txt. Commit both files of a real run under benchmarks/results/<date>-<device>/.
 # Each stage has its own time limit, so a failing or slow stage does not hide the others.
 set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-out="${DMLFAST_GPU_CHECK_OUT:-${OUT:-benchmarks/out}}"
-py="${PYTHON:-python3}"
-mkdir -p "$out"
-exec > >(tee "$out/gpu_check.log") 2>&1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" DMLFAST_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" \
-    TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" PYTHONUNBUFFERED=1
-
-stage() {  # stage NAME SECONDS COMMAND...: run with a time limit and report how it ended
-    local name=$1 limit=$2 started=$SECONDS
-    shift 2
-    echo "=== $name (limit ${limit}s)"
-    timeout "$limit" "$@"
-    local rc=$?
-    echo "=== $name: exit $rc after $((SECONDS - started))s"
-    return $rc
-}
+LOG_NAME=gpu_check.log
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
 
 nvidia-smi -L
 stage build 150 "$py" setup.py build_ext --inplace > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
@@ -35,5 +20,5 @@ stage build 150 "$py" setup.py build_ext --inplace > "$out/build.log" 2>&1 || { 
 if command -v readelf > /dev/null && ! readelf -d dmlfast/_C*.so | grep -q 'libstdc++'; then
     echo "WARNING: dmlfast/_C links libstdc++ statically: its error messages will be garbled or crash"
 fi
-stage tests 120 "$py" -m pytest -q -p no:cacheprovider -n 8 -rfEs tests/test_cuda.py tests/test_gpu_plan.py
+stage tests 120 "$py" -m pytest -q -p no:cacheprovider -n 8 -rfEs tests/test_cuda.py tests/test_gpu_plan.py tests/test_fallback.py
 stage matrix 240 "$py" benchmarks/gpu_matrix.py --out "$out"

@@ -1,6 +1,7 @@
 """The timing matrix of benchmarks/gpu_check.sh: the fused losses on a GPU, side by side, in one process.
 
-For proxy_anchor, proxy_nca and idml x C in {100, 11,318, 100,000, 1,000,000} (B = 256, D = 512) x
+For proxy_anchor, proxy_nca, idml, arcface and soft_triple (K = 10 centers per class, up to 100,000
+classes) x C in {100, 11,318, 100,000, 1,000,000} (B = 256, D = 512) x
 precision in {fp32 (matmul precision "highest"), tf32 ("high"), bf16 (autocast: bf16 embeddings,
 float32 proxies)} it times forward + backward of
 
@@ -8,7 +9,8 @@ float32 proxies)} it times forward + backward of
   P is cast to bf16 once per step, as autocast does), the floor;
 - ``dmlfast``: the fused op;
 - ``eager``: the eager reference (dmlfast.reference, the official formulas) in that precision;
-- ``compiled``: torch.compile of the reference, at 11,318 and 100,000 classes (fp32 and bf16).
+- ``compiled``: torch.compile of the reference, at 11,318 and 100,000 classes (fp32; Proxy-Anchor,
+  ProxyNCA and IDML).
 
 CUDA events, the median of ``--repeats`` after ``--warmup``, inputs rotated over several sets so that
 together they exceed L2 (never zeros). ``extra_mb`` is the peak allocation beyond the inputs and the
@@ -22,6 +24,7 @@ predicted_ms of :func:`predict_ms`; top-level device, torch, date), rewritten af
 """
 import argparse
 import contextlib
+import functools
 import json
 import math
 import statistics
@@ -29,12 +32,20 @@ import sys
 import time
 from pathlib import Path
 
-LOSSES = ("proxy_anchor", "proxy_nca", "idml")
+from timing import cuda_step_times
+
+LOSSES = ("proxy_anchor", "proxy_nca", "idml", "arcface", "soft_triple")
+#: Proxy rows per class (SoftTriple's K = 10 centers); its matrix stops at 100,000 classes (a million centers).
+CENTERS = {"soft_triple": 10}
+MAX_CLASSES = {"soft_triple": 100_000}
 CLASSES = (100, 11_318, 100_000, 1_000_000)
 PRECISIONS = ("fp32", "tf32", "bf16")
 IMPLEMENTATIONS = ("gemm3", "dmlfast", "eager", "compiled")
+# torch.compile of the reference: one dynamic-shape compilation per loss, kept to the GPU issue's
+# three losses in fp32 so that gpu_check.sh stays within its minutes.
 COMPILED_CLASSES = (11_318, 100_000)
-COMPILED_PRECISIONS = ("fp32", "bf16")
+COMPILED_PRECISIONS = ("fp32",)
+COMPILED_LOSSES = ("proxy_anchor", "proxy_nca", "idml")
 BATCH, DIM = 256, 512
 L2_BYTES = 60 << 20  # H100: 50 MB, H200: 60 MB; rotated input sets exceed it several times
 
@@ -49,13 +60,15 @@ def predict_ms(loss, classes, precision, implementation, batch=BATCH, dim=DIM):
     """Predicted time from counted flops and bytes (the larger of the two per pass, plus launches).
 
     gemm3: three GEMMs (+ the bf16 cast of P). dmlfast (docs/losses.md §7.1, csrc/tiles.h): per tile
-    the proxies' norms, the S GEMM, the epilogue passes over the B x tile block, the dX and dP GEMMs
-    and one elementwise pass over dP (read dP and P, write dP); ProxyNCA beyond 64 MiB of S runs a
-    fourth GEMM and its norms twice. eager: the reference's B x C temporaries (counted by reading
+    the proxies' norms (+ the bf16 copy), the S GEMM (float32 out), the epilogue passes over the
+    B x tile block, the dX and dP GEMMs (dP in the GEMM dtype) and one elementwise pass that writes
+    the float32 dP; ProxyNCA beyond 64 MiB of S runs a fourth GEMM and its norms twice. eager: the reference's B x C temporaries (counted by reading
     dmlfast/reference.py: ~30 passes forward and backward) plus its three GEMMs. None for compiled.
     """
     if implementation == "compiled":
         return None
+    if loss in ("arcface", "soft_triple"):  # the softmax family's passes over C·K proxy columns
+        return predict_ms("proxy_nca", classes * CENTERS.get(loss, 1), precision, implementation, batch, dim)
     B, C, D = batch, classes, dim
     low = precision == "bf16"
     gemm_bytes = 2 if low else 4
@@ -79,9 +92,9 @@ def predict_ms(loss, classes, precision, implementation, batch=BATCH, dim=DIM):
     tile = max(256, min(C, (1 << 24) // B))
     tiles = math.ceil(C / tile)
     three = (cast + gemm(gemm_bytes * C * D, s_bytes) + gemm(g_bytes + gemm_bytes * C * D, 4 * B * D)
-             + gemm(g_bytes, 4 * C * D))
+             + gemm(g_bytes, gemm_bytes * C * D))
     norms = passes(4 * C * D, 2 * tiles)
-    finish = passes(3 * 4 * C * D, tiles)
+    finish = passes((2 * gemm_bytes + 4) * C * D, tiles)  # read G'^T X_hat and p in the GEMM dtype, write dP
     fixed = passes(0, 12)
     if loss == "proxy_nca":
         recompute = C * B * 4 > (64 << 20)
@@ -111,7 +124,7 @@ def make_inputs(loss, classes, precision, device, generator):
     if loss == "idml":
         x = torch.nn.functional.normalize(x, dim=1)
     x = x.to(torch.bfloat16 if precision == "bf16" else torch.float32).requires_grad_()
-    p = torch.randn(classes, DIM, device=device, generator=generator).requires_grad_()
+    p = torch.randn(classes * CENTERS.get(loss, 1), DIM, device=device, generator=generator).requires_grad_()
     labels = torch.randint(0, classes, (BATCH,), device=device, generator=generator)
     v = torch.nn.functional.normalize(torch.randn(BATCH, DIM, device=device, generator=generator), dim=1)
     return {"x": x, "p": p, "labels": labels, "v": v.to(x.dtype).requires_grad_()}
@@ -136,15 +149,21 @@ def make_step(implementation, loss, inputs, precision, device, compiled_cache):
 
         return step
     name = "idml_proxy_anchor_loss" if loss == "idml" else f"{loss}_loss"
+    # ArcFace: the functional takes degrees, the reference radians. SoftTriple: K = 10, the centre
+    # regulariser (eager in every implementation) left out.
+    kwargs = {"arcface": {"margin": 28.6}, "soft_triple": {"centers_per_class": 10, "tau": 0.0}}.get(loss, {})
     if implementation == "dmlfast":
-        fn = getattr(functional, name)
-    elif implementation == "eager":
-        fn = getattr(reference, name)
+        fn = functools.partial(getattr(functional, name), **kwargs)
     else:
-        key = (name, precision)
-        if key not in compiled_cache:
-            compiled_cache[key] = torch.compile(getattr(reference, name), dynamic=True)
-        fn = compiled_cache[key]
+        if loss == "arcface":
+            kwargs = {"margin": math.radians(28.6)}
+        if implementation == "eager":
+            fn = functools.partial(getattr(reference, name), **kwargs)
+        else:
+            key = (name, precision)
+            if key not in compiled_cache:
+                compiled_cache[key] = torch.compile(getattr(reference, name), dynamic=True)
+            fn = functools.partial(compiled_cache[key], **kwargs)
     args = (x, v, p, labels) if loss == "idml" else (x, p, labels)
     leaves = (x, v, p) if loss == "idml" else (x, p)
 
@@ -163,29 +182,15 @@ def measure(implementation, loss, classes, precision, args, device, compiled_cac
     import torch
 
     generator = torch.Generator(device=device).manual_seed(0)
-    set_bytes = (BATCH + classes) * DIM * 4
+    set_bytes = (BATCH + classes * CENTERS.get(loss, 1)) * DIM * 4
     sets = min(8, max(1, math.ceil(4 * L2_BYTES / set_bytes))) if device.type == "cuda" else 1
     all_inputs = [make_inputs(loss, classes, precision, device, generator) for _ in range(sets)]
     steps = [make_step(implementation, loss, inputs, precision, device, compiled_cache) for inputs in all_inputs]
     grads_bytes = 0 if implementation == "gemm3" else sets * sum(
         t.numel() * t.element_size() for inputs in all_inputs for t in inputs.values() if t.requires_grad)
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()
-        for i in range(args.warmup):
-            steps[i % sets]()
-        torch.cuda.synchronize()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(args.repeats)]
-        for i, (start, end) in enumerate(events):
-            start.record()
-            steps[i % sets]()
-            end.record()
-        torch.cuda.synchronize()
-        times = [start.elapsed_time(end) for start, end in events]
-        peak = torch.cuda.max_memory_allocated()
-        extra = max(0, peak - baseline - grads_bytes) / 2**20
+        times, peak = cuda_step_times(steps, args.warmup, args.repeats)
+        extra = max(0, peak - grads_bytes) / 2**20
     else:
         for i in range(args.warmup):
             steps[i % sets]()
@@ -203,8 +208,10 @@ def cases(args):
         for classes in args.classes:
             for precision in args.precisions:
                 for implementation in args.implementations:
-                    if implementation == "compiled" and (classes not in COMPILED_CLASSES
+                    if implementation == "compiled" and (classes not in COMPILED_CLASSES or loss not in COMPILED_LOSSES
                                                          or precision not in COMPILED_PRECISIONS):
+                        continue
+                    if classes > MAX_CLASSES.get(loss, classes):
                         continue
                     yield loss, classes, precision, implementation
 

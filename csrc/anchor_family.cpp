@@ -27,15 +27,10 @@ template <typename T>
 LossAndGrads proxy_anchor_impl(const at::Tensor& x_in, const at::Tensor& p_in, const at::Tensor& labels_in,
                                double margin, double alpha, const at::Tensor& isa_params, bool filter_positives,
                                const ClassShard& shard, CheckMode mode) {
-  const at::ScalarType acc = c10::CppTypeToScalarType<T>::value;
-  const auto acc_options = x_in.options().dtype(acc);
-  const at::Tensor x = kernel_embeddings(x_in, acc), p = kernel_proxies(p_in, acc), labels = labels_in.contiguous();
-  const int64_t B = x.size(0), D = x.size(1), C = p.size(0);
-  const TilePlan plan = plan_tiles(x, C, acc, Family::kAnchor);
-  const ValueChecks checks(x, mode);
-  int32_t* flags = checks.device_flags();
-  const ShardLabels shard_label = shard_labels(labels, shard);
-  const int64_t* label_ptr = shard_label.kernel.const_data_ptr<int64_t>();
+  const AnchorCall<T> call(x_in, p_in, labels_in, shard, mode);
+  const auto& [acc, acc_options, x, p, labels, B, D, C, plan, checks, shard_label] = call;
+  int32_t* flags = call.flags();
+  const int64_t* label_ptr = call.label_ptr();
   const bool is_isa = isa_params.defined();
   const at::Tensor isa = is_isa ? isa_params.to(acc).contiguous() : at::Tensor();
   const IsaClassParams<T> isa_params_view = isa_view<T>(isa, filter_positives);
@@ -113,7 +108,7 @@ LossAndGrads proxy_anchor_loss(const at::Tensor& embeddings, const at::Tensor& p
                                int64_t value_checks) {
   const char* op = "proxy_anchor_loss";
   check_metadata(embeddings, proxies, labels, op);
-  const ClassShard shard = class_shard(proxies, class_offset, num_classes, op);
+  const ClassShard shard = class_shard(proxies.size(0), class_offset, num_classes, op);
   const CheckMode mode = check_mode(value_checks, op);
   TORCH_CHECK_VALUE(std::isfinite(margin), op, ": margin must be finite, got ", margin);
   TORCH_CHECK_VALUE(std::isfinite(alpha) && alpha > 0, op, ": alpha must be a finite number > 0, got ", alpha);

@@ -6,6 +6,35 @@
 
 namespace dmlfast {
 
+// What every anchor-family call sets up first: its inputs as the kernels read them, the plan, the
+// value checks and the labels in this shard's class coordinates.
+template <typename T>
+struct AnchorCall {
+  at::ScalarType acc = c10::CppTypeToScalarType<T>::value;
+  at::TensorOptions acc_options;
+  at::Tensor x, p, labels;
+  int64_t B, D, C;
+  TilePlan plan;
+  ValueChecks checks;
+  ShardLabels shard_label;
+
+  AnchorCall(const at::Tensor& x_in, const at::Tensor& p_in, const at::Tensor& labels_in, const ClassShard& shard,
+             CheckMode mode)
+      : acc_options(x_in.options().dtype(acc)),
+        x(kernel_embeddings(x_in, acc)),
+        p(kernel_proxies(p_in, acc)),
+        labels(labels_in.contiguous()),
+        B(x.size(0)),
+        D(x.size(1)),
+        C(p.size(0)),
+        plan(plan_tiles(x, C, acc, Family::kAnchor)),
+        checks(x, mode),
+        shard_label(shard_labels(labels, shard)) {}
+
+  int32_t* flags() const { return checks.device_flags(); }
+  const int64_t* label_ptr() const { return shard_label.kernel.const_data_ptr<int64_t>(); }
+};
+
 // Per-sample positive terms, rows of one [7, B] buffer (AnchorPositive, AnchorPositiveFinish).
 template <typename T>
 struct PositiveTerms {

@@ -34,8 +34,7 @@ void check_metadata(const at::Tensor& x, const at::Tensor& p, const at::Tensor& 
                     p.device(), " and ", labels.device());
 }
 
-ClassShard class_shard(const at::Tensor& proxies, int64_t class_offset, int64_t num_classes, const char* op) {
-  const int64_t local = proxies.size(0);
+ClassShard class_shard(int64_t local, int64_t class_offset, int64_t num_classes, const char* op) {
   const int64_t total = num_classes < 0 ? local : num_classes;
   TORCH_CHECK_VALUE(class_offset >= 0 && class_offset + local <= total, op, ": the proxies (", local,
                     " rows) must be classes [class_offset, class_offset + ", local, ") of num_classes = ", total,

@@ -25,8 +25,9 @@ struct ClassShard {
   bool sharded() const { return offset != 0 || local != total; }
 };
 
-// `num_classes` < 0 means "all": the proxies are every class.
-ClassShard class_shard(const at::Tensor& proxies, int64_t class_offset, int64_t num_classes, const char* op);
+// The shard of the `local` classes a call's proxies hold; `num_classes` < 0 means "all": the
+// proxies are every class.
+ClassShard class_shard(int64_t local, int64_t class_offset, int64_t num_classes, const char* op);
 
 // Labels as the kernels use them: compared with local class indices (first_class + column), so a
 // label of another shard never matches a column. Unsharded they are the labels clamped to [0, C),

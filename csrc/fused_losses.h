@@ -40,25 +40,35 @@ IdmlLossAndGrads idml_proxy_anchor_loss(const at::Tensor& embeddings, const at::
                                         double alpha, int64_t class_offset, int64_t num_classes,
                                         int64_t value_checks);
 
-// Softmax cross-entropy over logits scale * cos(x, p) with label smoothing, or the classic
-// ProxyNCA form with the target excluded from the denominator (docs/losses.md §2, §7.3).
+// Softmax cross-entropy over class logits with label smoothing, or the classic ProxyNCA form with
+// the target excluded from the denominator (docs/losses.md §2, §7.3). The proxies are K =
+// `centers_per_class` adjacent rows per class; a class's similarity s is the cosine (K = 1), the max
+// over its centers (`center_aggregation` 0, Sub-center ArcFace) or their softmax-weighted mean with
+// weights softmax(center_gamma * cos) (1, SoftTriple); its logit is scale * s, and scale * f(s) for
+// the target with f(s) = s (`margin_type` 0), s - margin (1, CosFace) or cos(acos(s) + margin)
+// (2, ArcFace, margin in radians; docs/losses.md §9, §10).
 LossAndGrads proxy_nca_loss(const at::Tensor& embeddings, const at::Tensor& proxies, const at::Tensor& labels,
-                            double scale, double smoothing, bool exclude_positive, int64_t value_checks);
+                            double scale, double smoothing, bool exclude_positive, int64_t value_checks,
+                            int64_t centers_per_class, int64_t center_aggregation, double center_gamma,
+                            int64_t margin_type, double margin);
 
-// The softmax family over class shards (class_offset, num_classes as for the anchor ops), in two
-// ops with a reduction across shards in between. Pass 1: [4, batch] float64 rows (max, sum of
-// e^{z - max} over this shard's denominator logits (max = -inf where there are none), sum of its
-// logits, the target logit where the target is in this shard, else 0). Its value checks are 0 or
-// 1 (pass 2 checks the same inputs).
+// The softmax family over class shards (class_offset, num_classes as for the anchor ops, in
+// classes), in two ops with a reduction across shards in between. Pass 1: [4, batch] float64 rows
+// (max, sum of e^{z - max} over this shard's denominator logits (max = -inf where there are none),
+// sum of its logits, the target logit where the target is in this shard, else 0). Its value checks
+// are 0 or 1 (pass 2 checks the same inputs).
 at::Tensor proxy_nca_shard_row_stats(const at::Tensor& embeddings, const at::Tensor& proxies, const at::Tensor& labels,
                                      double scale, bool exclude_positive, int64_t class_offset, int64_t num_classes,
-                                     int64_t value_checks);
+                                     int64_t value_checks, int64_t centers_per_class, int64_t center_aggregation,
+                                     double center_gamma, int64_t margin_type, double margin);
 
 // Pass 2, from `row_stats` reduced over all shards (max: the maximum; the sums: rescaled to it and
 // summed): (the loss over all classes, this shard's share of dL/d embeddings, dL/d proxies, flags).
 LossAndGrads proxy_nca_shard_loss_and_grads(const at::Tensor& embeddings, const at::Tensor& proxies,
                                             const at::Tensor& labels, const at::Tensor& row_stats, double scale,
                                             double smoothing, bool exclude_positive, int64_t class_offset,
-                                            int64_t num_classes, int64_t value_checks);
+                                            int64_t num_classes, int64_t value_checks, int64_t centers_per_class,
+                                            int64_t center_aggregation, double center_gamma, int64_t margin_type,
+                                            double margin);
 
 }  // namespace dmlfast

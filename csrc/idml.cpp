@@ -17,15 +17,10 @@ template <typename T>
 IdmlLossAndGrads idml_impl(const at::Tensor& x_in, const at::Tensor& v, const at::Tensor& p_in,
                            const at::Tensor& labels_in, double margin, double alpha, const ClassShard& shard,
                            CheckMode mode) {
-  const at::ScalarType acc = c10::CppTypeToScalarType<T>::value;
-  const auto acc_options = x_in.options().dtype(acc);
-  const at::Tensor x = kernel_embeddings(x_in, acc), p = kernel_proxies(p_in, acc), labels = labels_in.contiguous();
-  const int64_t B = x.size(0), D = x.size(1), C = p.size(0);
-  const TilePlan plan = plan_tiles(x, C, acc, Family::kAnchor);
-  const ValueChecks checks(x, mode);
-  int32_t* flags = checks.device_flags();
-  const ShardLabels shard_label = shard_labels(labels, shard);
-  const int64_t* label_ptr = shard_label.kernel.const_data_ptr<int64_t>();
+  const AnchorCall<T> call(x_in, p_in, labels_in, shard, mode);
+  const auto& [acc, acc_options, x, p, labels, B, D, C, plan, checks, shard_label] = call;
+  int32_t* flags = call.flags();
+  const int64_t* label_ptr = call.label_ptr();
   const IsaClassParams<T> plain{nullptr, nullptr, nullptr, nullptr, false};
 
   const Embeddings emb = embedding_rows(plan, x, labels, shard.total, acc, /*raw=*/true, flags);
@@ -111,7 +106,7 @@ IdmlLossAndGrads idml_proxy_anchor_loss(const at::Tensor& embeddings, const at::
                                         int64_t value_checks) {
   const char* op = "idml_proxy_anchor_loss";
   check_metadata(embeddings, proxies, labels, op);
-  const ClassShard shard = class_shard(proxies, class_offset, num_classes, op);
+  const ClassShard shard = class_shard(proxies.size(0), class_offset, num_classes, op);
   const CheckMode mode = check_mode(value_checks, op);
   TORCH_CHECK_VALUE(uncertainty.dim() == 2, op, ": uncertainty must be 2-D (batch, uncertainty_dim), got a ",
                     describe(uncertainty));

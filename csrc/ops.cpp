@@ -26,15 +26,19 @@ TORCH_LIBRARY(dmlfast, m) {
       "Tensor grad_embeddings, Tensor grad_uncertainty, Tensor grad_proxies, Tensor value_flags)");
   m.def(
       "proxy_nca_loss(Tensor embeddings, Tensor proxies, Tensor labels, float scale, float smoothing, "
-      "bool exclude_positive, int value_checks=1) -> (Tensor loss, Tensor grad_embeddings, Tensor grad_proxies, "
-      "Tensor value_flags)");
+      "bool exclude_positive, int value_checks=1, int centers_per_class=1, int center_aggregation=0, "
+      "float center_gamma=1.0, int margin_type=0, float margin=0.0) -> (Tensor loss, Tensor grad_embeddings, "
+      "Tensor grad_proxies, Tensor value_flags)");
   m.def(
       "proxy_nca_shard_row_stats(Tensor embeddings, Tensor proxies, Tensor labels, float scale, "
-      "bool exclude_positive, int class_offset, int num_classes, int value_checks=1) -> Tensor");
+      "bool exclude_positive, int class_offset, int num_classes, int value_checks=1, int centers_per_class=1, "
+      "int center_aggregation=0, float center_gamma=1.0, int margin_type=0, float margin=0.0) -> Tensor");
   m.def(
       "proxy_nca_shard_loss_and_grads(Tensor embeddings, Tensor proxies, Tensor labels, Tensor row_stats, "
       "float scale, float smoothing, bool exclude_positive, int class_offset, int num_classes, "
-      "int value_checks=1) -> (Tensor loss, Tensor grad_embeddings, Tensor grad_proxies, Tensor value_flags)");
+      "int value_checks=1, int centers_per_class=1, int center_aggregation=0, float center_gamma=1.0, "
+      "int margin_type=0, float margin=0.0) -> (Tensor loss, Tensor grad_embeddings, Tensor grad_proxies, "
+      "Tensor value_flags)");
 }
 
 #define DMLFAST_IMPL_ALL_OPS(m)                                                        \

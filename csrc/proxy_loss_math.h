@@ -797,22 +797,114 @@ DMLFAST_HD void merge_softmax_partial(const SoftmaxPartials<T>& in, int64_t slot
   }
 }
 
+// How a class's logit comes from the cosines of its K centers (K adjacent proxy rows) and the
+// label: z_bc = scale * s_bc for the other classes and scale * f(s_by) for the target, where s is
+// the class similarity (docs/losses.md §2 with K = 1 and no margin: ProxyNCA, Norm-SoftMax; §9:
+// CosFace, ArcFace, Sub-center ArcFace; §10: SoftTriple).
+enum CenterAggregation : int { kMaxCenter = 0, kSoftCenters = 1 };
+enum MarginType : int { kNoMargin = 0, kCosFaceMargin = 1, kArcFaceMargin = 2 };
+
+// Below this, 1 - s^2 is taken as it: ArcFace's slope (cos m + s sin m / sqrt(1 - s^2)) stays finite
+// when an embedding lies on its target centre.
+constexpr double kArcFaceMinSine2 = 1e-12;
+
+template <typename T>
+struct ClassLogit {
+  int64_t centers;          // K
+  int aggregation;          // CenterAggregation: the max (Sub-center ArcFace) or a softmax-weighted mean
+  T center_gamma;           // kSoftCenters: the weights are softmax_k(center_gamma * cos_k) (SoftTriple's 1/gamma)
+  int margin_type;          // MarginType
+  T margin;                 // m (radians for ArcFace)
+  T cos_margin, sin_margin; // cos m, sin m
+  T arc_threshold;          // cos(pi - m): at or below it ArcFace's f is s - m sin m (InsightFace's), which keeps
+                            // f decreasing in the angle
+
+  // f(s) of the target class.
+  DMLFAST_HD T target(T s) const {
+    if (margin_type == kCosFaceMargin) return s - margin;
+    if (margin_type != kArcFaceMargin) return s;
+    if (s <= arc_threshold) return s - margin * sin_margin;
+    return s * cos_margin - math::sqrt(math::max(T(1) - s * s, T(kArcFaceMinSine2))) * sin_margin;
+  }
+  // f'(s).
+  DMLFAST_HD T target_slope(T s) const {
+    if (margin_type != kArcFaceMargin || s <= arc_threshold) return T(1);
+    return cos_margin + s * sin_margin / math::sqrt(math::max(T(1) - s * s, T(kArcFaceMinSine2)));
+  }
+};
+
+// A class's similarity s from its centers' cosines, and what its slope ds/dcos_k needs.
+template <typename T>
+struct ClassSimilarity {
+  T similarity;             // s
+  T max;                    // the largest cosine
+  T weight_sum;             // kSoftCenters: sum_k e^{gamma (cos_k - max)}
+  int64_t argmax;           // the first center with the largest cosine
+};
+
 template <typename T>
 struct SoftmaxTile {
-  TileView<T> sim;          // [B, cols]: S
-  const int64_t* labels;    // [B], local
+  TileView<T> sim;          // [B, cols]: S; cols = K * the tile's classes
+  const int64_t* labels;    // [B], local classes
   int64_t rows, cols, first_class;
   const T* inv_norm;        // [cols] 1 / m_c
   T scale;
   bool exclude_positive;    // the paper's classic form: the target is not in the denominator
+  ClassLogit<T> classes;
 
-  DMLFAST_HD T logit(int64_t b, int64_t c) const { return scale * sim.at(b, c) * inv_norm[c]; }
+  DMLFAST_HD int64_t classes_in_tile() const { return cols / classes.centers; }
+  DMLFAST_HD T cosine(int64_t b, int64_t c) const { return sim.at(b, c) * inv_norm[c]; }
+
+  // Class j of the tile (columns j K .. j K + K - 1) for row b.
+  DMLFAST_HD ClassSimilarity<T> similarity(int64_t b, int64_t j) const {
+    const int64_t first = j * classes.centers;
+    ClassSimilarity<T> out{cosine(b, first), cosine(b, first), T(1), 0};
+    for (int64_t k = 1; k < classes.centers; ++k) {
+      const T c = cosine(b, first + k);
+      if (c > out.max) {
+        out.max = c;
+        out.argmax = k;
+      }
+    }
+    out.similarity = out.max;
+    if (classes.aggregation == kSoftCenters && classes.centers > 1) {
+      T sum = 0, weighted = 0;
+      for (int64_t k = 0; k < classes.centers; ++k) {
+        const T c = cosine(b, first + k);
+        const T e = math::exp(classes.center_gamma * (c - out.max));
+        sum += e;
+        weighted += e * c;
+      }
+      out.weight_sum = sum;
+      out.similarity = weighted / sum;
+    }
+    return out;
+  }
+
+  // ds/dcos_k of center k with cosine c: 1 for K = 1; the argmax's 1 (others 0) for the max; for
+  // the softmax-weighted mean w_k (1 + gamma (cos_k - s)) (docs/losses.md §10).
+  DMLFAST_HD T center_slope(const ClassSimilarity<T>& s, int64_t k, T c) const {
+    if (classes.centers == 1) return T(1);
+    if (classes.aggregation != kSoftCenters) return k == s.argmax ? T(1) : T(0);
+    const T weight = math::exp(classes.center_gamma * (c - s.max)) / s.weight_sum;
+    return weight * (T(1) + classes.center_gamma * (c - s.similarity));
+  }
+
+  // The class similarity alone: the cosine itself with one center per class (the common case,
+  // without the struct), else similarity(b, j).similarity. Both passes use it, so they round alike.
+  DMLFAST_HD T class_similarity(int64_t b, int64_t j) const {
+    return classes.centers == 1 ? cosine(b, j) : similarity(b, j).similarity;
+  }
+
+  // z of a class from its similarity s: scale * f(s) at the target, scale * s elsewhere.
+  DMLFAST_HD T logit(bool target, T s) const { return scale * (target ? classes.target(s) : s); }
+  DMLFAST_HD bool is_target(int64_t b, int64_t j) const { return labels[b] - first_class == j; }
 };
 
-// Pass 1, one thread per (row b, slice j) with index b * slices + j: the slice holds the columns
-// j, j + slices, j + 2 slices, ... (neighbouring threads read neighbouring columns; with one
+// Pass 1, one thread per (row b, slice j) with index b * slices + j: the slice holds the tile's
+// classes j, j + slices, j + 2 slices, ... (neighbouring threads read neighbouring columns; with one
 // slice a row is walked in order). Writes the slice's partials and, where the row's target is
-// among its columns, the target logit.
+// among its classes, the target logit.
 template <typename T>
 struct SoftmaxSlices {
   SoftmaxTile<T> tile;
@@ -825,24 +917,31 @@ struct SoftmaxSlices {
     const int64_t index = block * block_dim + thread;
     const int64_t b = index / slices, j = index % slices;
     if (b >= t.rows) return;
-    const int64_t target = t.labels[b] - t.first_class;
+    const int64_t classes = t.classes_in_tile();
     bool any = false;
     T max = 0;
     double logit_sum = 0;
-    for (int64_t c = j; c < t.cols; c += slices) {
-      const T z = t.logit(b, c);
+    const int64_t target = t.labels[b] - t.first_class;
+    double sum = 0;
+    // One walk with an online max: the sum is rescaled when the max grows (one exponential per class
+    // either way).
+    for (int64_t c = j; c < classes; c += slices) {
+      const T z = t.logit(c == target, t.class_similarity(b, c));
       logit_sum += z;
       if (c == target) {
         target_logit[b] = z;
         if (t.exclude_positive) continue;
       }
-      max = any ? math::max(max, z) : z;
-      any = true;
-    }
-    double sum = 0;
-    for (int64_t c = j; c < t.cols; c += slices) {
-      if (c == target && t.exclude_positive) continue;
-      sum += math::exp(t.logit(b, c) - max);
+      if (!any) {
+        max = z;
+        sum = 1;
+        any = true;
+      } else if (z > max) {
+        sum = sum * static_cast<double>(math::exp(max - z)) + 1;
+        max = z;
+      } else {
+        sum += math::exp(z - max);
+      }
     }
     const int64_t slot = b * slices + j;
     out.max[slot] = max;
@@ -935,9 +1034,12 @@ struct SoftmaxLoss {
   }
 };
 
-// Pass 2, one thread per (column c, group of rows): G_bc = (scale/B)(p_bc - T_bc), where
-// p_bc = e^{z_bc - lse_b} (0 for a target excluded from the denominator) and T the smoothed
-// targets; G' = G / m_c into `out`, and the group's sum of G cos for kappa (ColumnSum).
+// Pass 2, one thread per (class j of the tile, group of rows): with dL/ds' = (scale/B)(p_bj - T_bj)
+// for s' = f(s) at the target and s elsewhere, p_bj = e^{z_bj - lse_b} (0 for a target excluded from
+// the denominator) and T the smoothed targets, each of the class's K centers c gets
+// G_bc = dL/ds' f'(s) ds/dcos_c; G' = G / m_c into `out` (which may be the tile: a row's K columns are
+// read before they are written), and the group's sums of G cos for kappa (ColumnSum). One thread
+// per class computes the class similarity once per row, whatever K.
 template <typename T, typename O>
 struct SoftmaxGrad {
   SoftmaxTile<T> tile;
@@ -946,26 +1048,46 @@ struct SoftmaxGrad {
   T target_weight;          // T_{b,y_b}: 1 - smoothing
   T other_weight;           // T_{b,c != y_b}: smoothing / (C - 1)
   T grad_scale;             // scale / B
-  TileView<O> out;          // [B, cols] (may be the tile itself)
+  TileView<O> out;          // [B, cols]
   T* cos_partial;           // [groups * cols] out
 
   DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
     const SoftmaxTile<T>& t = tile;
+    const int64_t centers = t.classes.centers;
     ColumnGroup cg;
-    if (!column_group(block * block_dim + thread, t.cols, t.rows, rows_per_group, cg)) return;
-    const int64_t c = cg.column, cls = t.first_class + c;
-    const T inv_norm = t.inv_norm[c];
-    T cos_sum = 0;
-    for (int64_t b = cg.first_row; b < cg.last_row; ++b) {
-      const T cosine = t.sim.at(b, c) * inv_norm;
-      const bool is_target = t.labels[b] == cls;
-      // The logit exactly as pass 1 rounded it: with one class, p is then exactly 1.
-      const T prob = (is_target && t.exclude_positive) ? T(0) : math::exp(t.logit(b, c) - row_lse[b]);
-      const T grad = grad_scale * (prob - (is_target ? target_weight : other_weight));
-      cos_sum += grad * cosine;
-      out.at(b, c) = static_cast<O>(grad * inv_norm);
+    if (!column_group(block * block_dim + thread, t.classes_in_tile(), t.rows, rows_per_group, cg)) return;
+    const int64_t j = cg.column, first = j * centers;
+    T* partial = cos_partial + cg.group * t.cols + first;
+    if (centers == 1) {  // the cosine is the class similarity: no per-center slopes
+      const T inv_norm = t.inv_norm[j];
+      T cos_sum = 0;
+      for (int64_t b = cg.first_row; b < cg.last_row; ++b) {
+        const bool is_target = t.is_target(b, j);
+        const T cosine = t.cosine(b, j);
+        // The logit exactly as pass 1 rounded it: with one class, p is then exactly 1.
+        const T prob = (is_target && t.exclude_positive) ? T(0) : math::exp(t.logit(is_target, cosine) - row_lse[b]);
+        T grad = grad_scale * (prob - (is_target ? target_weight : other_weight));
+        if (is_target) grad *= t.classes.target_slope(cosine);
+        cos_sum += grad * cosine;
+        out.at(b, j) = static_cast<O>(grad * inv_norm);
+      }
+      *partial = cos_sum;
+      return;
     }
-    cos_partial[cg.group * t.cols + c] = cos_sum;
+    for (int64_t k = 0; k < centers; ++k) partial[k] = 0;
+    for (int64_t b = cg.first_row; b < cg.last_row; ++b) {
+      const ClassSimilarity<T> s = t.similarity(b, j);
+      const bool is_target = t.is_target(b, j);
+      const T prob = (is_target && t.exclude_positive) ? T(0) : math::exp(t.logit(is_target, s.similarity) - row_lse[b]);
+      T grad = grad_scale * (prob - (is_target ? target_weight : other_weight));
+      if (is_target) grad *= t.classes.target_slope(s.similarity);
+      for (int64_t k = 0; k < centers; ++k) {
+        const T cosine = t.cosine(b, first + k);
+        const T g = grad * t.center_slope(s, k, cosine);
+        partial[k] += g * cosine;
+        out.at(b, first + k) = static_cast<O>(g * t.inv_norm[first + k]);
+      }
+    }
   }
 };
 

@@ -1,4 +1,6 @@
-// Softmax family: ProxyNCA, ProxyNCA++, Norm-SoftMax (docs/losses.md §2, §7.3).
+// Softmax family: ProxyNCA, ProxyNCA++, Norm-SoftMax (docs/losses.md §2, §7.3), and with K centers
+// per class and a margin on the target, CosFace, ArcFace, Sub-center ArcFace (§9) and SoftTriple
+// (§10): the same passes over classes whose logit comes from their K adjacent proxy rows.
 //
 // Two passes over tiles of proxies: pass 1 reduces each row's log-sum-exp (SoftmaxSlices, then
 // a fixed-order merge tree, then SoftmaxRowUpdate), logit sum and target logit; pass 2 writes G'
@@ -8,6 +10,7 @@
 // log-sum-exp, as in class-sharded softmax training).
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -33,6 +36,31 @@ struct SoftmaxRows {
   }
 };
 
+// The softmax family's logits as the op's arguments give them (docs/losses.md §2, §9, §10).
+struct SoftmaxLogits {
+  double scale;
+  bool exclude_positive;
+  int64_t centers;          // K proxy rows per class
+  int aggregation;          // CenterAggregation
+  double center_gamma;
+  int margin_type;          // MarginType
+  double margin;
+
+  template <typename T>
+  ClassLogit<T> class_logit() const {
+    const bool arc = margin_type == kArcFaceMargin;
+    return {centers, aggregation, T(center_gamma), margin_type, T(margin), T(arc ? std::cos(margin) : 1.0),
+            T(arc ? std::sin(margin) : 0.0), T(arc ? std::cos(M_PI - margin) : -1.0)};
+  }
+};
+
+// The tile plan with whole classes per tile: tiles never split a class's K rows.
+TilePlan softmax_plan(const at::Tensor& x, int64_t proxy_rows, at::ScalarType acc, int64_t centers) {
+  TilePlan plan = plan_tiles(x, proxy_rows, acc, Family::kSoftmax);
+  plan.tile_columns = std::max(centers, plan.tile_columns / centers * centers);
+  return plan;
+}
+
 SoftmaxRows empty_softmax_rows(const at::Tensor& x) {
   return {at::zeros({4, x.size(0)}, x.options().dtype(at::kDouble))};
 }
@@ -42,7 +70,7 @@ template <typename T>
 class SoftmaxTiles {
  public:
   SoftmaxTiles(const at::Tensor& x_in, const at::Tensor& p_in, const at::Tensor& labels_in, const ClassShard& shard,
-               double scale, bool exclude_positive, CheckMode mode, const char* op)
+               const SoftmaxLogits& logits, CheckMode mode, const char* op)
       : op_(op),
         x_in_(x_in),
         p_in_(p_in),
@@ -52,31 +80,30 @@ class SoftmaxTiles {
         x_(kernel_embeddings(x_in, acc_)),
         p_(kernel_proxies(p_in, acc_)),
         labels_(labels_in.contiguous()),
-        plan_(plan_tiles(x_, p_.size(0), acc_, Family::kSoftmax)),
+        plan_(softmax_plan(x_, p_.size(0), acc_, logits.centers)),
         checks_(x_, mode),
         shard_label_(shard_labels(labels_, shard)),
         shard_(shard),
         emb_(embedding_rows(plan_, x_, labels_, shard.total, acc_, /*raw=*/false, checks_.device_flags())),
         proxy_space_(plan_, p_, acc_),
-        scale_(scale),
-        exclude_positive_(exclude_positive) {}
+        logits_(logits) {}
 
   int64_t batch() const { return x_.size(0); }
-  int64_t local_classes() const { return p_.size(0); }
-  int64_t tiles() const { return blocks_for(local_classes(), plan_.tile_columns); }
+  int64_t rows_of_proxies() const { return p_.size(0); }
+  int64_t tiles() const { return blocks_for(rows_of_proxies(), plan_.tile_columns); }
 
   // Whether pass 1's tiles of S fit the reuse budget (otherwise pass 2 recomputes them).
   bool tiles_fit() const {
-    return local_classes() * batch() * static_cast<int64_t>(sizeof(T)) <=
+    return rows_of_proxies() * batch() * static_cast<int64_t>(sizeof(T)) <=
            std::max(kSoftmaxReuseBytes, plan_.tile_columns * batch() * static_cast<int64_t>(sizeof(T)));
   }
 
   // Pass 1: merges every row's statistics over these proxies into `rows` (logit sums only when
   // `with_logit_sum`). With `keep`, each tile's S stays in the returned buffer for pass 2.
   at::Tensor row_pass(const SoftmaxRows& rows, bool with_logit_sum, bool keep) {
-    const int64_t B = batch(), C = local_classes(), tile = plan_.tile_columns;
+    const int64_t B = batch(), C = rows_of_proxies(), tile = plan_.tile_columns;
     const at::Tensor sims = at::empty({(keep ? tiles() : 1) * B * tile}, acc_options_);
-    const int64_t max_slices = plan_.slice_columns == 0 ? 1 : blocks_for(tile, plan_.slice_columns);
+    const int64_t max_slices = slices_of(tile);
     // Partials of the merge tree's levels, ping-ponged between two buffers of 3 arrays each.
     const at::Tensor level_max = at::empty({2, B * max_slices}, acc_options_);
     const at::Tensor level_sums = at::empty({2, 2, B * max_slices}, acc_options_.dtype(at::kDouble));
@@ -89,7 +116,7 @@ class SoftmaxTiles {
       const int64_t cols = std::min(tile, C - first);
       const ProxyTile pt = proxy_tile(proxy_space_, p_, first, cols, acc_, checks_.device_flags());
       const at::Tensor sim = similarity(sims, keep ? index : 0, pt);
-      const int64_t slices = plan_.slice_columns == 0 ? 1 : blocks_for(cols, plan_.slice_columns);
+      const int64_t slices = slices_of(cols);
       int level = 0;
       launch(x_, B * slices, SoftmaxSlices<T>{tile_args(sim, pt), slices, partials(level), state.target_logit});
       int64_t count = slices;
@@ -107,7 +134,7 @@ class SoftmaxTiles {
   // Pass 2 from complete row statistics: the loss, and G' tile by tile (from pass 1's `kept`
   // tiles, or recomputed when undefined) into dL/dx and dL/dp.
   LossAndGrads loss_and_grads(const SoftmaxRows& rows, double smoothing, const at::Tensor& kept) {
-    const int64_t B = batch(), D = x_.size(1), C = local_classes(), tile = plan_.tile_columns;
+    const int64_t B = batch(), D = x_.size(1), C = rows_of_proxies(), tile = plan_.tile_columns;
     const int64_t total = shard_.total;
     const double other_weight = total > 1 ? smoothing / static_cast<double>(total - 1) : 0.0;
     const double* stats = rows.stats.const_data_ptr<double>();
@@ -119,7 +146,7 @@ class SoftmaxTiles {
     const at::Tensor grad_unit = at::zeros({B, D}, acc_options_);
     at::Tensor grad_p = at::empty_like(p_);
     const at::Tensor sims = kept.defined() ? kept : at::empty({B * tile}, acc_options_);
-    const bool low_precision = plan_.gemm_dtype != acc_;
+    const bool low_precision = plan_.gemm_dtype != acc_;  // G' goes over S unless the GEMMs read another dtype
     const at::Tensor grad_buffer = low_precision ? at::empty({B * tile}, x_.options().dtype(plan_.gemm_dtype)) : at::Tensor();
     const at::Tensor scratch = low_precision ? at::empty({B, D}, acc_options_) : at::Tensor();
     const at::Tensor cos_partial = at::empty({plan_.groups * tile}, acc_options_);
@@ -131,9 +158,9 @@ class SoftmaxTiles {
       const at::Tensor grad_tile = low_precision ? prefix(grad_buffer, B, cols) : sim;
       with_tile_type<T>(plan_.gemm_dtype, [&](auto tile_zero) {
         using O = decltype(tile_zero);
-        launch(x_, plan_.groups * cols,
+        launch(x_, plan_.groups * (cols / logits_.centers),
                SoftmaxGrad<T, O>{tile_args(sim, pt), plan_.rows_per_group, const_data_as<T>(row_lse),
-                                 T(1.0 - smoothing), T(other_weight), T(scale_ / static_cast<double>(B)),
+                                 T(1.0 - smoothing), T(other_weight), T(logits_.scale / static_cast<double>(B)),
                                  view_of<O>(grad_tile), data_as<T>(cos_partial)});
       });
       launch(x_, cols,
@@ -157,9 +184,17 @@ class SoftmaxTiles {
     return sim;
   }
 
+  // Pass 1's (row, slice) threads per row for a tile of `cols` columns: slices of slice_columns classes.
+  int64_t slices_of(int64_t cols) const {
+    return plan_.slice_columns == 0 ? 1 : blocks_for(cols / logits_.centers, plan_.slice_columns);
+  }
+
   SoftmaxTile<T> tile_args(const at::Tensor& sim, const ProxyTile& pt) const {
-    return SoftmaxTile<T>{view_of<T>(sim), shard_label_.kernel.template const_data_ptr<int64_t>(), batch(), pt.cols,
-                          pt.first, const_data_as<T>(pt.inv_norm), T(scale_), exclude_positive_};
+    return SoftmaxTile<T>{view_of<T>(sim),     shard_label_.kernel.template const_data_ptr<int64_t>(),
+                          batch(),             pt.cols,
+                          pt.first / logits_.centers, const_data_as<T>(pt.inv_norm),
+                          T(logits_.scale),    logits_.exclude_positive,
+                          logits_.class_logit<T>()};
   }
 
   const char* op_;
@@ -175,15 +210,14 @@ class SoftmaxTiles {
   ClassShard shard_;
   Embeddings emb_;
   ProxyTileSpace proxy_space_;
-  double scale_;
-  bool exclude_positive_;
+  SoftmaxLogits logits_;
 };
 
 template <typename T>
-LossAndGrads proxy_softmax_impl(const at::Tensor& x, const at::Tensor& p, const at::Tensor& labels, double scale,
-                                double smoothing, bool exclude_positive, CheckMode mode) {
-  const int64_t C = p.size(0);
-  SoftmaxTiles<T> tiles(x, p, labels, ClassShard{0, C, C}, scale, exclude_positive, mode, "proxy_nca_loss");
+LossAndGrads proxy_softmax_impl(const at::Tensor& x, const at::Tensor& p, const at::Tensor& labels,
+                                const SoftmaxLogits& logits, double smoothing, CheckMode mode) {
+  const int64_t C = p.size(0) / logits.centers;
+  SoftmaxTiles<T> tiles(x, p, labels, ClassShard{0, C, C}, logits, mode, "proxy_nca_loss");
   const SoftmaxRows rows = empty_softmax_rows(x);
   const at::Tensor kept = tiles.row_pass(rows, /*with_logit_sum=*/smoothing > 0, tiles.tiles_fit());
   return tiles.loss_and_grads(rows, smoothing, kept);
@@ -192,9 +226,9 @@ LossAndGrads proxy_softmax_impl(const at::Tensor& x, const at::Tensor& p, const 
 // Sharded pass 1: [4, B] float64 rows (max, sum of e^{z - max}, logit sum, target logit) over
 // this shard's proxies, with max = -inf where the shard holds no denominator logit of the row.
 template <typename T>
-at::Tensor softmax_shard_stats_impl(const at::Tensor& x, const at::Tensor& p, const at::Tensor& labels, double scale,
-                                    bool exclude_positive, const ClassShard& shard, CheckMode mode) {
-  SoftmaxTiles<T> tiles(x, p, labels, shard, scale, exclude_positive, mode, "proxy_nca_shard_row_stats");
+at::Tensor softmax_shard_stats_impl(const at::Tensor& x, const at::Tensor& p, const at::Tensor& labels,
+                                    const SoftmaxLogits& logits, const ClassShard& shard, CheckMode mode) {
+  SoftmaxTiles<T> tiles(x, p, labels, shard, logits, mode, "proxy_nca_shard_row_stats");
   const SoftmaxRows rows = empty_softmax_rows(x);
   tiles.row_pass(rows, /*with_logit_sum=*/true, /*keep=*/false);
   tiles.finish_checks();
@@ -206,14 +240,16 @@ at::Tensor softmax_shard_stats_impl(const at::Tensor& x, const at::Tensor& p, co
 // Sharded pass 2: the loss from the rows reduced over all shards, and this shard's gradients.
 template <typename T>
 LossAndGrads softmax_shard_grads_impl(const at::Tensor& x, const at::Tensor& p, const at::Tensor& labels,
-                                      const at::Tensor& row_stats, double scale, double smoothing,
-                                      bool exclude_positive, const ClassShard& shard, CheckMode mode) {
-  SoftmaxTiles<T> tiles(x, p, labels, shard, scale, exclude_positive, mode, "proxy_nca_shard_loss_and_grads");
+                                      const at::Tensor& row_stats, const SoftmaxLogits& logits, double smoothing,
+                                      const ClassShard& shard, CheckMode mode) {
+  SoftmaxTiles<T> tiles(x, p, labels, shard, logits, mode, "proxy_nca_shard_loss_and_grads");
   return tiles.loss_and_grads(SoftmaxRows{row_stats}, smoothing, at::Tensor());
 }
 
 // The softmax family's hyperparameter checks, against the number of classes of all shards.
-void check_softmax_params(double scale, double smoothing, bool exclude_positive, int64_t num_classes, const char* op) {
+void check_softmax_params(const SoftmaxLogits& logits, double smoothing, int64_t num_classes, const char* op) {
+  const double scale = logits.scale;
+  const bool exclude_positive = logits.exclude_positive;
   TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, op, ": scale must be a finite number > 0, got ", scale);
   TORCH_CHECK_VALUE(smoothing >= 0 && smoothing < 1, op, ": smoothing must be in [0, 1), got ", smoothing);
   TORCH_CHECK_VALUE(!(exclude_positive && smoothing > 0), op,
@@ -225,52 +261,90 @@ void check_softmax_params(double scale, double smoothing, bool exclude_positive,
                     num_classes);
   TORCH_CHECK_VALUE(!(smoothing > 0 && num_classes < 2), op, ": label smoothing needs at least 2 proxies, got ",
                     num_classes);
+  TORCH_CHECK_VALUE(logits.aggregation == kMaxCenter || logits.aggregation == kSoftCenters, op,
+                    ": center_aggregation must be 0 (max) or 1 (softmax-weighted), got ", logits.aggregation);
+  TORCH_CHECK_VALUE(std::isfinite(logits.center_gamma) && logits.center_gamma > 0, op,
+                    ": center_gamma must be a finite number > 0, got ", logits.center_gamma);
+  TORCH_CHECK_VALUE(logits.margin_type >= kNoMargin && logits.margin_type <= kArcFaceMargin, op,
+                    ": margin_type must be 0 (none), 1 (CosFace) or 2 (ArcFace), got ", logits.margin_type);
+  TORCH_CHECK_VALUE(std::isfinite(logits.margin), op, ": margin must be finite, got ", logits.margin);
+  TORCH_CHECK_VALUE(logits.margin_type != kArcFaceMargin || (logits.margin >= 0 && logits.margin < M_PI), op,
+                    ": an ArcFace margin must be in [0, pi) radians, got ", logits.margin);
+  TORCH_CHECK_VALUE(!(exclude_positive && logits.margin_type != kNoMargin), op,
+                    ": exclude_positive=True (the classic ProxyNCA form) takes no margin");
+}
+
+// The classes the proxies hold: K rows each.
+int64_t classes_of(const at::Tensor& proxies, int64_t centers, const char* op) {
+  TORCH_CHECK_VALUE(centers >= 1, op, ": centers_per_class must be >= 1, got ", centers);
+  TORCH_CHECK_VALUE(proxies.dim() != 2 || proxies.size(0) % centers == 0, op,
+                    ": proxies must have num_classes * centers_per_class rows, got ", proxies.size(0),
+                    " rows for ", centers, " centers per class");
+  return proxies.dim() == 2 ? proxies.size(0) / centers : 0;
+}
+
+SoftmaxLogits softmax_logits(double scale, bool exclude_positive, int64_t centers, int64_t aggregation,
+                             double center_gamma, int64_t margin_type, double margin) {
+  return {scale, exclude_positive, centers, static_cast<int>(aggregation), center_gamma,
+          static_cast<int>(margin_type), margin};
 }
 
 }  // namespace
 
 LossAndGrads proxy_nca_loss(const at::Tensor& embeddings, const at::Tensor& proxies, const at::Tensor& labels,
-                            double scale, double smoothing, bool exclude_positive, int64_t value_checks) {
+                            double scale, double smoothing, bool exclude_positive, int64_t value_checks,
+                            int64_t centers_per_class, int64_t center_aggregation, double center_gamma,
+                            int64_t margin_type, double margin) {
   const char* op = "proxy_nca_loss";
   check_metadata(embeddings, proxies, labels, op);
   const CheckMode mode = check_mode(value_checks, op);
-  check_softmax_params(scale, smoothing, exclude_positive, proxies.size(0), op);
+  const int64_t classes = classes_of(proxies, centers_per_class, op);
+  const SoftmaxLogits logits =
+      softmax_logits(scale, exclude_positive, centers_per_class, center_aggregation, center_gamma, margin_type, margin);
+  check_softmax_params(logits, smoothing, classes, op);
   return run_accumulating(embeddings, has_float64(embeddings, proxies), [&](auto zero) {
-    return proxy_softmax_impl<decltype(zero)>(embeddings, proxies, labels, scale, smoothing, exclude_positive, mode);
+    return proxy_softmax_impl<decltype(zero)>(embeddings, proxies, labels, logits, smoothing, mode);
   });
 }
 
 at::Tensor proxy_nca_shard_row_stats(const at::Tensor& embeddings, const at::Tensor& proxies, const at::Tensor& labels,
                                      double scale, bool exclude_positive, int64_t class_offset, int64_t num_classes,
-                                     int64_t value_checks) {
+                                     int64_t value_checks, int64_t centers_per_class, int64_t center_aggregation,
+                                     double center_gamma, int64_t margin_type, double margin) {
   const char* op = "proxy_nca_shard_row_stats";
   check_metadata(embeddings, proxies, labels, op);
-  const ClassShard shard = class_shard(proxies, class_offset, num_classes, op);
+  const ClassShard shard = class_shard(classes_of(proxies, centers_per_class, op), class_offset, num_classes, op);
   const CheckMode mode = check_mode(value_checks, op);
   TORCH_CHECK_VALUE(mode != CheckMode::kDeferred, op,
                     ": value_checks must be 0 or 1 (the second pass checks the same inputs), got 2");
-  check_softmax_params(scale, 0.0, exclude_positive, shard.total, op);
+  const SoftmaxLogits logits =
+      softmax_logits(scale, exclude_positive, centers_per_class, center_aggregation, center_gamma, margin_type, margin);
+  check_softmax_params(logits, 0.0, shard.total, op);
   return run_accumulating(embeddings, has_float64(embeddings, proxies), [&](auto zero) {
-    return softmax_shard_stats_impl<decltype(zero)>(embeddings, proxies, labels, scale, exclude_positive, shard, mode);
+    return softmax_shard_stats_impl<decltype(zero)>(embeddings, proxies, labels, logits, shard, mode);
   });
 }
 
 LossAndGrads proxy_nca_shard_loss_and_grads(const at::Tensor& embeddings, const at::Tensor& proxies,
                                             const at::Tensor& labels, const at::Tensor& row_stats, double scale,
                                             double smoothing, bool exclude_positive, int64_t class_offset,
-                                            int64_t num_classes, int64_t value_checks) {
+                                            int64_t num_classes, int64_t value_checks, int64_t centers_per_class,
+                                            int64_t center_aggregation, double center_gamma, int64_t margin_type,
+                                            double margin) {
   const char* op = "proxy_nca_shard_loss_and_grads";
   check_metadata(embeddings, proxies, labels, op);
-  const ClassShard shard = class_shard(proxies, class_offset, num_classes, op);
+  const ClassShard shard = class_shard(classes_of(proxies, centers_per_class, op), class_offset, num_classes, op);
   const CheckMode mode = check_mode(value_checks, op);
-  check_softmax_params(scale, smoothing, exclude_positive, shard.total, op);
+  const SoftmaxLogits logits =
+      softmax_logits(scale, exclude_positive, centers_per_class, center_aggregation, center_gamma, margin_type, margin);
+  check_softmax_params(logits, smoothing, shard.total, op);
   TORCH_CHECK_VALUE(row_stats.scalar_type() == at::kDouble && row_stats.dim() == 2 && row_stats.size(0) == 4 &&
                         row_stats.size(1) == embeddings.size(0) && row_stats.device() == embeddings.device(),
                     op, ": row_stats must be a float64 tensor of shape (4, ", embeddings.size(0), ") on ",
                     embeddings.device(), " (the reduced proxy_nca_shard_row_stats), got a ", describe(row_stats));
   return run_accumulating(embeddings, has_float64(embeddings, proxies), [&](auto zero) {
-    return softmax_shard_grads_impl<decltype(zero)>(embeddings, proxies, labels, row_stats.contiguous(), scale,
-                                                    smoothing, exclude_positive, shard, mode);
+    return softmax_shard_grads_impl<decltype(zero)>(embeddings, proxies, labels, row_stats.contiguous(), logits,
+                                                    smoothing, shard, mode);
   });
 }
 

@@ -1,6 +1,6 @@
 """Loads the compiled kernels (dmlfast._C) and registers how their ops behave in PyTorch.
 
-Each op ``torch.ops.dmlfast.<name>(embeddings, proxies, labels, ..., value_checks=1)`` returns
+Each op ``torch.ops.dmlfast.<name>(embeddings, proxies, labels, ..., value_checks=1, ...)`` returns
 ``(loss, grad_embeddings, grad_proxies, value_flags)`` (IDML: ``(loss, grad_embeddings,
 grad_uncertainty, grad_proxies, value_flags)``); the class-sharded softmax's first pass,
 ``proxy_nca_shard_row_stats``, returns its row statistics and has no gradient. This module registers:
@@ -28,8 +28,6 @@ from ._version import __version__
 DIFFERENTIABLE_INPUTS = {"proxy_anchor_loss": 2, "proxy_nca_loss": 2, "idml_proxy_anchor_loss": 3,
                          "proxy_nca_shard_loss_and_grads": 2}
 OP_NAMES = (*DIFFERENTIABLE_INPUTS, "proxy_nca_shard_row_stats")
-#: The ops whose second-to-last argument is ``num_classes`` (class shards); the others have all classes.
-_SHARDED_OPS = {"proxy_anchor_loss", "idml_proxy_anchor_loss", "proxy_nca_shard_loss_and_grads"}
 
 #: The ops' ``value_checks`` argument.
 CHECKS_OFF, CHECKS_IMMEDIATE, CHECKS_DEFERRED = 0, 1, 2
@@ -141,19 +139,22 @@ def _proxy_anchor_loss_fake(embeddings, proxies, labels, margin, alpha, isa_clas
 
 
 @torch.library.register_fake("dmlfast::proxy_nca_loss")
-def _proxy_nca_loss_fake(embeddings, proxies, labels, scale, smoothing, exclude_positive, value_checks=CHECKS_IMMEDIATE):
+def _proxy_nca_loss_fake(embeddings, proxies, labels, scale, smoothing, exclude_positive, value_checks=CHECKS_IMMEDIATE,
+                         centers_per_class=1, center_aggregation=0, center_gamma=1.0, margin_type=0, margin=0.0):
     return _fake_outputs(embeddings, proxies)
 
 
 @torch.library.register_fake("dmlfast::proxy_nca_shard_row_stats")
 def _proxy_nca_shard_row_stats_fake(embeddings, proxies, labels, scale, exclude_positive, class_offset, num_classes,
-                                    value_checks=CHECKS_IMMEDIATE):
+                                    value_checks=CHECKS_IMMEDIATE, centers_per_class=1, center_aggregation=0,
+                                    center_gamma=1.0, margin_type=0, margin=0.0):
     return embeddings.new_empty((4, embeddings.shape[0]), dtype=torch.float64)
 
 
 @torch.library.register_fake("dmlfast::proxy_nca_shard_loss_and_grads")
 def _proxy_nca_shard_loss_and_grads_fake(embeddings, proxies, labels, row_stats, scale, smoothing, exclude_positive,
-                                         class_offset, num_classes, value_checks=CHECKS_IMMEDIATE):
+                                         class_offset, num_classes, value_checks=CHECKS_IMMEDIATE, centers_per_class=1,
+                                         center_aggregation=0, center_gamma=1.0, margin_type=0, margin=0.0):
     return _fake_outputs(embeddings, proxies)
 
 
@@ -176,9 +177,9 @@ def _raise_deferred(name, ctx, differentiable, labels):
     """Raise the value-check error of a deferred call (reads its flags: the one host read)."""
     embeddings, *_, proxies = differentiable
     uncertainty = differentiable[1] if len(differentiable) == 3 else None
-    num_classes = ctx.scalars[-2] if name in _SHARDED_OPS else -1
+    num_classes = ctx.arguments.get("num_classes", -1)
     if num_classes < 0:
-        num_classes = proxies.shape[0]
+        num_classes = proxies.shape[0] // ctx.arguments.get("centers_per_class", 1)
     _C.raise_for_value_flags(name, ctx.value_flags, embeddings, proxies, labels, uncertainty, num_classes)
 
 
@@ -195,6 +196,8 @@ def _make_autograd(name, op, num_differentiable):
     raises its error here, before returning any gradient.
     """
 
+    scalar_names = [argument.name for argument in op._schema.arguments][num_differentiable + 1:]
+
     def setup_context(ctx, inputs, output):
         differentiable, (labels, *scalars) = inputs[:num_differentiable], inputs[num_differentiable:]
         gradients, flags = output[1:-1], output[-1]
@@ -204,7 +207,8 @@ def _make_autograd(name, op, num_differentiable):
         ctx.num_scalar_args = len(scalars) + 1
         ctx.in_place = all(_is_plain(gradient) for gradient in gradients)
         ctx.scalars = scalars
-        ctx.value_flags = flags if scalars[-1] == CHECKS_DEFERRED else None
+        ctx.arguments = dict(zip(scalar_names, scalars))
+        ctx.value_flags = flags if ctx.arguments["value_checks"] == CHECKS_DEFERRED else None
         if ctx.in_place:
             ctx.unused_gradients = gradients
             ctx.save_for_backward(*differentiable, labels)
@@ -227,7 +231,8 @@ def _make_autograd(name, op, num_differentiable):
         if grad_loss is None:  # no gradient flows into the loss
             return (None,) * num_differentiable + nones
         if ctx.unused_gradients is None:
-            scalars = (*ctx.scalars[:-1], CHECKS_IMMEDIATE)
+            scalars = [CHECKS_IMMEDIATE if name == "value_checks" else value
+                       for name, value in zip(scalar_names, ctx.scalars)]
             gradients = op(*(t.detach() for t in differentiable), labels, *scalars)[1:-1]
         else:
             gradients = ctx.unused_gradients

@@ -121,13 +121,43 @@ def softmax_hyperparameters(op: str, scale, smoothing, exclude_positive):
 
 # ------------------------------------------------------------------------------ the fused ops' inputs
 
-def _dtype_name(tensor):
-    """The dtype as the op's messages spell it (c10's names: Float, Half, BFloat16, Long, Byte)."""
-    return tensor.type().split(".")[-1][: -len("Tensor")]
+def describe_tensor(tensor):
+    """A tensor as the fused ops' messages describe it: ``Float tensor of shape [6, 4] on cpu``
+    (c10's dtype names: Float, Half, BFloat16, Long, Byte)."""
+    dtype_name = tensor.new_empty(0, device="cpu").type().removeprefix("torch.").removesuffix("Tensor")
+    return f"{dtype_name} tensor of shape [{', '.join(map(str, tensor.shape))}] on {tensor.device}"
 
 
-def _describe(tensor):
-    return f"{_dtype_name(tensor)} tensor of shape {list(tensor.shape)} on {tensor.device}"
+def check_op_metadata(op, embeddings, proxies, labels):
+    """The fused ops' metadata checks (shapes, dtypes, devices; csrc/checks.cpp check_metadata), in
+    the same order and words; no device reads."""
+    x, p = embeddings, proxies
+    if x.dim() != 2:
+        raise ValueError(f"{op}: embeddings must be 2-D (batch, dim), got a {describe_tensor(x)}")
+    if p.dim() != 2:
+        raise ValueError(f"{op}: proxies must be 2-D (num_classes, dim), got a {describe_tensor(p)}")
+    if labels.dim() != 1:
+        raise ValueError(f"{op}: labels must be 1-D (batch,), got a {describe_tensor(labels)}")
+    for name, tensor in (("embeddings", x), ("proxies", p)):
+        if not tensor.dtype.is_floating_point:
+            raise TypeError(f"{op}: {name} must be float32, bfloat16, float16 or float64, got {describe_tensor(tensor)}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"{op}: labels must be int64, got {describe_tensor(labels)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{op}: the batch is empty (embeddings has 0 rows)")
+    if p.shape[0] == 0:
+        raise ValueError(f"{op}: proxies has 0 rows (num_classes must be >= 1)")
+    if x.shape[1] == 0:
+        raise ValueError(f"{op}: embeddings have dimension 0")
+    if labels.shape[0] != x.shape[0]:
+        raise ValueError(f"{op}: labels must have one entry per embedding: embeddings has {x.shape[0]} rows, "
+                         f"labels has {labels.shape[0]}")
+    if p.shape[1] != x.shape[1]:
+        raise ValueError(f"{op}: embedding dimension and proxy dimension differ: embeddings are {x.shape[1]}-d, "
+                         f"proxies are {p.shape[1]}-d")
+    if not x.device == p.device == labels.device:
+        raise ValueError(f"{op}: embeddings, proxies and labels must be on one device, got {x.device}, {p.device} "
+                         f"and {labels.device}")
 
 
 def accumulation_dtype(embeddings, proxies):
@@ -165,7 +195,7 @@ def as_int64_labels(op: str, labels):
     if not isinstance(labels, torch.Tensor) or labels.dtype == torch.int64:
         return labels
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"{op}: labels must be an integer tensor (int64, int32, int16, int8 or uint8), got a {_describe(labels)}")
+        raise TypeError(f"{op}: labels must be an integer tensor (int64, int32, int16, int8 or uint8), got a {describe_tensor(labels)}")
     return labels.long()
 
 
@@ -175,28 +205,7 @@ def check_loss_inputs(op, embeddings, proxies, labels):
     types, shapes, dtypes and devices, then the values (labels in [0, C), embeddings and proxies
     finite with finite row norms) with one device-to-host read."""
     require_tensors(op, embeddings=embeddings, proxies=proxies, labels=labels)
-    for name, tensor, shape in (("embeddings", embeddings, "(batch, dim)"), ("proxies", proxies, "(num_classes, dim)")):
-        if tensor.dim() != 2:
-            raise ValueError(f"{op}: {name} must be 2-D {shape}, got a {_describe(tensor)}")
-    if labels.dim() != 1:
-        raise ValueError(f"{op}: labels must be 1-D (batch,), got a {_describe(labels)}")
-    for name, tensor in (("embeddings", embeddings), ("proxies", proxies)):
-        if not tensor.is_floating_point():
-            raise TypeError(f"{op}: {name} must be float32, bfloat16, float16 or float64, got {_describe(tensor)}")
-    if labels.dtype != torch.int64:  # callers convert integer labels first (as_int64_labels)
-        raise TypeError(f"{op}: labels must be an integer tensor (int64, int32, int16, int8 or uint8), got a {_describe(labels)}")
-    if embeddings.shape[0] == 0:
-        raise ValueError(f"{op}: the batch is empty (embeddings has 0 rows)")
-    if proxies.shape[0] == 0:
-        raise ValueError(f"{op}: proxies has 0 rows (num_classes must be >= 1)")
-    if embeddings.shape[1] == 0:
-        raise ValueError(f"{op}: embeddings have dimension 0")
-    if labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(f"{op}: labels must have one entry per embedding: embeddings has {embeddings.shape[0]} rows, "
-                         f"labels has {labels.shape[0]}")
-    if proxies.shape[1] != embeddings.shape[1]:
-        raise ValueError(f"{op}: embedding dimension and proxy dimension differ: embeddings are {embeddings.shape[1]}-d, "
-                         f"proxies are {proxies.shape[1]}-d")
+    check_op_metadata(op, embeddings, proxies, labels)
     if torch.compiler.is_compiling():
         return
     accumulation = accumulation_dtype(embeddings, proxies)

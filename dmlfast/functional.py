@@ -9,10 +9,14 @@ Bad input raises ValueError/TypeError naming the argument; NaN/Inf inputs are an
 NaN loss (on CUDA raised by the backward when the loss is backpropagated; see
 :func:`dmlfast.set_value_checks`).
 """
+import math
+
 import torch
 
+from . import reference
 from ._ops import value_check_mode  # (importing _ops loads the kernels and registers autograd/fake/autocast)
-from .checks import anchor_hyperparameters, as_int64_labels, require_tensors, softmax_hyperparameters
+from .checks import (anchor_hyperparameters, as_int64_labels, require_int, require_number, require_tensors,
+                     softmax_hyperparameters)
 
 
 def proxy_anchor_loss(embeddings, proxies, labels, margin=0.1, alpha=32.0):
@@ -125,3 +129,76 @@ def idml_proxy_anchor_loss(embeddings, uncertainty, proxies, labels, margin=0.1,
     checks = value_check_mode(embeddings, uncertainty, proxies)
     return torch.ops.dmlfast.idml_proxy_anchor_loss(embeddings, uncertainty, proxies, labels, margin, alpha,
                                                     value_checks=checks)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The margin softmaxes (docs/losses.md §9) and SoftTriple (§10): the softmax family's op on classes
+# of K proxy rows ("centers", class c's at rows c·K .. c·K + K − 1) with a margin on the target.
+
+def _class_softmax_loss(op, embeddings, proxies, labels, scale, centers, aggregation, gamma, margin_type, margin):
+    require_tensors(op, embeddings=embeddings, proxies=proxies, labels=labels)
+    labels = as_int64_labels(op, labels)
+    if proxies.dim() == 2 and proxies.shape[0] % centers:
+        raise ValueError(f"{op}: proxies must have num_classes * {centers} rows ({centers} centers per class), "
+                         f"got {proxies.shape[0]} rows")
+    checks = value_check_mode(embeddings, proxies)
+    return torch.ops.dmlfast.proxy_nca_loss(embeddings, proxies, labels, scale, 0.0, False, checks, centers,
+                                            aggregation, gamma, margin_type, margin)[0]
+
+
+def cosface_loss(embeddings, proxies, labels, margin=0.35, scale=64.0):
+    """CosFace (Wang et al., CVPR 2018; docs/losses.md §9.1): mean cross-entropy of the logits
+    s · (cos(x, p_c) − m·[c = y]), with m = ``margin`` and s = ``scale`` (pytorch-metric-learning's
+    CosFaceLoss defaults)."""
+    op = "cosface_loss"
+    margin = require_number(op, "margin", margin)
+    scale = require_number(op, "scale", scale, low=0.0, low_inclusive=False)
+    return _class_softmax_loss(op, embeddings, proxies, labels, scale, 1, 0, 1.0, 1, margin)
+
+
+def arcface_loss(embeddings, proxies, labels, margin=28.6, scale=64.0, sub_centers=1):
+    """ArcFace (Deng et al., CVPR 2019; docs/losses.md §9.2): mean cross-entropy of s · cos(θ_y + m) at the
+    target and s · cos θ elsewhere, with θ the angle between x and the proxy; where θ_y + m would
+    pass π the target logit is cos θ_y − m sin m (InsightFace's). ``margin`` m in **degrees**, as
+    pytorch-metric-learning's ArcFaceLoss (28.6° ≈ 0.5 rad, the paper's). With ``sub_centers`` K > 1,
+    Sub-center ArcFace (Deng et al., ECCV 2020; §9.3): ``proxies`` holds K rows per class and a
+    class's cosine is the largest of its K."""
+    op = "arcface_loss"
+    margin = require_number(op, "margin", margin, low=0.0, high=180.0)
+    scale = require_number(op, "scale", scale, low=0.0, low_inclusive=False)
+    sub_centers = require_int(op, "sub_centers", sub_centers)
+    return _class_softmax_loss(op, embeddings, proxies, labels, scale, sub_centers, 0, 1.0, 2, math.radians(margin))
+
+
+def soft_triple_loss(embeddings, proxies, labels, centers_per_class=10, la=20.0, gamma=0.1, margin=0.01, tau=0.2):
+    """SoftTriple (Qian et al., ICCV 2019; docs/losses.md §10), with pytorch-metric-learning's
+    names: ``proxies`` holds K = ``centers_per_class`` rows per class; a class's similarity is
+    S_c = Σ_k softmax_k(cos_{c,k} / γ) cos_{c,k}; the loss is the mean cross-entropy of
+    λ (S − δ·[c = y]) (λ = ``la``, γ = ``gamma``, δ = ``margin``) plus τ times the centre regulariser
+    of the official code (:func:`soft_triple_regularizer`; ``tau=0`` leaves it out, as
+    pytorch-metric-learning's SoftTripleLoss does)."""
+    op = "soft_triple_loss"
+    centers_per_class = require_int(op, "centers_per_class", centers_per_class)
+    la = require_number(op, "la", la, low=0.0, low_inclusive=False)
+    gamma = require_number(op, "gamma", gamma, low=0.0, low_inclusive=False)
+    margin = require_number(op, "margin", margin)
+    tau = require_number(op, "tau", tau, low=0.0)
+    loss = _class_softmax_loss(op, embeddings, proxies, labels, la, centers_per_class, 1, 1.0 / gamma, 1, margin)
+    if tau > 0 and centers_per_class > 1:
+        loss = loss + tau * soft_triple_regularizer(proxies, centers_per_class).to(loss.dtype)
+    return loss
+
+
+def soft_triple_regularizer(proxies, centers_per_class, epsilon=1e-5):
+    """SoftTriple's centre regulariser (docs/losses.md §10): Σ_c Σ_{k < k'} sqrt(2 + ε − 2 p̂_{c,k}·p̂_{c,k'})
+    / (C K (K − 1)) over each class's K centres, as the official code computes it (an eager
+    C × K × K computation: ``reference.soft_triple_regularizer``), in float32 or float64."""
+    op = "soft_triple_regularizer"
+    require_tensors(op, proxies=proxies)
+    centers_per_class = require_int(op, "centers_per_class", centers_per_class, minimum=2)
+    epsilon = require_number(op, "epsilon", epsilon, low=0.0)
+    if proxies.dim() != 2 or proxies.shape[0] % centers_per_class:
+        raise ValueError(f"{op}: proxies must be 2-D with num_classes * {centers_per_class} rows, "
+                         f"got shape {tuple(proxies.shape)}")
+    wide = torch.float64 if proxies.dtype == torch.float64 else torch.float32
+    return reference.soft_triple_regularizer(proxies.to(wide), centers_per_class, epsilon)

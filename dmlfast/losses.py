@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import functional
+from .margin_losses import ArcFaceLoss, CosFaceLoss, SoftTripleLoss, SubCenterArcFaceLoss
 from .checks import (anchor_hyperparameters, as_int64_labels, canonical_name, check_loss_inputs, one_of, require_int, require_number,
                      softmax_hyperparameters)
 
@@ -468,7 +469,9 @@ class MovingProxyLoss(nn.Module):
 
 #: Every loss by the name the trainer (``--loss NAME``), the recipes and :mod:`dmlfast.sharded` use.
 LOSSES = {"ProxyAnchor": ProxyAnchorLoss, "ProxyNCA": ProxyNCALoss, "NormSoftmax": NormSoftmaxLoss,
-          "ProxyISA": ProxyISALoss, "Moving": MovingProxyLoss, "IDML": IntrospectiveProxyAnchorLoss}
+          "ProxyISA": ProxyISALoss, "Moving": MovingProxyLoss, "IDML": IntrospectiveProxyAnchorLoss,
+          "CosFace": CosFaceLoss, "ArcFace": ArcFaceLoss, "SubCenterArcFace": SubCenterArcFaceLoss,
+          "SoftTriple": SoftTripleLoss}
 
 
 def loss_class(name: str):

@@ -4,6 +4,8 @@ They compute in the dtype they are given: the tests give float64 (the reference 
 checked against), the benchmarks float32 (the eager baseline). They build B x C tensors and are
 meant for checking and comparing, not for training at scale.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -95,3 +97,62 @@ def idml_proxy_anchor_loss(embeddings, uncertainty, proxies, labels, margin=0.1,
     neg_terms = lse0(alpha * (sim + margin), ~positive, dim=0)
     with_positives = positive.any(dim=0)
     return pos_terms[with_positives].sum() / with_positives.sum() + neg_terms.sum() / proxies.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Margin softmaxes (docs/losses.md §9) and SoftTriple (§10), written as the papers' official code
+# computes them. The proxies are K rows per class ("centers"), class c's at rows c·K .. c·K + K − 1.
+
+ARCFACE_MIN_SINE2 = 1e-12
+
+
+def class_cosines(embeddings, proxies, centers_per_class):
+    """cos(x̂_b, p̂_{c,k}) as B × C × K."""
+    return cosine(embeddings, proxies).unflatten(1, (-1, centers_per_class))
+
+
+def cosface_loss(embeddings, proxies, labels, margin=0.35, scale=64.0):
+    """CosFace (Wang et al., CVPR 2018; docs/losses.md §9.1): cross-entropy of s · (cos − m·[c = y])."""
+    cos = cosine(embeddings, proxies)
+    target = F.one_hot(labels, proxies.shape[0]).to(cos.dtype)
+    return F.cross_entropy(scale * (cos - margin * target), labels)
+
+
+def arcface_logit(cos, margin):
+    """cos(θ + m) written as InsightFace's margin head computes it: cos·cos m − sin·sin m with
+    sin = sqrt(1 − cos²) (floored at 1e-12 so that its derivative stays finite at cos = ±1), and
+    cos − m·sin m where cos ≤ cos(π − m), which keeps the logit decreasing in θ (docs/losses.md §9.2)."""
+    sine = (1 - cos * cos).clamp_min(ARCFACE_MIN_SINE2).sqrt()
+    phi = cos * math.cos(margin) - sine * math.sin(margin)
+    return torch.where(cos > math.cos(math.pi - margin), phi, cos - margin * math.sin(margin))
+
+
+def arcface_loss(embeddings, proxies, labels, margin=0.5, scale=64.0, sub_centers=1):
+    """ArcFace (Deng et al., CVPR 2019), and with ``sub_centers`` K > 1 Sub-center ArcFace (Deng et
+    al., ECCV 2020): each class's cosine is the max over its K centers; cross-entropy of
+    s · cos(θ_y + m) at the target and s · cos elsewhere. ``margin`` in radians."""
+    cos = class_cosines(embeddings, proxies, sub_centers).amax(dim=2)
+    target = F.one_hot(labels, cos.shape[1]).bool()
+    return F.cross_entropy(scale * torch.where(target, arcface_logit(cos, margin), cos), labels)
+
+
+def soft_triple_loss(embeddings, proxies, labels, centers_per_class=10, la=20.0, gamma=0.1, margin=0.01, tau=0.0):
+    """SoftTriple (Qian et al., ICCV 2019; official idstcv/SoftTriple; docs/losses.md §10): class
+    similarity S_c = Σ_k softmax_k(cos_{c,k}/γ) cos_{c,k}, cross-entropy of λ(S − δ·[c = y]), plus
+    τ · :func:`soft_triple_regularizer`."""
+    cos = class_cosines(embeddings, proxies, centers_per_class)
+    similarity = (F.softmax(cos / gamma, dim=2) * cos).sum(dim=2)
+    target = F.one_hot(labels, similarity.shape[1]).to(cos.dtype)
+    loss = F.cross_entropy(la * (similarity - margin * target), labels)
+    if tau > 0 and centers_per_class > 1:
+        loss = loss + tau * soft_triple_regularizer(proxies, centers_per_class)
+    return loss
+
+
+def soft_triple_regularizer(proxies, centers_per_class, epsilon=1e-5):
+    """The official code's centre regulariser: Σ_c Σ_{k < k'} sqrt(2 + ε − 2 p̂_{c,k}·p̂_{c,k'}) / (C K (K − 1))."""
+    k = centers_per_class
+    centers = normalize(proxies).unflatten(0, (-1, k))
+    gram = centers @ centers.transpose(1, 2)
+    upper = torch.triu(torch.ones(k, k, dtype=torch.bool, device=proxies.device), diagonal=1)
+    return torch.sqrt(2 + epsilon - 2 * gram[:, upper]).sum() / (centers.shape[0] * k * (k - 1))

@@ -11,7 +11,8 @@ the memory on each rank. Every forward:
    global class count;
 3. anchor family (Proxy-Anchor, IDML): every term belongs to one proxy column, so the loss is the
    all-reduced sum of the shards' shares (|P⁺| is counted from the gathered labels, C is global);
-   softmax family (ProxyNCA(++), Norm-SoftMax): a distributed log-sum-exp, as in Partial FC: pass 1
+   softmax family (ProxyNCA(++), Norm-SoftMax, CosFace, ArcFace, Sub-center ArcFace, SoftTriple; a
+   class's K centers stay on one rank): a distributed log-sum-exp, as in Partial FC: pass 1
    gives each row's (max, sum-exp) over the local proxies, two all-reduces (max, then the rescaled
    sums with the logit sums) complete them, pass 2 forms the gradient from the global row LSE.
 
@@ -35,10 +36,14 @@ from torch import nn
 from ._ops import CHECKS_OFF, value_check_mode
 from .checks import anchor_hyperparameters, as_int64_labels, require_int, softmax_hyperparameters
 from .collectives import allreduce_sum_hook, gather_rows, group_rank_and_size, sum_over_ranks
+from .functional import soft_triple_regularizer
 from .losses import LOSSES, IntrospectiveProxyAnchorLoss, NormSoftmaxLoss, ProxyAnchorLoss, ProxyNCALoss
+from .margin_losses import (ArcFaceLoss, CosFaceLoss, SoftTripleLoss, SubCenterArcFaceLoss, arcface_hyperparameters,
+                            cosface_hyperparameters, soft_triple_hyperparameters)
 
-__all__ = ["SHARDED_LOSSES", "ShardedIntrospectiveProxyAnchorLoss", "ShardedNormSoftmaxLoss", "ShardedProxyAnchorLoss",
-           "ShardedProxyNCALoss", "make_sharded_loss", "reduce_softmax_row_stats", "shard_range",
+__all__ = ["SHARDED_LOSSES", "ShardedArcFaceLoss", "ShardedCosFaceLoss", "ShardedIntrospectiveProxyAnchorLoss",
+           "ShardedNormSoftmaxLoss", "ShardedProxyAnchorLoss", "ShardedProxyNCALoss", "ShardedSoftTripleLoss",
+           "ShardedSubCenterArcFaceLoss", "make_sharded_loss", "reduce_softmax_row_stats", "shard_range",
            # from dmlfast.collectives, for a training loop of one's own:
            "allreduce_sum_hook", "gather_rows", "group_rank_and_size"]
 
@@ -61,11 +66,12 @@ class _ShardedProxyLoss(nn.Module):
     #: The loss of :mod:`dmlfast.losses` this one shards: its math, hyperparameters and initial proxies.
     unsharded = None
 
-    def __init__(self, num_classes, embedding_size, group=None):
+    def __init__(self, num_classes, embedding_size, group=None, centers_per_class=1):
         super().__init__()
         owner = type(self).__name__
         num_classes = require_int(owner, "num_classes", num_classes)
         embedding_size = require_int(owner, "embedding_size", embedding_size)
+        self.centers_per_class = require_int(owner, "centers_per_class", centers_per_class)
         self.group = group
         self.rank, self.world_size = group_rank_and_size(group)
         if num_classes < self.world_size:
@@ -73,7 +79,7 @@ class _ShardedProxyLoss(nn.Module):
                              f"({self.world_size}): every rank holds one proxy or more")
         self.num_classes = num_classes
         self.class_offset, count = shard_range(num_classes, self.rank, self.world_size)
-        self.proxies = nn.Parameter(torch.empty(count, embedding_size, dtype=torch.float32))
+        self.proxies = nn.Parameter(torch.empty(count * self.centers_per_class, embedding_size, dtype=torch.float32))
 
     @property
     def embedding_size(self):
@@ -84,18 +90,20 @@ class _ShardedProxyLoss(nn.Module):
         slice) from a CPU generator seeded by torch's seed and the class offset: shards differ, and a
         run is reproducible for a given world size."""
         generator = torch.Generator().manual_seed((torch.initial_seed() + 1_000_003 * self.class_offset) % 2**63)
-        self.unsharded.init_proxies_(self.proxies, self.num_classes, generator)
+        self.unsharded.init_proxies_(self.proxies, self.num_classes * self.centers_per_class, generator)
 
     def load_full_proxies(self, proxies):
-        """Copy this rank's rows of the full ``proxies`` table ((num_classes, embedding_size)) in."""
+        """Copy this rank's rows of the full ``proxies`` table ((num_classes · K, embedding_size), K
+        rows per class) in."""
         owner = f"{type(self).__name__}.load_full_proxies"
         if not isinstance(proxies, torch.Tensor):
             raise TypeError(f"{owner}: proxies must be a torch.Tensor, got {type(proxies).__name__}")
-        expected = (self.num_classes, self.embedding_size)
+        expected = (self.num_classes * self.centers_per_class, self.embedding_size)
         if tuple(proxies.shape) != expected:
             raise ValueError(f"{owner}: proxies must have shape {expected}, got {tuple(proxies.shape)}")
+        first = self.class_offset * self.centers_per_class
         with torch.no_grad():
-            self.proxies.copy_(proxies[self.class_offset:self.class_offset + self.proxies.shape[0]])
+            self.proxies.copy_(proxies[first:first + self.proxies.shape[0]])
 
     def _gather(self, embeddings, labels, **extra):
         """Checks this rank's inputs, then gathers them (and ``extra`` (B, ·) tensors) from all ranks."""
@@ -118,8 +126,9 @@ class _ShardedProxyLoss(nn.Module):
         return [gather_rows(value, self.group) for value in tensors.values()]
 
     def extra_repr(self):
+        last = self.class_offset + self.proxies.shape[0] // self.centers_per_class
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
-                f"shard=[{self.class_offset}, {self.class_offset + self.proxies.shape[0]}), rank={self.rank}/{self.world_size}")
+                f"shard=[{self.class_offset}, {last}), rank={self.rank}/{self.world_size}")
 
 
 class _ShardedAnchorLoss(_ShardedProxyLoss):
@@ -218,11 +227,89 @@ class ShardedNormSoftmaxLoss(ShardedProxyNCALoss):
         super().__init__(num_classes, embedding_size, scale=scale, group=group)
 
 
+class _ShardedClassSoftmaxLoss(_ShardedProxyLoss):
+    """The margin softmaxes and SoftTriple (:mod:`dmlfast.margin_losses`) with class-sharded centers:
+    the softmax family's two passes with the unsharded module's class-logit arguments
+    (``logit_arguments``), each rank holding the K centers of its classes."""
+
+    def forward(self, embeddings, labels):
+        x, y = self._gather(embeddings, labels)
+        shard = (self.class_offset, self.num_classes)
+        scale, *logits = self.logit_arguments()
+        # Pass 2 checks the same inputs, so pass 1 runs unchecked.
+        stats = torch.ops.dmlfast.proxy_nca_shard_row_stats(x.detach(), self.proxies.detach(), y, scale, False, *shard,
+                                                             CHECKS_OFF, *logits)
+        stats = reduce_softmax_row_stats(stats, self.group)
+        loss = torch.ops.dmlfast.proxy_nca_shard_loss_and_grads(x, self.proxies, y, stats, scale, 0.0, False, *shard,
+                                                                value_check_mode(x, self.proxies), *logits)[0]
+        return loss + self.regularizer()
+
+    def regularizer(self):
+        """A term on the centers added to the loss (SoftTriple's); none by default."""
+        return 0.0
+
+
+class ShardedCosFaceLoss(_ShardedClassSoftmaxLoss):
+    """CosFace (:class:`dmlfast.CosFaceLoss`) with class-sharded proxies."""
+
+    unsharded = CosFaceLoss
+    logit_arguments = CosFaceLoss.logit_arguments
+
+    def __init__(self, num_classes, embedding_size, margin=0.35, scale=64.0, group=None):
+        super().__init__(num_classes, embedding_size, group)
+        self.margin, self.scale = cosface_hyperparameters(type(self).__name__, margin, scale)
+        self.reset_parameters()
+
+
+class ShardedArcFaceLoss(_ShardedClassSoftmaxLoss):
+    """ArcFace (:class:`dmlfast.ArcFaceLoss`, margin in degrees) with class-sharded proxies."""
+
+    unsharded = ArcFaceLoss
+    logit_arguments = ArcFaceLoss.logit_arguments
+
+    def __init__(self, num_classes, embedding_size, margin=28.6, scale=64.0, group=None, centers_per_class=1):
+        super().__init__(num_classes, embedding_size, group, centers_per_class)
+        self.margin, self.scale = arcface_hyperparameters(type(self).__name__, margin, scale)
+        self.reset_parameters()
+
+
+class ShardedSubCenterArcFaceLoss(ShardedArcFaceLoss):
+    """Sub-center ArcFace (:class:`dmlfast.SubCenterArcFaceLoss`) with class-sharded sub-centers."""
+
+    unsharded = SubCenterArcFaceLoss
+
+    def __init__(self, num_classes, embedding_size, margin=28.6, scale=64.0, sub_centers=3, group=None):
+        super().__init__(num_classes, embedding_size, margin, scale, group, centers_per_class=sub_centers)
+
+
+class ShardedSoftTripleLoss(_ShardedClassSoftmaxLoss):
+    """SoftTriple (:class:`dmlfast.SoftTripleLoss`) with class-sharded centers; the centre
+    regulariser is each rank's classes' share of it, summed over the ranks."""
+
+    unsharded = SoftTripleLoss
+    logit_arguments = SoftTripleLoss.logit_arguments
+
+    def __init__(self, num_classes, embedding_size, centers_per_class=10, la=20.0, gamma=0.1, margin=0.01, tau=0.2,
+                 group=None):
+        super().__init__(num_classes, embedding_size, group, centers_per_class)
+        self.la, self.gamma, self.margin, self.tau = soft_triple_hyperparameters(
+            type(self).__name__, la, gamma, margin, tau)
+        self.reset_parameters()
+
+    def regularizer(self):
+        if self.tau == 0 or self.centers_per_class == 1:
+            return 0.0
+        local_classes = self.proxies.shape[0] // self.centers_per_class
+        share = soft_triple_regularizer(self.proxies, self.centers_per_class) * (local_classes / self.num_classes)
+        return self.tau * sum_over_ranks(share, self.group)
+
+
 #: The sharded loss of each name of :data:`dmlfast.losses.LOSSES` that has one
 #: (``python -m dmlfast.train --loss NAME --shard-proxies``).
 SHARDED_LOSSES = {name: sharded for name, loss in LOSSES.items()
                   for sharded in (ShardedProxyAnchorLoss, ShardedProxyNCALoss, ShardedNormSoftmaxLoss,
-                                  ShardedIntrospectiveProxyAnchorLoss) if sharded.unsharded is loss}
+                                  ShardedIntrospectiveProxyAnchorLoss, ShardedCosFaceLoss, ShardedArcFaceLoss,
+                                  ShardedSubCenterArcFaceLoss, ShardedSoftTripleLoss) if sharded.unsharded is loss}
 
 
 def make_sharded_loss(name, num_classes, embedding_size, group=None, **loss_kwargs):

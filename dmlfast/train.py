@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from dmlfast._cli import InputError, Parser, name_choice, parse_test_classes_flag, run_command, share_cores_with_loader
+from dmlfast.checks import canonical_name
 from dmlfast.training.config import (AMP_MODES, DATASET_KS, LATER_KEYS, RESUMABLE_CHANGES, check_dataset_options,
                                      check_shard_proxies, dataset_options, make_config)
 from dmlfast.training.embedding import embed, embed_all, evaluate_model
@@ -63,8 +64,10 @@ recipes (dmlfast/recipes.py; every flag below overrides the recipe's value):
                      StepLR 10/0.5, warm-up 1 epoch (resnet50 5), frozen BN, 60 epochs, GAP+GMP;
                      SOP/In-shop lr 6e-4, StepLR 20/0.25, BN trained; Cars bn_inception step 20; resnet50 CUB 5, Cars 10
   ProxyNCA           ProxyNCA++: resnet50, GMP + LayerNorm, emb 2048, Adam eps 1 wd 0, lr 4e-3, proxies x1e5,
-                     batch 32 (4 per class), warm-up 5, crop 256/resize 288, scale 18, 40 epochs;
-                     SOP/In-shop lr 2.4e-2, batch 192 (3 per class), 80 epochs, SOP proxies x1e4
+                     batch 32 (4 per class), warm-up 5 + 40 epochs, crop 256/resize 288, scale 18; lr x0.1 on a
+                     plateau (patience 4) of the Recall@1 of half of the training classes, held out for it; the
+                     summary prints the second run's flags (all classes, --lr-schedule multistep at those epochs);
+                     SOP/In-shop lr 2.4e-2, batch 192 (3 per class), 5 + 80 epochs, SOP proxies x1e4
   NormSoftmax        bn_inception, GAP, emb 512, Adam eps 0.01, lr 1e-4, proxies x100, wd 1e-4, StepLR 50/0.1,
                      batch 128, 130 epochs, frozen BN, scale 23
   ProxyISA           Proxy-Anchor's backbone and head, Adam lr 1e-4 (SOP/In-shop AdamW 6e-4), proxies x100, wd 1e-4,
@@ -81,17 +84,27 @@ recipes (dmlfast/recipes.py; every flag below overrides the recipe's value):
                      the whole global batch's (ProxyAnchor, ProxyNCA, NormSoftmax, IDML; dmlfast/sharded.py)
   --mixup            image-level mixup, lambda ~ Beta(1,1): adds lambda L(x_mix,y) + (1-lambda) L(x_mix,y_perm) (IDML: on)
   all                gradient values clipped at 10 (Moving: not clipped)
+  timm:NAME          a pretrained timm CNN takes ResNet-50's rows (ProxyAnchor: batch 120, 5 warm-up epochs, frozen BN)
+  timm:vit_small_patch16_224[.dino] with ProxyAnchor: HIER's ViT-S/16 recipe: class token, LayerNorm, emb 128,
+                     patch embedding frozen, AdamW eps 1e-4 lr 1e-5 (dino 5e-6) constant, wd 1e-2, proxies x1e4,
+                     batch 180 (2 per class), warm-up 1, 100 epochs, crops of scale 0.2-1 (SOP/In-shop: wd 1e-4,
+                     warm-up 5, 150 epochs, embedding lr x100)
   folder, csv        your own data: the loss's recipe above on resnet50 with torchvision's ImageNet weights
-                     (--model smallcnn: from scratch, BN trained, lr 2e-3, no warm-up)
+                     (--model smallcnn: from scratch, BN trained, lr 2e-3, no warm-up, 64 px)
 
-weights: --weights imagenet uses torchvision's download/cache (ResNet-50: IMAGENET1K_V1, as in the papers);
-  BN-Inception's weights are not in torchvision: download bn_inception-52deb4733.pth from
-  https://github.com/Cadene/pretrained-models.pytorch and pass --weights PATH.
+input: the backbone's: its image size on the real datasets and folder/csv (224; smallcnn 64; a timm model its
+  pretrained configuration's) unless the recipe or --image-size sets one, and its normalization (timm: its mean/std).
+weights: --weights imagenet (or pretrained) uses torchvision's download/cache (ResNet-50: IMAGENET1K_V1, as in the
+  papers); a timm model's default pretrained tag comes from the local Hugging Face / torch hub cache only, never
+  downloaded. BN-Inception's weights are not in torchvision: download bn_inception-52deb4733.pth from
+  https://github.com/Cadene/pretrained-models.pytorch and pass --weights PATH (.pth, .bin or .safetensors).
 
 examples:
   python -m dmlfast.train                                   # glyphs, CPU or GPU, a few minutes
   python -m dmlfast.train --dataset CUB --data-root ~/data/CUB --weights ~/bn_inception-52deb4733.pth
   python -m dmlfast.train --dataset SOP --data-root ~/data/SOP --model resnet50 --loss ProxyAnchor
+  python -m dmlfast.train --dataset CUB --data-root ~/data/CUB --model timm:vit_small_patch16_224.dino --weights dino.pth
+  python -m dmlfast.train --dataset CUB --data-root ~/data/CUB --loss ProxyNCA   # then the printed second run
   python -m dmlfast.train --dataset Cars196 --data-root ~/data/Cars --loss ProxyISA --k 0.4
   python -m dmlfast.train --loss NormSoftmax --proxy-synthesis 0.4,1.0 --binary-eval
   python -m dmlfast.train --dataset CUB --data-root ~/data/CUB --loss IDML --weights imagenet
@@ -116,11 +129,36 @@ def _alpha_mu(text: str):
     return alpha, mu
 
 
+def _model_name(text: str) -> str:
+    """``--model``: one of the built-in backbones, in any case (:func:`dmlfast.checks.canonical_name`),
+    or ``timm:NAME`` as given (timm's names are its own)."""
+    from dmlfast.models import BACKBONES, is_timm_name
+
+    if is_timm_name(text):
+        if text == "timm:":
+            raise argparse.ArgumentTypeError("timm:NAME needs a timm model's name after 'timm:', e.g. timm:resnet50")
+        return text
+    try:
+        return canonical_name("model", text, BACKBONES)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{error}, or timm:NAME (any timm model)") from None
+
+
+def _milestones(text: str):
+    """``--lr-milestones``: ``"17,30"`` -> (17, 30)."""
+    from dmlfast.training.schedule import parse_milestones
+
+    try:
+        return parse_milestones(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line; options left out (``None``) take the recipe's value."""
     from dmlfast.data import DATASETS
     from dmlfast.models import BACKBONES, POOLINGS
-    from dmlfast.recipes import LOSSES, OPTIMIZERS
+    from dmlfast.recipes import LOSSES, LR_SCHEDULES, OPTIMIZERS
 
     p = Parser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
                                 description="Train an embedding network with a fused proxy loss; evaluates Recall@K and "
@@ -134,17 +172,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test-classes", type=parse_test_classes_flag, metavar="N|FRACTION",
                    help="--dataset folder/csv without a train/test split: hold out N classes (or this fraction of them), "
                         "drawn from --seed")
-    g.add_argument("--loader", choices=("auto", "dali", "torch"), default="auto",
-                   help="image loader: NVIDIA DALI or torchvision; auto = DALI on CUDA when installed, else torchvision "
-                        "(on a CPU, DALI's threads compete with the training for the cores)")
+    g.add_argument("--loader", choices=("auto", "dali", "nvjpeg", "torch"), default="auto",
+                   help="image loader: NVIDIA DALI, torchvision's batched GPU JPEG decoding (nvjpeg; CPU workers only "
+                        "read files), or torchvision with PIL decoding in CPU workers (torch); auto = on CUDA DALI when "
+                        "installed, else nvjpeg, else torch; on a CPU torch (DALI's threads would compete with the "
+                        "training for the cores)")
     g.add_argument("--workers", type=int, default=2, metavar="N", help="loader worker processes / DALI threads (default: 2; 0 = load in the main process)")
-    g.add_argument("--image-size", type=int, metavar="PX", help="training/evaluation crop size (recipe: the dataset's default)")
+    g.add_argument("--image-size", type=int, metavar="PX", help="training/evaluation crop size (recipe: the backbone's "
+                   "input size on real datasets and folder/csv, the dataset's own for glyphs and Omniglot)")
     g.add_argument("--samples-per-class", type=int, metavar="M", help="class-balanced batches with M images per class (recipe; 0 = random batches)")
     g = p.add_argument_group("model")
-    g.add_argument("--model", type=name_choice("model", BACKBONES), metavar="NAME", help=f"backbone: {', '.join(BACKBONES)} (recipe)")
-    g.add_argument("--weights", metavar="imagenet|none|PATH", help="backbone initialisation: torchvision ImageNet weights, random, or a local state dict (recipe)")
+    g.add_argument("--model", type=_model_name, metavar="NAME",
+                   help=f"backbone: {', '.join(BACKBONES)} (in any case), or timm:NAME for any timm model (pip install timm) "
+                        "(recipe)")
+    g.add_argument("--weights", metavar="imagenet|pretrained|none|PATH",
+                   help="backbone initialisation: the published pretrained weights (torchvision's; a timm model's default "
+                        "tag from the local cache), random, or a local state dict .pth/.bin/.safetensors (recipe)")
     g.add_argument("--embedding-size", type=int, metavar="D", help="embedding dimension (recipe)")
-    g.add_argument("--pooling", choices=POOLINGS, help="global pooling of the feature map (recipe)")
+    g.add_argument("--pooling", choices=POOLINGS, help="global pooling of the feature map; backbone = the backbone's own "
+                   "pooled feature (timm transformers' class token; set for them) (recipe)")
     g.add_argument("--freeze-bn", choices=("on", "off"), help="keep BatchNorm statistics and affine parameters frozen (recipe)")
     g = p.add_argument_group("loss and optimisation")
     g.add_argument("--loss", default="ProxyAnchor", type=name_choice("loss", LOSSES), metavar="NAME",
@@ -171,12 +217,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, metavar="B", help="images per training batch, per process under torchrun (recipe)")
     g.add_argument("--epochs", type=int, metavar="E", help="training epochs (recipe)")
     g.add_argument("--warmup-epochs", type=int, metavar="W", help="first epochs training only the embedding and proxies (recipe)")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="per-epoch learning-rate schedule: step (StepLR), multistep "
+                   "(--lr-milestones) or plateau (ProxyNCA++'s: on half of the training classes' Recall@1) (recipe)")
     g.add_argument("--lr-step", type=int, metavar="S", help="StepLR period in epochs, 0 = constant (recipe)")
-    g.add_argument("--lr-gamma", type=float, metavar="G", help="StepLR factor (recipe)")
+    g.add_argument("--lr-gamma", type=float, metavar="G", help="factor of each lowering of the learning rate (recipe)")
+    g.add_argument("--lr-milestones", type=_milestones, metavar="E1,E2", help="multistep: the epochs from which the rate is "
+                   "multiplied by --lr-gamma (implies --lr-schedule multistep)")
+    g.add_argument("--lr-patience", type=int, metavar="P", help="plateau: epochs without a better validation Recall@1 "
+                   "before the rate is lowered (recipe: 4)")
     g.add_argument("--grad-clip", type=float, metavar="V", help="clip gradient values at +-V, 0 = off (recipe: 10)")
     g = p.add_argument_group("run")
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu); under torchrun "
                    "cuda (each process on cuda:LOCAL_RANK, NCCL) or cpu (gloo)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the backbone (its compilation steps are left out "
+                   "of images/s)")
     g.add_argument("--amp", choices=AMP_MODES, default="auto", help="autocast dtype: bf16, fp16 (with GradScaler) or off; auto = bf16 on CUDA, off on CPU")
     g.add_argument("--eval-every", type=int, default=1, metavar="N", help="evaluate every N epochs and after the last (default: 1)")
     g.add_argument("--output", type=Path, default=Path("runs/train"), metavar="DIR", help="folder for checkpoints, config and logs (default: runs/train)")

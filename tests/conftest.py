@@ -21,16 +21,17 @@ def relative_error(actual, expected):
     return diff / scale if scale > 0 else diff
 
 
-def write_colour_block_classes(root: Path, classes: int = 8, per_class: int = 4, seed: int = 0, noise: float = 20.0) -> Path:
+def write_colour_block_classes(root: Path, classes: int = 8, per_class: int = 4, seed: int = 0, noise: float = 20.0,
+                               suffix: str = ".png") -> Path:
     """A class-folder dataset under ``root``: each class a random 4x4 colour pattern, its 32 px
     images noisy copies (Gaussian noise of standard deviation ``noise`` grey levels;
-    ``root/class_<c>/<i>.png``). Returns ``root``."""
+    ``root/class_<c>/<i><suffix>``, PNG or JPEG). Returns ``root``."""
     rng = np.random.default_rng(seed)
     for c in range(classes):
         base = rng.integers(0, 255, (4, 4, 3))
         for i in range(per_class):
             image = np.kron(base, np.ones((8, 8, 1))) + rng.normal(0, noise, (32, 32, 3))
-            path = root / f"class_{c}" / f"{i}.png"
+            path = root / f"class_{c}" / f"{i}{suffix}"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path)
     return root

@@ -42,6 +42,13 @@ def case(name, dtype):
         x, v, p, labels = idml_inputs(BATCH, CLASSES, DIM, dtype, uncertainty_dim=7)
         return "idml_proxy_anchor_loss", (x, v, p, labels, 0.1, 32.0), reference.idml_proxy_anchor_loss, (x, v, p), (labels,)
     x, p, labels = softmax_inputs(dtype)
+    if name in ("subcenter_arcface", "soft_triple"):  # K = 3 centers per class, scale 8 (docs/losses.md §9, §10)
+        p = torch.randn(CLASSES * 3, DIM, generator=torch.Generator().manual_seed(12), dtype=torch.float64).to(dtype)
+        if name == "subcenter_arcface":
+            return ("proxy_nca_loss", (x, p, labels, 8.0, 0.0, False, 1, 3, 0, 1.0, 2, 0.5), reference.arcface_loss,
+                    (x, p), (labels, 0.5, 8.0, 3))
+        return ("proxy_nca_loss", (x, p, labels, 8.0, 0.0, False, 1, 3, 1, 10.0, 1, 0.01), reference.soft_triple_loss,
+                (x, p), (labels, 3, 8.0, 0.1, 0.01))
     if name == "proxy_anchor":
         return "proxy_anchor_loss", (x, p, labels, 0.1, 32.0), reference.proxy_anchor_loss, (x, p), (labels, 0.1, 32.0)
     scale, smoothing, exclude = {"nca": (18.0, 0.0, False), "nca_smoothing": (9.0, 0.1, False),
@@ -50,7 +57,8 @@ def case(name, dtype):
             (labels, scale, smoothing, exclude))
 
 
-CASES = ["proxy_anchor", "proxy_isa", "proxy_isa_filter", "idml", "nca", "nca_smoothing", "nca_exclude_positive"]
+CASES = ["proxy_anchor", "proxy_isa", "proxy_isa_filter", "idml", "nca", "nca_smoothing", "nca_exclude_positive",
+         "subcenter_arcface", "soft_triple"]
 
 
 def reference_outputs(fn, inputs, others):

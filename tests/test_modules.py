@@ -202,5 +202,23 @@ def test_loss_names_are_looked_up_without_regard_to_case():
     assert loss_class("proxyanchor") is dmlfast.ProxyAnchorLoss and loss_class("PROXYNCA") is dmlfast.ProxyNCALoss
     with pytest.raises(ValueError, match=r"unknown loss 'ProxyAnchr'; did you mean ProxyAnchor\? \(choose one of ProxyAnchor, "):
         loss_class("ProxyAnchr")
-    with pytest.raises(ValueError, match=r"unknown loss 'Triplet' \(choose one of "):
-        loss_class("Triplet")
+    with pytest.raises(ValueError, match=r"unknown loss 'Contrastive' \(choose one of "):
+        loss_class("Contrastive")
+
+
+@pytest.mark.parametrize("name", ["CosFaceLoss", "ArcFaceLoss", "SubCenterArcFaceLoss", "SoftTripleLoss"])
+def test_class_center_losses_take_any_integer_labels(name):
+    from dmlfast import margin_losses
+
+    torch.manual_seed(0)
+    loss_fn = getattr(margin_losses, name)(6, 8)
+    x = torch.randn(12, 8, requires_grad=True)
+    labels = torch.arange(12).remainder(6)
+    expected = loss_fn(x, labels)
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    for dtype in (torch.int32, torch.uint8):
+        got = loss_fn(x, labels.to(dtype))
+        (grad,) = torch.autograd.grad(got, x)
+        assert got.item() == expected.item() and torch.equal(grad, expected_grad)
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        loss_fn(x, labels.float())

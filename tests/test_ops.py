@@ -65,7 +65,8 @@ def test_autocast_leaves_inputs_alone():
     assert torch.equal(loss.detach(), expected)
 
 
-@pytest.mark.parametrize("loss_name", ["ProxyAnchorLoss", "ProxyNCALoss", "NormSoftmaxLoss"])
+@pytest.mark.parametrize("loss_name", ["ProxyAnchorLoss", "ProxyNCALoss", "NormSoftmaxLoss", "ArcFaceLoss",
+                                       "SoftTripleLoss"])
 def test_torch_compile_fullgraph_training_step(loss_name):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))

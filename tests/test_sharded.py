@@ -222,5 +222,6 @@ def test_bad_shards_and_arguments_are_clear_errors():
         module(x.float(), labels.float())
     with pytest.raises(TypeError, match="labels must be a torch.Tensor, got list"):
         module(x.float(), labels.tolist())
-    with pytest.raises(ValueError, match="class-sharded proxies exist for ProxyAnchor, ProxyNCA, NormSoftmax, IDML, not 'ProxyISA'"):
+    with pytest.raises(ValueError, match="class-sharded proxies exist for ProxyAnchor, ProxyNCA, NormSoftmax, IDML, CosFace, ArcFace, "
+                                         "SubCenterArcFace, SoftTriple, not 'ProxyISA'"):
         sharded.make_sharded_loss("ProxyISA", CLASSES, DIM)

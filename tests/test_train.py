@@ -309,7 +309,14 @@ def test_a_mistyped_name_is_one_line_with_a_suggestion(capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
     assert err.startswith("python -m dmlfast.train: error: argument --loss: unknown loss 'proxyanchr'; did you mean ProxyAnchor? "
-                          "(choose one of ProxyAnchor, ProxyNCA, NormSoftmax, ProxyISA, Moving or IDML)")
+                          "(choose one of ProxyAnchor, ProxyNCA, NormSoftmax, ProxyISA, Moving, IDML, ")
+
+
+def test_an_unknown_model_names_timm_too(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--model", "vgg16"])
+    assert "unknown model 'vgg16' (choose one of " in capsys.readouterr().err.replace("\n", " ")
+    assert train.build_parser().parse_args(["--model", "timm:Some_Model"]).model == "timm:Some_Model"  # timm's names as given
 
 
 def test_command_line_error_has_no_traceback(tmp_path):

@@ -291,7 +291,8 @@ def test_sharded_proxies_resume_without_a_matching_shard_file_is_a_usage_error(d
 def test_shard_proxies_flag_checks(data_root, tmp_path, capsys):
     base = [*COMMON, "--data-root", str(data_root), "--shard-proxies", "--output", str(tmp_path / "x")]
     assert train.main([*base, "--loss", "ProxyISA"]) == 2
-    assert "--shard-proxies: class-sharded proxies exist for --loss ProxyAnchor, ProxyNCA, NormSoftmax, IDML, not ProxyISA" \
+    assert ("--shard-proxies: class-sharded proxies exist for --loss ProxyAnchor, ProxyNCA, NormSoftmax, IDML, CosFace, "
+            "ArcFace, SubCenterArcFace, SoftTriple, not ProxyISA") \
         in capsys.readouterr().err
     assert train.main([*base, "--loss", "NormSoftmax", "--proxy-synthesis", "0.4,1.0"]) == 2
     assert "--shard-proxies cannot be combined with --proxy-synthesis" in capsys.readouterr().err

@@ -17,7 +17,13 @@ METHODS = {
     "IDML": ["--loss", "IDML", "--mixup"],
     "IDML-raw-uncertainty": ["--loss", "IDML", "--uncertainty-l2-norm", "off", "--mixup", "off"],
     "ProxyAnchor+mixup": ["--loss", "ProxyAnchor", "--mixup"],
+    "CosFace": ["--loss", "CosFace"],
+    "ArcFace": ["--loss", "ArcFace"],
+    "SubCenterArcFace": ["--loss", "SubCenterArcFace"],
+    "SoftTriple": ["--loss", "SoftTriple"],
 }
+#: The recipes' class-center losses: K centers per class (docs/losses.md §9, §10).
+CENTERS = {"CosFace": 1, "ArcFace": 1, "SubCenterArcFace": 3, "SoftTriple": 10}
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +55,9 @@ def test_method_trains_on_a_generated_dataset(method, tiny_root, tmp_path):
         assert {"uncertainty.weight", "uncertainty.bias"} <= set(state["model"])
         backbone_group = next(g for g in state["optimizer"]["param_groups"] if g.get("name") == "backbone")
         assert len(backbone_group["params"]) == len(train.make_model(config).backbone_parameters())
+    if method in CENTERS:
+        assert state["loss"]["proxies"].shape[0] == 6 * CENTERS[method]  # the tiny set's 6 training classes
+        assert config["loss_kwargs"].get("sub_centers", config["loss_kwargs"].get("centers_per_class", 1)) == CENTERS[method]
     if method == "ProxyAnchor+mixup":
         assert config["mixup"] and not any(k.startswith("uncertainty") for k in state["model"])
 

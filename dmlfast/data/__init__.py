@@ -32,8 +32,10 @@ Loaders
 ``make_loader(image_list, *, train, batch_size, device="cpu", loader="auto", ...)`` returns an
 iterable with ``len()`` and ``set_epoch(epoch)`` yielding ``(images, labels)``: float32 NCHW
 normalised images and int64 labels on ``device``. ``loader="dali"`` uses NVIDIA DALI (``mixed``
-decode on a GPU, CPU-only mode otherwise), ``"torch"`` a torchvision ``DataLoader``, ``"auto"``
-DALI when it is installed. Training batches come from ``RandomBatchSampler`` (shuffled,
+decode on a GPU, CPU-only mode otherwise), ``"nvjpeg"`` torchvision's batched GPU JPEG decoding
+(``dmlfast.data.nvjpeg_loader``; CPU workers only read bytes and plan crops), ``"torch"`` a
+torchvision ``DataLoader`` decoding with PIL in CPU workers, ``"auto"`` DALI when it is installed,
+else nvJPEG on a CUDA device where torchvision can decode there, else torch. Training batches come from ``RandomBatchSampler`` (shuffled,
 ``drop_last``) or, with ``samples_per_class=m``, ``MPerClassSampler``; both are deterministic per
 ``(seed, epoch)`` and shard with ``shard_id``/``num_shards``. Transform defaults per dataset
 (image size 224 for the real datasets, 64 for Omniglot, 32 for glyphs) are in ``DATASET_DEFAULTS``.
@@ -58,6 +60,7 @@ from ._common import (
     remap_labels,
 )
 from .dali_loader import DALI_INSTALL_HINT, dali_available
+from .nvjpeg_loader import gpu_decode_available
 from .custom import CUSTOM_DATASETS, parse_test_classes, read_csv_list, read_folder
 from .glyphs import read_glyphs
 from .readers import read_cars196, read_cub, read_inshop, read_omniglot, read_sop
@@ -79,14 +82,14 @@ DATASETS: Dict[str, Callable[..., DatasetSplits]] = {
 #: Keyword options ``load_dataset`` passes on, per dataset (the others take none).
 DATASET_OPTIONS = {"folder": ("test_classes", "seed"), "csv": ("list_file", "test_classes", "seed")}
 
-LOADERS = ("auto", "dali", "torch")
+LOADERS = ("auto", "dali", "nvjpeg", "torch")
 
 __all__ = [
     "DATASETS", "DATASET_DEFAULTS", "IMAGE_EXTENSIONS", "LOADERS", "NORMALIZATIONS", "DALI_INSTALL_HINT",
     "CUSTOM_DATASETS", "DATASET_OPTIONS", "CorruptImageError", "DataDefaults", "DatasetLayoutError", "DatasetSplits", "FolderImages",
     "ImageList", "MPerClassSampler", "RandomBatchSampler", "TransformConfig",
-    "check_images", "dali_available", "dataset_defaults", "image_folders", "image_problem", "load_dataset", "make_loader", "make_sampler",
-    "normalize", "parse_test_classes", "remap_labels",
+    "check_images", "choose_loader", "dali_available", "dataset_defaults", "gpu_decode_available", "image_folders",
+    "image_problem", "load_dataset", "make_loader", "make_sampler", "normalize", "parse_test_classes", "remap_labels",
 ]
 
 
@@ -122,10 +125,22 @@ def make_sampler(labels, *, train: bool, batch_size: int, samples_per_class: Opt
                               seed=seed, shard_id=shard_id, num_shards=num_shards)
 
 
+def choose_loader(loader: str, device) -> str:
+    """The loader ``make_loader`` uses for ``loader`` on ``device``: ``"auto"`` becomes ``"dali"`` when
+    DALI is installed, else ``"nvjpeg"`` on a CUDA device where torchvision decodes JPEGs, else ``"torch"``."""
+    if loader not in LOADERS:
+        raise ValueError(f"choose_loader: loader must be one of {LOADERS}, got {loader!r}")
+    if loader != "auto":
+        return loader
+    if dali_available():
+        return "dali"
+    return "nvjpeg" if gpu_decode_available(device) else "torch"
+
+
 def make_loader(image_list: ImageList, *, train: bool, batch_size: int, device="cpu", loader: str = "auto",
                 image_size: Optional[int] = None, resize_size: Optional[int] = None,
                 crop_scale: Optional[Tuple[float, float]] = None, crop_ratio: Optional[Tuple[float, float]] = None,
-                hflip: Optional[bool] = None, normalization: str = "imagenet", samples_per_class: Optional[int] = None,
+                hflip: Optional[bool] = None, normalization="imagenet", samples_per_class: Optional[int] = None,
                 seed: int = 0, num_workers: int = 2, shard_id: int = 0, num_shards: int = 1,
                 drop_last: Optional[bool] = None):
     """Batches ``(images float32 N x 3 x S x S normalised, labels int64 N)`` on ``device``.
@@ -133,10 +148,10 @@ def make_loader(image_list: ImageList, *, train: bool, batch_size: int, device="
     ``train`` picks RandomResizedCrop + flip and shuffled batches (else resize + centre crop, in
     order). Transform arguments left as ``None`` come from ``DATASET_DEFAULTS[image_list.dataset]``;
     ``resize_size`` defaults to ``round(image_size * default_resize / default_size)``.
-    ``normalization``: ``"imagenet"`` (RGB, mean/std of ImageNet) or ``"bn_inception"`` (BGR, 0-255,
-    mean [104, 117, 128]). ``num_workers``: DataLoader workers, or DALI CPU threads. ``drop_last``
+    ``normalization``: ``"imagenet"`` (RGB, mean/std of ImageNet), ``"bn_inception"`` (BGR, 0-255,
+    mean [104, 117, 128]) or a backbone's ``{"mean": [r, g, b], "std": [r, g, b]}`` (0-1 scale). ``num_workers``: DataLoader workers, or DALI CPU threads. ``drop_last``
     defaults to ``train``. The returned object has ``len()``, ``set_epoch(epoch)``, ``sampler`` and
-    ``backend`` (``"dali"`` or ``"torch"``)."""
+    ``backend`` (``"dali"``, ``"nvjpeg"`` or ``"torch"``)."""
     import torch
 
     if not isinstance(image_list, ImageList):
@@ -158,10 +173,15 @@ def make_loader(image_list: ImageList, *, train: bool, batch_size: int, device="
                            seed=seed, shard_id=shard_id, num_shards=num_shards, drop_last=drop_last)
     if loader == "dali" and not dali_available():
         raise ImportError(f"make_loader: loader='dali' needs NVIDIA DALI, which is not installed: {DALI_INSTALL_HINT}; or use loader='torch'")
-    if loader == "dali" or (loader == "auto" and dali_available()):
+    loader = choose_loader(loader, device)
+    if loader == "dali":
         from .dali_loader import DaliLoader
 
         return DaliLoader(image_list, sampler, cfg, device, num_threads=max(1, num_workers))
+    if loader == "nvjpeg":
+        from .nvjpeg_loader import NvjpegLoader
+
+        return NvjpegLoader(image_list, sampler, cfg, device, num_workers)
     from .torch_loader import TorchLoader
 
     return TorchLoader(image_list, sampler, cfg, device, num_workers)

@@ -28,7 +28,8 @@ class DataDefaults:
 
     ``image_size``: square output side. ``resize_size``: shorter side before the evaluation
     centre crop. ``crop_scale``/``crop_ratio``: RandomResizedCrop area and aspect ranges.
-    ``hflip``: random horizontal flip in training.
+    ``hflip``: random horizontal flip in training. ``own_size``: the images' own small size, which a
+    training run keeps whatever the backbone (otherwise a run takes its backbone's input size).
     """
 
     image_size: int
@@ -36,6 +37,7 @@ class DataDefaults:
     crop_scale: Tuple[float, float]
     crop_ratio: Tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     hflip: bool = True
+    own_size: bool = False
 
 
 _REAL = DataDefaults(image_size=224, resize_size=256, crop_scale=(0.08, 1.0))
@@ -49,8 +51,10 @@ DATASET_DEFAULTS: Dict[str, DataDefaults] = {
     "folder": _REAL,  # the user's own photos: the real datasets' 224 px crops
     "csv": _REAL,
     # Characters: no flips (mirrored characters are other characters), mild crops, no border crop.
-    "Omniglot": DataDefaults(image_size=64, resize_size=64, crop_scale=(0.7, 1.0), crop_ratio=(0.9, 1.1), hflip=False),
-    "glyphs": DataDefaults(image_size=32, resize_size=32, crop_scale=(0.7, 1.0), crop_ratio=(0.9, 1.1), hflip=False),
+    "Omniglot": DataDefaults(image_size=64, resize_size=64, crop_scale=(0.7, 1.0), crop_ratio=(0.9, 1.1), hflip=False,
+                             own_size=True),
+    "glyphs": DataDefaults(image_size=32, resize_size=32, crop_scale=(0.7, 1.0), crop_ratio=(0.9, 1.1), hflip=False,
+                           own_size=True),
 }
 
 #: Used by ``make_loader`` for an ``ImageList`` without a known ``dataset`` name.

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ._common import ImageList
-from .transforms import NORM_CONSTANTS, TransformConfig
+from .transforms import TransformConfig, norm_constants
 
 DALI_INSTALL_HINT = "pip install nvidia-dali-cuda130  (or nvidia-dali-cuda120 for CUDA 12), see https://docs.nvidia.com/deeplearning/dali/"
 
@@ -53,7 +53,7 @@ class DaliLoader:
         self._open = False
         gpu = device.type == "cuda"
         device_id = (device.index if device.index is not None else torch.cuda.current_device()) if gpu else None
-        norm = NORM_CONSTANTS[cfg.normalization]
+        norm = norm_constants(cfg.normalization)
         out_type = types.BGR if norm["order"] == "BGR" else types.RGB
         size = cfg.image_size
 

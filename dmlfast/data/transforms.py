@@ -3,13 +3,15 @@
 Training: RandomResizedCrop(``image_size``, ``crop_scale``, ``crop_ratio``) + optional horizontal
 flip; evaluation: resize of the shorter side to ``resize_size`` + centre crop of ``image_size``.
 Images leave the workers as uint8 CHW RGB and are normalised on the training device
-(``normalize``); DALI applies the same normalisation inside its pipeline.
+(``normalize``); DALI applies the same normalisation inside its pipeline. A normalization is a name
+of ``NORMALIZATIONS`` or a backbone's own ``{"mean": [r, g, b], "std": [r, g, b]}`` on the 0-1 scale
+(a timm model's pretrained configuration).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -22,6 +24,19 @@ NORM_CONSTANTS = {
 }
 
 
+def norm_constants(normalization) -> Dict[str, Any]:
+    """``{"order", "mean", "std"}`` on the 0-255 scale of ``normalization`` (a name of ``NORMALIZATIONS``,
+    or a mapping ``{"mean": 3 numbers, "std": 3 positive numbers}`` on the 0-1 scale, RGB)."""
+    if isinstance(normalization, str) and normalization in NORM_CONSTANTS:
+        return NORM_CONSTANTS[normalization]
+    if isinstance(normalization, dict) and set(normalization) == {"mean", "std"}:
+        mean, std = (tuple(float(v) for v in normalization[k]) for k in ("mean", "std"))
+        if len(mean) == 3 and len(std) == 3 and all(math.isfinite(v) for v in mean) and all(v > 0 and math.isfinite(v) for v in std):
+            return dict(order="RGB", mean=tuple(255 * v for v in mean), std=tuple(255 * v for v in std))
+    raise ValueError(f"normalization must be one of {NORMALIZATIONS} or {{'mean': [r, g, b], 'std': [r, g, b]}} "
+                     f"(0-1 scale, std > 0), got {normalization!r}")
+
+
 @dataclass(frozen=True)
 class TransformConfig:
     train: bool
@@ -30,7 +45,7 @@ class TransformConfig:
     crop_scale: Tuple[float, float]
     crop_ratio: Tuple[float, float]
     hflip: bool
-    normalization: str
+    normalization: Any
 
     def __post_init__(self):
         for name in ("image_size", "resize_size"):
@@ -45,8 +60,7 @@ class TransformConfig:
         lo, hi = self.crop_ratio
         if not 0 < lo <= hi:
             raise ValueError(f"crop_ratio must satisfy 0 < min <= max, got {self.crop_ratio!r}")
-        if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        norm_constants(self.normalization)
 
 
 def random_resized_crop_params(width: int, height: int, scale, ratio, rng: np.random.Generator) -> Tuple[int, int, int, int]:
@@ -93,11 +107,12 @@ def normalize(images, normalization: str):
     """uint8 NCHW RGB -> float32 NCHW normalised (channel order BGR for ``bn_inception``)."""
     import torch
 
-    if normalization not in NORM_CONSTANTS:
-        raise ValueError(f"normalize: normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    try:
+        c = norm_constants(normalization)
+    except ValueError as error:
+        raise ValueError(f"normalize: {error}") from None
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"normalize: expected uint8 N x 3 x H x W, got {images.dtype} {tuple(images.shape)}")
-    c = NORM_CONSTANTS[normalization]
     x = images.float()
     if c["order"] == "BGR":
         x = x.flip(1)

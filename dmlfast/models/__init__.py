@@ -2,44 +2,55 @@
 
 Backbones (``BACKBONES``): ``resnet50``, ``resnet18``, ``googlenet`` (torchvision), ``bn_inception``
 (written here, :mod:`dmlfast.models.bn_inception`) and ``smallcnn``, a 4-layer CNN for small images
-that trains from scratch in minutes on a CPU (the glyph default).
+that trains from scratch in minutes on a CPU (the glyph default); and ``timm:NAME``, any model of
+timm, CNN or transformer (:mod:`dmlfast.models.timm_backbone`; ``pip install timm``).
+
+Input (:func:`input_spec`): each backbone's default image size and normalization: 224 px and
+ImageNet's mean/std for the torchvision backbones, BN-Inception's BGR 0-255 convention, 64 px for
+``smallcnn``, and a timm model's pretrained configuration (``input_size``, ``mean``, ``std``).
 
 Pretrained weights (``weights=``):
 
-* ``"imagenet"``: torchvision's download/cache (``~/.cache/torch/hub/checkpoints``). ResNet-50 uses
-  ``IMAGENET1K_V1``, the weights the metric-learning papers used (not torchvision's V2 default).
-  BN-Inception's weights are not in torchvision: download ``bn_inception-52deb4733.pth`` from
-  https://github.com/Cadene/pretrained-models.pytorch (``bninception``) and pass its path.
-* a path: a local state dict (a ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper and a
-  ``module.`` prefix are accepted; classifier keys such as ``fc.*``/``last_linear.*`` are ignored).
+* ``"imagenet"`` (or ``"pretrained"``): torchvision's download/cache (``~/.cache/torch/hub/checkpoints``).
+  ResNet-50 uses ``IMAGENET1K_V1``, the weights the metric-learning papers used (not torchvision's V2
+  default). BN-Inception's weights are not in torchvision: download ``bn_inception-52deb4733.pth`` from
+  https://github.com/Cadene/pretrained-models.pytorch (``bninception``) and pass its path. A timm
+  model takes its default pretrained tag from the local Hugging Face / torch hub cache, never downloaded.
+* a path: a local state dict (:mod:`dmlfast.models.weights`: ``.pth``/``.bin`` read without running
+  code, or ``.safetensors``; a ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper and a ``module.``
+  prefix are accepted; classifier keys such as ``fc.*``/``last_linear.*``/``head.*`` are ignored).
 * ``"none"``: random initialisation.
 
-When ImageNet weights are asked for and cannot be had, ``WeightsUnavailableError`` says so and how to
+When pretrained weights are asked for and cannot be had, ``WeightsUnavailableError`` says so and how to
 pass a local file; the model never falls back to random weights silently.
 
 Head (``EmbeddingModel``): backbone feature map -> pooling (``"avg+max"``: global average + global
-max, summed; or ``"avg"``/``"max"``) -> optional LayerNorm without affine -> Linear (kaiming_normal
-fan_out, zero bias) -> L2-normalised embedding. ``freeze_bn=True`` keeps every BatchNorm in eval mode
-with its affine parameters frozen. ``uncertainty_head=True`` adds IDML's second Linear (docs/losses.md §6) on
-the same pooled feature, read by ``forward_with_uncertainty``; ``forward`` (evaluation) returns the
-semantic embedding only.
+max, summed; or ``"avg"``/``"max"``; ``"backbone"`` for a backbone that pools itself, such as a ViT's
+class token) -> optional LayerNorm without affine -> Linear (kaiming_normal fan_out, zero bias) ->
+L2-normalised embedding. ``freeze_bn=True`` keeps every BatchNorm in eval mode with its affine
+parameters frozen; ``frozen_layers`` freezes the backbone's parameters under the given state-dict
+prefixes for the whole run (e.g. a ViT's ``patch_embed``). ``uncertainty_head=True`` adds IDML's second
+Linear (docs/losses.md §6) on the same pooled feature, read by ``forward_with_uncertainty``; ``forward``
+(evaluation) returns the semantic embedding only.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict
+from typing import Any, Dict, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dmlfast.checks import InputError
-
 from .bn_inception import BNInception
+from .timm_backbone import (TIMM_INSTALL_HINT, TIMM_PREFIX, BackboneUnavailableError, TimmBackbone, build_timm_backbone,
+                            is_timm_name, timm_spec)
+from .weights import WeightsUnavailableError, asks_for_pretrained, read_state_dict, require_matching_keys
 
 BACKBONES = ("resnet50", "resnet18", "googlenet", "bn_inception", "smallcnn")
-POOLINGS = ("avg+max", "avg", "max")
+#: Poolings of a feature map, and ``"backbone"``: the backbone's own pooled feature (timm transformers).
+POOLINGS = ("avg+max", "avg", "max", "backbone")
 
 #: torchvision weight enum member used for ``weights="imagenet"``.
 _TORCHVISION_WEIGHTS = {"resnet50": "ResNet50_Weights.IMAGENET1K_V1", "resnet18": "ResNet18_Weights.IMAGENET1K_V1",
@@ -47,13 +58,38 @@ _TORCHVISION_WEIGHTS = {"resnet50": "ResNet50_Weights.IMAGENET1K_V1", "resnet18"
 #: input normalisation each backbone's weights expect (``make_loader(normalization=...)``).
 NORMALIZATION = {"resnet50": "imagenet", "resnet18": "imagenet", "googlenet": "imagenet",
                  "bn_inception": "bn_inception", "smallcnn": "imagenet"}
+#: default input size (px) of each backbone; timm models: their pretrained configuration's.
+INPUT_SIZE = {"resnet50": 224, "resnet18": 224, "googlenet": 224, "bn_inception": 224, "smallcnn": 64}
+_IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 BN_INCEPTION_WEIGHTS_HINT = ("BN-Inception's ImageNet weights are not in torchvision: download bn_inception-52deb4733.pth "
                              "(Cadene's pretrained-models.pytorch, 'bninception') and pass --weights PATH")
 _CLASSIFIER_PREFIXES = ("fc.", "last_linear.", "aux1.", "aux2.", "classifier.")
 
 
-class WeightsUnavailableError(InputError, RuntimeError):
-    """Pretrained weights were asked for and cannot be had (offline, no cache, bad file)."""
+class BackboneInput(NamedTuple):
+    """A backbone's default ``image_size`` (px), its ``normalization`` (a name of
+    :data:`dmlfast.data.NORMALIZATIONS` or ``{"mean": [r, g, b], "std": [r, g, b]}`` on the 0-1 scale),
+    and whether it ``pools_itself`` (then the head's pooling is ``"backbone"``)."""
+
+    image_size: int
+    normalization: Any
+    pools_itself: bool
+
+
+def is_backbone_name(name) -> bool:
+    """Whether ``name`` is one of ``BACKBONES`` or a ``timm:NAME``."""
+    return name in BACKBONES or is_timm_name(name)
+
+
+def input_spec(name: str) -> BackboneInput:
+    """The :class:`BackboneInput` of backbone ``name`` (a timm model's from its pretrained configuration)."""
+    if is_timm_name(name):
+        spec = timm_spec(name)
+        normalization = "imagenet" if (spec.mean, spec.std) == _IMAGENET_MEAN_STD else {"mean": list(spec.mean), "std": list(spec.std)}
+        return BackboneInput(spec.image_size, normalization, spec.pools_itself)
+    if name not in BACKBONES:
+        raise ValueError(f"input_spec: unknown model {name!r}; choose one of {', '.join(BACKBONES)} or timm:NAME")
+    return BackboneInput(INPUT_SIZE[name], NORMALIZATION[name], False)
 
 
 class SmallCNN(nn.Module):
@@ -117,10 +153,13 @@ def _torchvision_backbone(name: str) -> nn.Module:
     return _TorchvisionFeatures(net, names, 1024)
 
 
-def make_backbone(name: str) -> nn.Module:
-    """A randomly initialised backbone ``name`` (one of ``BACKBONES``) with an ``out_channels`` attribute."""
+def make_backbone(name: str, image_size: Optional[int] = None) -> nn.Module:
+    """A randomly initialised backbone ``name`` (one of ``BACKBONES`` or ``timm:NAME``) with an
+    ``out_channels`` attribute; ``image_size`` sizes a timm transformer's position embedding."""
+    if is_timm_name(name):
+        return build_timm_backbone(name, "none", image_size)
     if name not in BACKBONES:
-        raise ValueError(f"make_backbone: unknown model {name!r}; choose one of {', '.join(BACKBONES)}")
+        raise ValueError(f"make_backbone: unknown model {name!r}; choose one of {', '.join(BACKBONES)} or timm:NAME")
     if name == "bn_inception":
         return BNInception()
     if name == "smallcnn":
@@ -128,8 +167,9 @@ def make_backbone(name: str) -> nn.Module:
     return _torchvision_backbone(name)
 
 
-def _backbone_state_target(name: str, backbone: nn.Module) -> nn.Module:
-    return backbone.net if isinstance(backbone, _TorchvisionFeatures) else backbone
+def _backbone_state_target(backbone: nn.Module) -> nn.Module:
+    """The module whose state dict has the published key names (torchvision's or timm's model)."""
+    return backbone.net if isinstance(backbone, (_TorchvisionFeatures, TimmBackbone)) else backbone
 
 
 def _imagenet_state_dict(name: str) -> Dict[str, torch.Tensor]:
@@ -151,47 +191,40 @@ def _imagenet_state_dict(name: str) -> Dict[str, torch.Tensor]:
         ) from error
 
 
-def _local_state_dict(path: Path) -> Dict[str, torch.Tensor]:
-    from dmlfast.safe_load import UnreadableFileError, load_torch_file
-
-    if not path.is_file():
-        raise WeightsUnavailableError(f"--weights: no such file: {path} (give 'imagenet', 'none' or the path of a state dict)")
-    try:
-        state = load_torch_file(path, "state dict")
-    except UnreadableFileError as error:
-        raise WeightsUnavailableError(f"--weights: {error}") from None
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsUnavailableError(f"--weights: {path} does not hold a state dict (a mapping of names to tensors)")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-
-
 def load_backbone_weights(name: str, backbone: nn.Module, weights) -> None:
-    """Load ``weights`` (``"imagenet"``, ``"none"`` or a path) into ``backbone`` (from ``make_backbone(name)``).
+    """Load ``weights`` (``"imagenet"``/``"pretrained"``, ``"none"`` or a path) into ``backbone`` (from
+    ``make_backbone(name)``, one of ``BACKBONES``; a timm backbone gets its weights when built:
+    ``build_model("timm:NAME", ..., weights=...)``).
 
     Raises ``WeightsUnavailableError`` when the weights cannot be had or do not fit the backbone."""
     if name not in BACKBONES:
-        raise ValueError(f"load_backbone_weights: unknown model {name!r}; choose one of {', '.join(BACKBONES)}")
+        raise ValueError(f"load_backbone_weights: unknown model {name!r}; choose one of {', '.join(BACKBONES)} "
+                         "(timm backbones load their weights in build_model)")
     if weights is None or weights == "none":
         return
     if not isinstance(weights, (str, Path)):
         raise ValueError(f"load_backbone_weights: weights must be 'imagenet', 'none' or a path, got {weights!r}")
-    state = _imagenet_state_dict(name) if weights == "imagenet" else _local_state_dict(Path(weights))
+    state = _imagenet_state_dict(name) if asks_for_pretrained(weights) else read_state_dict(weights)
     state = {k: v for k, v in state.items() if not k.startswith(_CLASSIFIER_PREFIXES)}
-    target = _backbone_state_target(name, backbone)
-    expected = {k for k in target.state_dict() if not k.startswith(_CLASSIFIER_PREFIXES)}
-    missing = sorted(k for k in expected - set(state) if not k.endswith("num_batches_tracked"))
-    unexpected = sorted(set(state) - expected)
-    if missing or unexpected:
-        raise WeightsUnavailableError(
-            f"--weights {weights}: the state dict does not fit {name}: {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+    target = _backbone_state_target(backbone)
+    require_matching_keys(state, (k for k in target.state_dict() if not k.startswith(_CLASSIFIER_PREFIXES)), weights, name)
     try:
         target.load_state_dict(state, strict=False)
     except RuntimeError as error:
         raise WeightsUnavailableError(f"--weights {weights}: the tensors do not fit {name}: {error}") from error
+
+
+def freeze_layers(backbone: nn.Module, prefixes: Sequence[str]) -> None:
+    """Freeze (``requires_grad=False``) the backbone's parameters whose published state-dict name starts
+    with one of ``prefixes`` (e.g. ``"patch_embed"``); ``ValueError`` for a prefix that matches none."""
+    named = dict(_backbone_state_target(backbone).named_parameters())
+    for prefix in prefixes:
+        matched = [p for name, p in named.items() if name == prefix or name.startswith(prefix + ".")]
+        if not matched:
+            raise ValueError(f"frozen_layers: no backbone parameter is named {prefix!r} or {prefix}.*; "
+                             f"the backbone's first parameters are {list(named)[:4]}")
+        for p in matched:
+            p.requires_grad_(False)
 
 
 class EmbeddingModel(nn.Module):
@@ -200,7 +233,8 @@ class EmbeddingModel(nn.Module):
     ``forward(images [N,3,H,W]) -> [N, embedding_size]`` unit vectors (in the autocast dtype under
     autocast). ``backbone_parameters()`` and ``embedding_parameters()`` split the parameters for the
     optimizer groups. With ``freeze_bn`` every BatchNorm stays in eval mode (``train()`` included)
-    and its affine parameters do not train."""
+    and its affine parameters do not train. ``pooling="backbone"`` is for, and only for, a backbone
+    that pools itself (``backbone.pools_itself``: it returns ``[N, C]`` features)."""
 
     def __init__(self, backbone: nn.Module, embedding_size: int, pooling: str = "avg+max", layer_norm: bool = False,
                  freeze_bn: bool = False, uncertainty_head: bool = False, normalize_uncertainty: bool = True):
@@ -215,6 +249,10 @@ class EmbeddingModel(nn.Module):
         features = getattr(backbone, "out_channels", None)
         if not isinstance(features, int):
             raise ValueError("EmbeddingModel: backbone must have an int out_channels attribute")
+        if (pooling == "backbone") != bool(getattr(backbone, "pools_itself", False)):
+            what = "pools its features itself: use pooling='backbone'" if pooling != "backbone" else \
+                "returns a feature map: use pooling 'avg+max', 'avg' or 'max'"
+            raise ValueError(f"EmbeddingModel: pooling={pooling!r} does not fit the backbone, which {what}")
         self.backbone = backbone
         self.pooling = pooling
         self.freeze_bn = bool(freeze_bn)
@@ -271,7 +309,9 @@ class EmbeddingModel(nn.Module):
 
     def _pooled(self, images):
         x = self.backbone(images)
-        if self.pooling == "avg+max":
+        if self.pooling == "backbone":
+            pass
+        elif self.pooling == "avg+max":
             x = F.adaptive_avg_pool2d(x, 1) + F.adaptive_max_pool2d(x, 1)
         elif self.pooling == "avg":
             x = F.adaptive_avg_pool2d(x, 1)
@@ -283,15 +323,26 @@ class EmbeddingModel(nn.Module):
         return x
 
 
-def build_model(name: str, embedding_size: int, *, weights="none", pooling: str = "avg+max", layer_norm: bool = False,
-                freeze_bn: bool = False, uncertainty_head: bool = False, normalize_uncertainty: bool = True) -> EmbeddingModel:
-    """Backbone ``name`` with ``weights`` (see the module docstring) under the embedding head (and
-    IDML's uncertainty head when ``uncertainty_head``)."""
-    backbone = make_backbone(name)
-    load_backbone_weights(name, backbone, weights)
+def build_model(name: str, embedding_size: int, *, weights="none", pooling: Optional[str] = None, layer_norm: bool = False,
+                freeze_bn: bool = False, uncertainty_head: bool = False, normalize_uncertainty: bool = True,
+                image_size: Optional[int] = None, frozen_layers: Sequence[str] = ()) -> EmbeddingModel:
+    """Backbone ``name`` (``BACKBONES`` or ``timm:NAME``) with ``weights`` (see the module docstring)
+    under the embedding head (and IDML's uncertainty head when ``uncertainty_head``). ``pooling``
+    defaults to ``"backbone"`` for a backbone that pools itself and ``"avg+max"`` otherwise;
+    ``image_size`` sizes a timm transformer's position embedding; ``frozen_layers``: see :func:`freeze_layers`."""
+    if is_timm_name(name):
+        backbone = build_timm_backbone(name, weights, image_size)
+    else:
+        backbone = make_backbone(name)
+        load_backbone_weights(name, backbone, weights)
+    freeze_layers(backbone, frozen_layers)
+    if pooling is None:
+        pooling = "backbone" if getattr(backbone, "pools_itself", False) else "avg+max"
     return EmbeddingModel(backbone, embedding_size, pooling=pooling, layer_norm=layer_norm, freeze_bn=freeze_bn,
                           uncertainty_head=uncertainty_head, normalize_uncertainty=normalize_uncertainty)
 
 
-__all__ = ["BACKBONES", "BN_INCEPTION_WEIGHTS_HINT", "NORMALIZATION", "POOLINGS", "BNInception", "EmbeddingModel",
-           "SmallCNN", "WeightsUnavailableError", "build_model", "load_backbone_weights", "make_backbone"]
+__all__ = ["BACKBONES", "BN_INCEPTION_WEIGHTS_HINT", "INPUT_SIZE", "NORMALIZATION", "POOLINGS", "TIMM_INSTALL_HINT",
+           "TIMM_PREFIX", "BNInception", "BackboneInput", "BackboneUnavailableError", "EmbeddingModel", "SmallCNN",
+           "TimmBackbone", "WeightsUnavailableError", "build_model", "freeze_layers", "input_spec", "is_backbone_name",
+           "is_timm_name", "load_backbone_weights", "make_backbone", "timm_spec"]

@@ -21,12 +21,16 @@ DATASET_KS = {"CUB": (1, 2, 4, 8), "Cars196": (1, 2, 4, 8), "SOP": (1, 10, 100, 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 #: Configuration keys that may differ between a checkpoint and the run resuming it.
 RESUMABLE_CHANGES = {"resume", "overwrite", "output", "device", "workers", "data_root", "progress", "loader", "tensorboard",
-                     "wandb"}
+                     "wandb", "compile"}
 #: Configuration keys a checkpoint may lack, with the value a run without them had.
-LATER_KEYS = {"shard_proxies": False}
+LATER_KEYS = {"shard_proxies": False, "lr_schedule": "step", "lr_milestones": [], "lr_patience": 4, "crop_scale": None,
+              "frozen_layers": []}
+#: Recipe fields held as tuples, written to the configuration as lists (as config.json reads them back).
+_LIST_FIELDS = ("lr_milestones", "crop_scale", "frozen_layers")
 #: Flags that, when given, replace the recipe's field of the same name.
 RECIPE_FLAGS = ("weights", "embedding_size", "pooling", "optimizer", "lr", "proxy_lr_mult", "weight_decay", "batch_size",
-                "epochs", "warmup_epochs", "lr_step", "lr_gamma", "grad_clip", "image_size", "samples_per_class")
+                "epochs", "warmup_epochs", "lr_schedule", "lr_step", "lr_gamma", "lr_milestones", "lr_patience", "grad_clip",
+                "image_size", "samples_per_class")
 #: Flags of one loss's constructor (``loss_kwargs``).
 LOSS_FLAGS = ("k", "temperature", "momentum")
 
@@ -41,14 +45,39 @@ def make_config(args) -> Dict[str, Any]:
     except ValueError as error:
         raise InputError(str(error)) from error
     config = recipe.replace(**_recipe_overrides(args, recipe)).to_dict()
+    config.update({k: list(config[k]) for k in _LIST_FIELDS if config[k] is not None})
     config.update(dataset=args.dataset, data_root=None if args.data_root is None else str(args.data_root), loss=args.loss,
                   device=args.device, amp=args.amp, loader=args.loader, workers=args.workers, eval_every=args.eval_every,
                   output=str(args.output), resume=args.resume, overwrite=args.overwrite, seed=args.seed, progress=args.progress,
                   ks=list(DATASET_KS[args.dataset]), binary_eval=args.binary_eval,
                   data_list=None if args.list is None else str(args.list), test_classes=args.test_classes,
-                  tensorboard=args.tensorboard, wandb=args.wandb, shard_proxies=args.shard_proxies)
+                  tensorboard=args.tensorboard, wandb=args.wandb, shard_proxies=args.shard_proxies, compile=args.compile)
+    _fit_input_to_backbone(config, args.pooling)
     check_config(config)
     return config
+
+
+def _fit_input_to_backbone(config: Dict[str, Any], pooling_flag) -> None:
+    """The recipe's pooling and image size fitted to its backbone (:func:`dmlfast.models.input_spec`): a
+    backbone that pools itself gets ``pooling="backbone"``; on a real dataset, an image size left open
+    becomes the backbone's input size when it differs from the dataset's default (the glyphs and
+    Omniglot keep their own). ``InputError`` for a ``--pooling`` the backbone cannot take, or a timm
+    model that cannot be had."""
+    from dmlfast.data import dataset_defaults
+    from dmlfast.models import input_spec
+
+    spec = input_spec(config["model"])
+    if spec.pools_itself:
+        if pooling_flag not in (None, "backbone"):
+            raise InputError(f"--pooling {pooling_flag}: {config['model']} pools its features itself (a transformer's class "
+                             "token, or timm's own head); leave --pooling out or pass --pooling backbone")
+        config["pooling"] = "backbone"
+    elif config["pooling"] == "backbone":
+        raise InputError(f"--pooling backbone: {config['model']} returns a feature map, which dmlfast pools; use avg+max, "
+                         "avg or max")
+    defaults = dataset_defaults(config["dataset"])
+    if config["image_size"] is None and not defaults.own_size and spec.image_size != defaults.image_size:
+        config["image_size"] = spec.image_size
 
 
 def _recipe_overrides(args, recipe) -> Dict[str, Any]:
@@ -60,6 +89,8 @@ def _recipe_overrides(args, recipe) -> Dict[str, Any]:
         overrides["samples_per_class"] = None
     if "image_size" in overrides:
         overrides["resize_size"] = None
+    if "lr_milestones" in overrides and args.lr_schedule is None:
+        overrides["lr_schedule"] = "multistep"
     if args.proxy_synthesis is not None:
         overrides["proxy_synthesis"] = args.proxy_synthesis
     if args.mixup is not None:
@@ -99,6 +130,9 @@ def check_config(c: Dict[str, Any]) -> None:
             raise InputError(f"{_flag(name)} must be >= 0, got {c[name]}")
     if c["image_size"] is not None:
         require_at_least("--image-size", c["image_size"], 8)
+    from dmlfast.training.schedule import check_schedule
+
+    check_schedule(c)
     m = c["samples_per_class"]
     if m is not None and (m < 1 or c["batch_size"] % m):
         raise InputError(f"--samples-per-class must be >= 1 and divide --batch-size ({c['batch_size']}), got {m}")
@@ -113,8 +147,9 @@ def check_config(c: Dict[str, Any]) -> None:
     from dmlfast.training.logs import check_trackers
 
     check_trackers(c.get("tensorboard", False), c.get("wandb", False))
-    if c["weights"] not in ("imagenet", "none") and not Path(c["weights"]).is_file():  # before any data is prepared
-        raise InputError(f"--weights: no such file: {c['weights']} (give 'imagenet', 'none' or the path of a state dict)")
+    if c["weights"] not in ("imagenet", "pretrained", "none") and not Path(c["weights"]).is_file():  # before any data is prepared
+        raise InputError(f"--weights: no such file: {c['weights']} (give 'imagenet', 'pretrained', 'none' or the path of a "
+                         "state dict)")
 
 
 def check_shard_proxies(c: Dict[str, Any]) -> None:

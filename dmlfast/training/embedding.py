@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from dmlfast.training import distributed
 from dmlfast.training.setup import image_options
+from dmlfast.training.throughput import to_model_layout
 
 #: The metrics the training run reports (:data:`dmlfast.evaluation.METRICS` names), and the prefixes of
 #: the keys :func:`evaluate_model`'s dict may hold.
@@ -25,8 +26,7 @@ def embed(model, loader, device, dtype, progress: bool, desc: str, dim: Optional
     embeddings, labels = [], []
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         for images, y in tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch"):
-            if device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
+            images = to_model_layout(model, images)
             embeddings.append(model(images).float())
             labels.append(y)
     if not embeddings:

@@ -31,8 +31,11 @@ from dmlfast.training.config import check_world_size, compare_configs
 from dmlfast.training.embedding import evaluate_model
 from dmlfast.training.logs import LogWriteError, NullLogger, RunLogger, plot_curves
 from dmlfast.training.mixup import mixup_loss
-from dmlfast.training.setup import (amp_dtype, epoch_seed, load_splits, make_eval_loaders, make_loss, make_model, make_optimizer,
-                                    make_train_loader, read_checkpoint, resolve_device, resolve_loader, seed_everything)
+from dmlfast.training.schedule import EpochSchedule
+from dmlfast.training.setup import (amp_dtype, epoch_seed, make_eval_loaders, make_loss, make_model, make_optimizer,
+                                    make_train_loader, make_validation_loaders, read_checkpoint, resolve_device, resolve_loader,
+                                    seed_everything, training_splits)
+from dmlfast.training.throughput import EpochClock, prepare_model, to_model_layout
 
 say = distributed.print_main
 #: What a ``last.pt`` must hold to be resumed (the proxies and optimizer state may be in the shards).
@@ -104,7 +107,7 @@ class Run:
     model: torch.nn.Module
     loss_fn: torch.nn.Module
     optimizer: Any
-    scheduler: Any
+    scheduler: EpochSchedule
     scaler: Optional[Any]  # a GradScaler with fp16 autocast
     train_loader: Any
     eval_loaders: Any
@@ -124,6 +127,8 @@ class Run:
     params: List[torch.nn.Parameter] = field(default_factory=list)  # clipped model parameters
     proxy_params: List[torch.nn.Parameter] = field(default_factory=list)  # empty for moving proxies (a buffer)
     backbone_params: List[torch.nn.Parameter] = field(default_factory=list)  # frozen during warm-up
+    validation_loaders: Any = None  # the plateau schedule's held-out training classes
+    compiling: bool = False  # the next step compiles the backbone (--compile): left out of images/s
 
     @property
     def last_path(self) -> Path:
@@ -158,22 +163,19 @@ def start_run(config: Dict[str, Any], device, resumable: bool) -> Run:
     state = _previous_run(config, out) if resumable else None
     distributed.barrier()  # every rank has looked at last.pt before rank 0 writes anything
     with distributed.main_first():  # a dataset rendered or weights downloaded into a shared cache: by rank 0 alone
-        splits = load_splits(config)
+        splits, validation = training_splits(config)
         seed_everything(config["seed"])
-        model = make_model(config).to(device)
+        model = prepare_model(make_model(config), device, config.get("compile", False))
     loss_fn = make_loss(config, splits.train.num_classes).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, loss_fn, config)
-    step_size = config["lr_step"] if config["lr_step"] > 0 else 10**9
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=config["lr_gamma"])
+    scheduler = EpochSchedule(optimizer, config)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     train_loader = make_train_loader(config, splits, device)
     eval_loaders = make_eval_loaders(config, splits, device)
     resume_step = None if state is None else state["epoch"] * len(train_loader)
     logger = _open_outputs(config, out, device, dtype, train_loader, splits.train, resume_step)
     run = Run(config, device, dtype, out, model, loss_fn, optimizer, scheduler, scaler, train_loader, eval_loaders, logger,
-              start_time)
+              start_time, validation_loaders=make_validation_loaders(config, validation, device))
     if state is not None:
         _resume(run, state)
     else:
@@ -283,18 +285,21 @@ def train_epoch(run: Run, epoch: int) -> List[float]:
     """One pass over this rank's share of the training set; returns each step's loss (mean over ranks)."""
     warm = _start_epoch(run, epoch)
     losses = []
-    epoch_start = time.perf_counter()
+    clock = EpochClock(skip_first=run.compiling)
+    run.compiling = False
     bar = tqdm(run.train_loader, desc=f"epoch {epoch}/{run.config['epochs']}" + (" (warm-up)" if warm else ""),
                disable=not run.progress, unit="batch", dynamic_ncols=True)
     for images, labels in bar:
+        step_start = time.perf_counter()
         value = train_step(run, images, labels, epoch)
         losses.append(value)
         run.step += 1
-        run.images_seen += len(labels) * run.world
-        rate = len(losses) * run.config["batch_size"] * run.world / max(time.perf_counter() - epoch_start, 1e-9)
+        clock.step_done(step_start, len(labels) * run.world)
+        rate = clock.images_per_s
         bar.set_postfix(loss=f"{value:.4f}", img_s=f"{rate:.0f}")
         run.logger.log("step", run.step, epoch=epoch, loss=value, lr=run.optimizer.param_groups[0]["lr"], images_per_s=rate)
-    run.train_seconds += time.perf_counter() - epoch_start
+    run.train_seconds += clock.seconds
+    run.images_seen += clock.images
     return losses
 
 
@@ -312,6 +317,7 @@ def _start_epoch(run: Run, epoch: int) -> bool:
         run.forward = run.criterion = None  # the old DDP wrappers go before the new ones hook the parameters
         run.forward, run.criterion = distributed.replicate(run.model_inputs, run.loss_fn, run.device, sharded_loss=run.sharded)
         run.replicated_for = distributed.trainable_signature(run.model_inputs, run.loss_fn)
+        run.compiling = bool(run.config.get("compile"))  # a new set of trained parameters: compiled again
     run.model.train()
     return warm
 
@@ -326,8 +332,7 @@ def train_step(run: Run, images, labels, epoch: int) -> float:
     """One optimizer step on the batch (plus mixup and the moving-proxy update when configured);
     returns the loss, averaged over ranks. ``InputError`` (:func:`diverged`) when the loss, or the
     embeddings it is computed from, are no longer finite."""
-    if run.device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
+    images = to_model_layout(run.model, images)
     try:
         inputs = _loss_inputs(run, images)
         loss = run.criterion(*inputs, labels)
@@ -383,15 +388,13 @@ def end_epoch(run: Run, epoch: int, losses: List[float]) -> None:
     """Learning-rate step, evaluation when due, the epoch's record in the history and the log, and
     the checkpoints (``best.pt`` too when Recall@1 improved)."""
     distributed.sync_buffers(run.model)
-    run.scheduler.step()
     record = {"epoch": epoch, "loss": float(np.mean(losses))}
+    if run.scheduler.needs_validation(epoch):
+        validation = _evaluate(run, epoch, run.validation_loaders, "the validation embeddings")
+        record["validation_recall@1"] = validation["recall@1"]
+    run.scheduler.step(epoch, record.get("validation_recall@1"))
     if epoch % run.config["eval_every"] == 0 or epoch == run.config["epochs"]:
-        try:
-            metrics = evaluate_model(run.model, run.eval_loaders, run.config, run.device, run.dtype, run.progress)
-        except ValueError as error:  # the metrics refuse NaN/Inf embeddings
-            if not _is_non_finite(error):
-                raise
-            raise diverged(run, epoch, "the evaluation's embeddings") from error
+        metrics = _evaluate(run, epoch, run.eval_loaders, "the evaluation's embeddings")
         record.update(metrics)
         say(f"epoch {epoch}: loss {record['loss']:.4f}, Recall@1 {metrics['recall@1']:.4f}, MAP@R {metrics['map@r']:.4f}")
     else:
@@ -402,6 +405,16 @@ def end_epoch(run: Run, epoch: int, losses: List[float]) -> None:
     if improved:
         run.best = {"epoch": epoch, "recall@1": record["recall@1"]}
     save_checkpoints(run, epoch, *((run.best_path, run.last_path) if improved else (run.last_path,)))
+
+
+def _evaluate(run: Run, epoch: int, loaders, what: str) -> Dict[str, float]:
+    """:func:`evaluate_model` on ``loaders``; :func:`diverged` when ``what`` are no longer finite."""
+    try:
+        return evaluate_model(run.model, loaders, run.config, run.device, run.dtype, run.progress)
+    except ValueError as error:  # the metrics refuse NaN/Inf embeddings
+        if not _is_non_finite(error):
+            raise
+        raise diverged(run, epoch, what) from error
 
 
 # ------------------------------------------------------------------------------------------ end
@@ -415,7 +428,7 @@ def finish_run(run: Run) -> Dict[str, Any]:
     seconds = time.perf_counter() - run.start_time
     images_per_s = run.images_seen / run.train_seconds if run.train_seconds > 0 else float("nan")
     summary = {"before": before, "after": after, "best": run.best, "history": run.history, "seconds": seconds,
-               "images_per_s": images_per_s}
+               "images_per_s": images_per_s, **run.scheduler.summary()}
     if distributed.is_main():
         try:
             plot_curves(run.history, run.out / "curves.png")
@@ -423,6 +436,9 @@ def finish_run(run: Run) -> Dict[str, Any]:
             raise LogWriteError(f"cannot write {run.out / 'curves.png'}: {error.strerror or error}") from error
         _write_text(run.out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     say(format_summary(before, after, run.best, seconds, images_per_s))
+    if run.scheduler.rerun_flags():
+        say(f"plateau schedule: learning rate lowered from epochs {run.scheduler.drops or 'none'}, best validation epoch "
+            f"{run.scheduler.best[0]}; the published second run, on all training classes: {run.scheduler.rerun_flags()}")
     return summary
 
 

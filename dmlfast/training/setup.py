@@ -5,6 +5,7 @@ the user can fix is an :class:`~dmlfast.checks.InputError` naming the flag.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
@@ -38,13 +39,18 @@ def resolve_device(name: Optional[str]) -> torch.device:
 
 
 def resolve_loader(name: str, device) -> str:
-    """``"dali"`` or ``"torch"`` for ``--loader name``; ``InputError`` when DALI is asked for and missing."""
-    if name not in ("auto", "dali", "torch"):
-        raise InputError(f"--loader must be auto, dali or torch, got {name!r}")
+    """``"dali"``, ``"nvjpeg"`` or ``"torch"`` for ``--loader name``: ``auto`` is, on CUDA, DALI when
+    installed, else torchvision's GPU decoding when it works there, else CPU workers; on a CPU, CPU
+    workers. ``InputError`` when DALI is asked for and missing, or GPU decoding on a GPU without it."""
+    if name not in data.LOADERS:
+        raise InputError(f"--loader must be one of {', '.join(data.LOADERS)}, got {name!r}")
     if name == "dali" and not data.dali_available():
         raise InputError(f"--loader dali: NVIDIA DALI is not installed ({data.DALI_INSTALL_HINT}); or use --loader torch")
+    if name == "nvjpeg" and device.type == "cuda" and not data.gpu_decode_available(device):
+        raise InputError(f"--loader nvjpeg: torchvision cannot decode JPEGs on {device} (a torchvision build without "
+                         "nvJPEG); use --loader torch")
     if name == "auto":
-        return "dali" if device.type == "cuda" and data.dali_available() else "torch"
+        return data.choose_loader("auto", device) if device.type == "cuda" else "torch"
     return name
 
 
@@ -106,11 +112,32 @@ def dataset_split(config, args, split: Optional[str]):
 
 def image_options(config: Dict[str, Any]) -> Dict[str, Any]:
     """The loader's image options of a run: its crop size, the resize before the evaluation crop (only
-    with a crop size of its own; otherwise both are the dataset's defaults) and the backbone's normalization."""
-    from dmlfast.models import NORMALIZATION
+    with a crop size of its own; otherwise both are the dataset's defaults), the training crops' area
+    range and the backbone's normalization."""
+    from dmlfast.models import input_spec
 
     resize_size = config.get("resize_size") if config["image_size"] is not None else None
-    return {"image_size": config["image_size"], "resize_size": resize_size, "normalization": NORMALIZATION[config["model"]]}
+    crop_scale = config.get("crop_scale")
+    return {"image_size": config["image_size"], "resize_size": resize_size, "normalization": input_spec(config["model"]).normalization,
+            "crop_scale": None if crop_scale is None else tuple(crop_scale)}
+
+
+def effective_image_size(config: Dict[str, Any]) -> int:
+    """The crop size the run's loaders give: ``config["image_size"]``, else the dataset's default."""
+    return config["image_size"] if config["image_size"] is not None else data.dataset_defaults(config["dataset"]).image_size
+
+
+def training_splits(config: Dict[str, Any]):
+    """``(splits, validation split or None)``: the dataset's splits; with ``lr_schedule="plateau"`` the
+    training split keeps the first half of its classes and the second half is the validation split
+    (:func:`dmlfast.training.schedule.validation_split`)."""
+    splits = load_splits(config)
+    if config.get("lr_schedule") != "plateau":
+        return splits, None
+    from dmlfast.training.schedule import validation_split
+
+    train, validation = validation_split(splits.train)
+    return dataclasses.replace(splits, train=train), validation
 
 
 def make_train_loader(config: Dict[str, Any], splits, device):
@@ -127,12 +154,20 @@ def make_train_loader(config: Dict[str, Any], splits, device):
 def make_eval_loaders(config: Dict[str, Any], splits, device):
     """``(query loader, reference loader or None)``: the test split against itself, or In-shop's query
     vs gallery; under torchrun each rank's loaders yield its shard (global batches rank, rank + N, ...)."""
-    kw = dict(train=False, batch_size=max(256, config["batch_size"]), device=device, loader=config["loader"],
-              num_workers=config["workers"], shard_id=distributed.rank(), num_shards=distributed.world_size(),
-              **image_options(config))
     if splits.test is not None:
-        return data.make_loader(splits.test, **kw), None
-    return data.make_loader(splits.query, **kw), data.make_loader(splits.gallery, **kw)
+        return _eval_loader(config, splits.test, device), None
+    return _eval_loader(config, splits.query, device), _eval_loader(config, splits.gallery, device)
+
+
+def make_validation_loaders(config: Dict[str, Any], validation, device):
+    """The validation split's evaluation loaders ``(loader, None)`` (self-retrieval), or ``None`` without one."""
+    return None if validation is None else (_eval_loader(config, validation, device), None)
+
+
+def _eval_loader(config: Dict[str, Any], image_list, device):
+    return data.make_loader(image_list, train=False, batch_size=max(256, config["batch_size"]), device=device,
+                            loader=config["loader"], num_workers=config["workers"], shard_id=distributed.rank(),
+                            num_shards=distributed.world_size(), **image_options(config))
 
 
 # ------------------------------------------------------------------------------ model, loss, optimizer
@@ -144,7 +179,8 @@ def make_model(config: Dict[str, Any]):
     return build_model(config["model"], config["embedding_size"], weights=config["weights"], pooling=config["pooling"],
                        layer_norm=config["layer_norm"], freeze_bn=config["freeze_bn"],
                        uncertainty_head=config.get("loss") == "IDML",
-                       normalize_uncertainty=config.get("normalize_uncertainty", True))
+                       normalize_uncertainty=config.get("normalize_uncertainty", True),
+                       image_size=effective_image_size(config), frozen_layers=tuple(config.get("frozen_layers", ())))
 
 
 def restore_model(config: Dict[str, Any], model_state: Dict[str, Any], device):
