@@ -25,6 +25,7 @@ IdmlLossAndGrads idml_impl(const at::Tensor& x_in, const at::Tensor& v, const at
 
   const Embeddings emb = embedding_rows(plan, x, labels, shard.total, acc, /*raw=*/true, flags);
   const at::Tensor x_acc = x.to(acc);
+  const at::Tensor inv_x_norm = emb.norm.reciprocal();
   const at::Tensor va = v.to(acc).contiguous();
   const at::Tensor uncertainty = va.square().sum(1);
 
@@ -70,7 +71,7 @@ IdmlLossAndGrads idml_impl(const at::Tensor& x_in, const at::Tensor& v, const at
       gemm(plan, emb.gemm, pt.gemm.t(), dot, false, scratch);
     }
     const IdmlTile<T> tile{view_of<T>(dot), view_of<T>(sim), view_of<T>(gate), label_ptr, B, cols,
-                           plan.rows_per_group, first, const_data_as<T>(emb.sq), const_data_as<T>(emb.norm),
+                           plan.rows_per_group, first, const_data_as<T>(emb.sq), const_data_as<T>(inv_x_norm),
                            const_data_as<T>(uncertainty), const_data_as<T>(pt.norm)};
     launch(x, plan.groups * cols, IdmlPairs<T>{tile});
     const AnchorTile<T> negatives{view_of<T>(sim), label_ptr, B, cols, plan.rows_per_group, first, nullptr,

@@ -605,20 +605,21 @@ struct IntrospectivePair {
   T by_uncertainty;  // dS'/da = (1 - S) g / (5 d)
 };
 
-// From the raw dot product x.p, ||x||^2 and n = sqrt(||x||^2 + eps), ||p||^2 and m, a, and the
-// pair's gate (computed once per pair: the similarity pass keeps it for the chain pass).
-// g > 0 implies d > (a + 4) / (5 kIdmlMaxExponent), so the divisions are safe.
+// From the raw dot product x.p, ||x||^2 and 1/n with n = sqrt(||x||^2 + eps), ||p||^2 and 1/m, a,
+// and the pair's gate (computed once per pair: the similarity pass keeps it for the chain pass).
+// Reciprocals of the norms come in (one division per row or column, not per pair); g > 0 implies
+// d > (a + 4) / (5 kIdmlMaxExponent), so 1/d is safe.
 template <typename T>
-DMLFAST_HD IntrospectivePair<T> introspective_pair(T dot, T x_sq, T x_norm, T p_sq, T p_norm,
+DMLFAST_HD IntrospectivePair<T> introspective_pair(T dot, T x_sq, T inv_x_norm, T p_sq, T inv_p_norm,
                                                    T uncertainty, T gate) {
   IntrospectivePair<T> out;
-  out.cosine = dot / (x_norm * p_norm);
+  out.cosine = dot * inv_x_norm * inv_p_norm;
   const T dissimilarity = T(1) - out.cosine;
   out.by_cosine = gate;
   if (gate > T(0)) {
-    const T dist = x_sq + p_sq - T(2) * dot;
-    out.by_uncertainty = dissimilarity * gate / (T(5) * dist);
-    out.by_distance = -out.by_uncertainty * (uncertainty + T(4)) / dist;
+    const T inv_dist = T(1) / (x_sq + p_sq - T(2) * dot);
+    out.by_uncertainty = dissimilarity * gate * T(0.2) * inv_dist;
+    out.by_distance = -out.by_uncertainty * (uncertainty + T(4)) * inv_dist;
   } else {
     out.by_uncertainty = out.by_distance = T(0);
   }
@@ -652,9 +653,10 @@ struct IdmlPositive {
       wide_dot += static_cast<double>(x[b * dim + d]) * v;
     }
     const T p_sq = static_cast<T>(wide_sq), dot = static_cast<T>(wide_dot);
-    const T p_norm = static_cast<T>(math::sqrt(wide_sq + kNormEps));
+    const T inv_p_norm = static_cast<T>(1.0 / math::sqrt(wide_sq + kNormEps));
     const T gate = introspective_gate(x_sq[b] + p_sq - T(2) * dot, uncertainty[b]);
-    similarity[b] = introspective_pair(dot, x_sq[b], x_norm[b], p_sq, p_norm, uncertainty[b], gate).similarity;
+    similarity[b] =
+        introspective_pair(dot, x_sq[b], T(1) / x_norm[b], p_sq, inv_p_norm, uncertainty[b], gate).similarity;
   }
 };
 
@@ -667,15 +669,13 @@ struct IdmlTile {
   const int64_t* labels;    // [B], local
   int64_t rows, cols, rows_per_group, first_class;
   const T* x_sq;            // [B]
-  const T* x_norm;          // [B]
+  const T* inv_x_norm;      // [B]: 1 / n
   const T* uncertainty;     // [B]
   const T* column_norm;     // [cols] ||p_c||
 
-  DMLFAST_HD IntrospectivePair<T> pair(int64_t b, int64_t c) const {
-    const T p_plain = column_norm[c];
-    return introspective_pair(dot.at(b, c), x_sq[b], x_norm[b], p_plain * p_plain,
-                              norm_with_eps(p_plain), uncertainty[b], gate.at(b, c));
-  }
+  // ||p_c||^2 and 1 / m_c of column c.
+  DMLFAST_HD T p_sq(int64_t c) const { return column_norm[c] * column_norm[c]; }
+  DMLFAST_HD T inv_p_norm(int64_t c) const { return T(1) / norm_with_eps(column_norm[c]); }
 };
 
 // One thread per (column c, group): g_bc and S'_bc for the group's rows.
@@ -688,10 +688,12 @@ struct IdmlPairs {
     ColumnGroup cg;
     if (!column_group(block * block_dim + thread, t.cols, t.rows, t.rows_per_group, cg)) return;
     const int64_t c = cg.column;
-    const T p_plain = t.column_norm[c];
+    const T p_sq = t.p_sq(c), inv_p_norm = t.inv_p_norm(c);
     for (int64_t b = cg.first_row; b < cg.last_row; ++b) {
-      t.gate.at(b, c) = introspective_gate(t.x_sq[b] + p_plain * p_plain - T(2) * t.dot.at(b, c), t.uncertainty[b]);
-      t.similarity.at(b, c) = t.pair(b, c).similarity;
+      const T dot = t.dot.at(b, c);
+      const T gate = introspective_gate(t.x_sq[b] + p_sq - T(2) * dot, t.uncertainty[b]);
+      t.gate.at(b, c) = gate;
+      t.similarity.at(b, c) = T(1) - (T(1) - dot * t.inv_x_norm[b] * inv_p_norm) * gate;
     }
   }
 };
@@ -716,17 +718,18 @@ struct IdmlChain {
     ColumnGroup cg;
     if (!column_group(block * block_dim + thread, t.cols, t.rows, t.rows_per_group, cg)) return;
     const int64_t c = cg.column, cls = t.first_class + c;
-    const T p_norm = norm_with_eps(t.column_norm[c]);
-    const T inv_p_sq = T(1) / (p_norm * p_norm);
+    const T p_sq = t.p_sq(c), inv_p_norm = t.inv_p_norm(c);
+    const T inv_p_sq = inv_p_norm * inv_p_norm;
     T col_sum = 0;
     for (int64_t b = cg.first_row; b < cg.last_row; ++b) {
       const T grad = t.labels[b] == cls ? pos_grad[b] : t.similarity.at(b, c);
-      const IntrospectivePair<T> pair = t.pair(b, c);
+      const T inv_x_norm = t.inv_x_norm[b];
+      const IntrospectivePair<T> pair = introspective_pair(t.dot.at(b, c), t.x_sq[b], inv_x_norm, p_sq, inv_p_norm,
+                                                           t.uncertainty[b], t.gate.at(b, c));
       const T grad_cos = grad * pair.by_cosine;
       const T grad_dist2 = T(2) * grad * pair.by_distance;
-      const T x_norm = t.x_norm[b];
-      out.at(b, c) = static_cast<O>(grad_cos / (x_norm * p_norm) - grad_dist2);
-      row_coef.at(b, c) = grad_dist2 - grad_cos * pair.cosine / (x_norm * x_norm);
+      out.at(b, c) = static_cast<O>(grad_cos * inv_x_norm * inv_p_norm - grad_dist2);
+      row_coef.at(b, c) = grad_dist2 - grad_cos * pair.cosine * inv_x_norm * inv_x_norm;
       by_uncert.at(b, c) = grad * pair.by_uncertainty;
       col_sum += grad_dist2 - grad_cos * pair.cosine * inv_p_sq;
     }
