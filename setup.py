@@ -10,7 +10,13 @@ are present, even with no GPU visible. Environment knobs:
   PyPI compiler on a machine with a toolkit).
 - ``TORCH_CUDA_ARCH_LIST``: GPU architectures, e.g. ``"9.0"``. Default: the visible GPUs, or
   ``"8.0;9.0"`` when none can be queried.
-- ``MAX_JOBS``: parallel compile jobs (ninja).
+- ``MAX_JOBS``: parallel compile jobs (ninja); default: the cores this process may use.
+
+Objects are compiled into ``build/dmlfast-<python>-torch<version>-<cpu|cuda>``, kept between
+installs (pip's editable builds would otherwise compile in a fresh temporary folder every time):
+ninja compiles again only what changed, so reinstalling, e.g. ``pip install -e ".[test]"`` after
+``pip install -e .``, relinks in seconds. The build prints what it compiles and with how many jobs
+(pip shows it with ``-v``).
 
 The extension is compiled against the torch that will import it: when pip builds in an isolated
 environment, the backend in build_backend.py points this script at the target environment's torch
@@ -26,6 +32,7 @@ from setuptools import find_packages, setup
 from build_tools import cuda_toolkit
 
 DEFAULT_ARCH_LIST = "8.0;9.0"
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def import_target_torch():
@@ -101,6 +108,40 @@ def cuda_arch_list(torch):
     return arch_list
 
 
+def parallel_jobs():
+    """``MAX_JOBS``, set to the cores this process may use when the environment does not say."""
+    jobs = os.environ.get("MAX_JOBS", "").strip()
+    if not jobs:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        jobs = os.environ["MAX_JOBS"] = str(cores)
+    return jobs
+
+
+def kept_build_ext(build_ext, folder, announcement):
+    """``build_ext`` that compiles into ``folder`` (kept between installs, so that ninja recompiles only
+    what changed) and prints ``announcement`` before it starts."""
+
+    class KeptBuildExt(build_ext):
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = folder
+
+        def run(self):
+            print(announcement, flush=True)
+            super().run()
+
+    return KeptBuildExt
+
+
+def describe_sources(files, arch_list):
+    """``"8 C++ files and 1 CUDA file for sm_80, sm_90"``: what the build compiles."""
+    cuda = [f for f in files if f.endswith(".cu")]
+    if not cuda:
+        return f"{len(files)} C++ files (the CPU kernels)"
+    targets = ", ".join(f"sm_{arch.replace('.', '')}" for arch in arch_list.split(";") if arch)
+    return f"{len(files) - len(cuda)} C++ files and {len(cuda)} CUDA file(s) for {targets}"
+
+
 def sources(with_cuda):
     """The one rule for which files make up the extension (CMakeLists.txt applies the same)."""
     files = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
@@ -138,7 +179,11 @@ def extensions():
         ext.libraries = [cudart if library == "cudart" else library for library in ext.libraries]
     else:
         ext = CppExtension("dmlfast._C", sources(False), extra_compile_args={"cxx": cxx}, extra_link_args=link)
-    build_ext = BuildExtension.with_options(use_ninja=True)
+    python = f"py{sys.version_info[0]}{sys.version_info[1]}"
+    folder = os.path.join(HERE, "build", f"dmlfast-{python}-torch{torch.__version__}-{'cuda' if with_cuda else 'cpu'}")
+    announcement = (f"dmlfast: compiling {describe_sources(ext.sources, arch_list)} with {parallel_jobs()} parallel jobs "
+                    f"(MAX_JOBS) in {folder}; what was compiled there before with the same flags is not compiled again")
+    build_ext = kept_build_ext(BuildExtension.with_options(use_ninja=True), folder, announcement)
     return [ext], {"build_ext": refusing_build_ext(build_ext, cannot_build) if cannot_build else build_ext}
 
 

@@ -1,7 +1,8 @@
 """dmlfast: fused proxy losses, fast data loading and exact retrieval evaluation for deep metric learning.
 
 The losses and ``build_info`` load the compiled extension (dmlfast._C) on first use, so that
-``dmlfast.data`` and ``dmlfast.evaluation`` import without it.
+``dmlfast.data`` and ``dmlfast.evaluation`` import without it. ``dmlfast.load(checkpoint)`` gives a
+trained model ready to embed images (:mod:`dmlfast.inference`).
 """
 import importlib
 
@@ -23,6 +24,7 @@ _LAZY = {
     "set_value_checks": "dmlfast._ops",
     "value_checks": "dmlfast._ops",
     "value_checks_enabled": "dmlfast._ops",
+    "load": "dmlfast.inference",
     "functional": "dmlfast.functional",
     "reference": "dmlfast.reference",
 }

@@ -7,11 +7,15 @@
 - The checks of a library call's arguments (``require_tensors``, ``require_number``,
   ``require_int`` and the loss families' hyperparameters), which raise ``ValueError``/``TypeError``
   naming the function, the argument, what was expected and what was given.
+- :func:`as_int64_labels`, the losses' label conversion: any integer dtype in, int64 out, once.
 - :func:`check_loss_inputs`, the fused ops' own input checks repeated in Python for code that
   computes on the inputs before an op sees them (Proxy Synthesis).
+- :func:`canonical_name`, a name looked up case-insensitively among choices, with a "did you mean"
+  suggestion when it is not one of them.
 """
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 
@@ -26,6 +30,23 @@ def one_of(names) -> str:
     """``"a, b or c"``: the choices of a message."""
     names = [str(n) for n in names]
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def canonical_name(what: str, name, choices) -> str:
+    """The entry of ``choices`` that ``name`` spells, compared without regard to case (``"proxyanchor"``
+    -> ``"ProxyAnchor"``); ``ValueError`` ``"unknown {what} 'x'; did you mean Y? (choose one of ...)"``
+    otherwise, the suggestion being the closest choice when one is close."""
+    choices = [str(c) for c in choices]
+    if not isinstance(name, str):
+        raise ValueError(f"{what} must be a name (one of {one_of(choices)}), got {type(name).__name__}")
+    if name in choices:
+        return name
+    folded = {c.casefold(): c for c in choices}
+    if name.casefold() in folded:
+        return folded[name.casefold()]
+    close = difflib.get_close_matches(name.casefold(), list(folded), n=1, cutoff=0.7)
+    hint = f"; did you mean {folded[close[0]]}?" if close else ""
+    raise ValueError(f"unknown {what} {name!r}{hint} (choose one of {one_of(choices)})")
 
 
 def require_at_least(flag: str, value, minimum: int):
@@ -164,6 +185,18 @@ def overflow_message(op, name, rows, accumulation):
     return (f"{op}: {name} are finite, but the norm of row {row} overflows {dtype} (its largest entry is {largest:g} "
             f"in magnitude); values this large usually mean a diverging model: lower the learning rate or clip "
             f"gradients")
+
+
+def as_int64_labels(op: str, labels):
+    """``labels`` as int64, the dtype the fused ops index with: an integer tensor of any width
+    (int8 to int64, uint8) is converted once, its values kept (their range is checked where the
+    classes are known); ``TypeError`` naming ``op`` for a float, bool or complex tensor. Anything
+    that is not a tensor passes through, for :func:`require_tensors`' message."""
+    if not isinstance(labels, torch.Tensor) or labels.dtype == torch.int64:
+        return labels
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"{op}: labels must be an integer tensor (int64, int32, int16, int8 or uint8), got a {describe_tensor(labels)}")
+    return labels.long()
 
 
 def check_loss_inputs(op, embeddings, proxies, labels):

@@ -3,7 +3,8 @@
 Each returns a scalar (float32; float64 for float64 inputs) whose backward reaches both ``embeddings`` and ``proxies``; loss and
 gradients are computed together by one fused op (C++ on the CPU, CUDA on the GPU). Inputs:
 embeddings (B, D) and proxies (C, D) in float32, bfloat16, float16 or float64 (math in float32,
-float64 for float64 inputs; gradients in each input's dtype); labels (B,) int64 in [0, C).
+float64 for float64 inputs; gradients in each input's dtype); labels (B,) of any integer dtype
+(converted to int64 once, here) in [0, C).
 Bad input raises ValueError/TypeError naming the argument; NaN/Inf inputs are an error, never a
 NaN loss (on CUDA raised by the backward when the loss is backpropagated; see
 :func:`dmlfast.set_value_checks`).
@@ -14,7 +15,8 @@ import torch
 
 from . import reference
 from ._ops import value_check_mode  # (importing _ops loads the kernels and registers autograd/fake/autocast)
-from .checks import anchor_hyperparameters, require_int, require_number, require_tensors, softmax_hyperparameters
+from .checks import (anchor_hyperparameters, as_int64_labels, require_int, require_number, require_tensors,
+                     softmax_hyperparameters)
 
 
 def proxy_anchor_loss(embeddings, proxies, labels, margin=0.1, alpha=32.0):
@@ -26,6 +28,7 @@ def proxy_anchor_loss(embeddings, proxies, labels, margin=0.1, alpha=32.0):
     """
     op = "proxy_anchor_loss"
     require_tensors(op, embeddings=embeddings, proxies=proxies, labels=labels)
+    labels = as_int64_labels(op, labels)
     margin, alpha = anchor_hyperparameters(op, margin, alpha)
     checks = value_check_mode(embeddings, proxies)
     return torch.ops.dmlfast.proxy_anchor_loss(embeddings, proxies, labels, margin, alpha, value_checks=checks)[0]
@@ -41,6 +44,7 @@ def proxy_nca_loss(embeddings, proxies, labels, scale=18.0, smoothing=0.0, exclu
     """
     op = "proxy_nca_loss"
     require_tensors(op, embeddings=embeddings, proxies=proxies, labels=labels)
+    labels = as_int64_labels(op, labels)
     scale, smoothing, exclude_positive = softmax_hyperparameters(op, scale, smoothing, exclude_positive)
     checks = value_check_mode(embeddings, proxies)
     return torch.ops.dmlfast.proxy_nca_loss(embeddings, proxies, labels, scale, smoothing, exclude_positive,
@@ -78,6 +82,7 @@ def proxy_isa_loss(
     """
     op = "proxy_isa_loss"
     require_tensors(op, embeddings=embeddings, proxies=proxies, labels=labels)
+    labels = as_int64_labels(op, labels)
     vectors = {
         "class_center": class_center,
         "class_threshold": class_threshold,
@@ -119,6 +124,7 @@ def idml_proxy_anchor_loss(embeddings, uncertainty, proxies, labels, margin=0.1,
     """
     op = "idml_proxy_anchor_loss"
     require_tensors(op, embeddings=embeddings, uncertainty=uncertainty, proxies=proxies, labels=labels)
+    labels = as_int64_labels(op, labels)
     margin, alpha = anchor_hyperparameters(op, margin, alpha)
     checks = value_check_mode(embeddings, uncertainty, proxies)
     return torch.ops.dmlfast.idml_proxy_anchor_loss(embeddings, uncertainty, proxies, labels, margin, alpha,
@@ -131,6 +137,7 @@ def idml_proxy_anchor_loss(embeddings, uncertainty, proxies, labels, margin=0.1,
 
 def _class_softmax_loss(op, embeddings, proxies, labels, scale, centers, aggregation, gamma, margin_type, margin):
     require_tensors(op, embeddings=embeddings, proxies=proxies, labels=labels)
+    labels = as_int64_labels(op, labels)
     if proxies.dim() == 2 and proxies.shape[0] % centers:
         raise ValueError(f"{op}: proxies must have num_classes * {centers} rows ({centers} centers per class), "
                          f"got {proxies.shape[0]} rows")

@@ -1,10 +1,20 @@
 """Loss modules that own their proxies, with pytorch-metric-learning's constructor signatures.
 
-``loss = Loss(num_classes, embedding_size, ...)``; ``loss(embeddings, labels)``; the proxies are
-``loss.proxies``, an ``nn.Parameter`` of shape (num_classes, embedding_size) kept in float32 (the
-fused ops take bf16/fp16 embeddings with float32 proxies as they are, nothing is cast). Give the
-proxies their own optimizer parameter group: the published recipes train them with a larger
-learning rate (e.g. x100 for Proxy-Anchor).
+``loss_fn = Loss(num_classes, embedding_size, ...)``; ``loss = loss_fn(embeddings, labels)``:
+
+- ``embeddings``: (B, D) float32, bfloat16, float16 or float64 (a model's output, under autocast
+  too; normalised inside);
+- ``labels``: (B,) class indices in [0, num_classes), any integer dtype (int64, int32, int16, int8,
+  uint8; converted to int64 once), on the embeddings' device;
+- returns a 0-dim tensor, float32 (float64 for float64 inputs), whose backward reaches the
+  embeddings and the proxies.
+
+The proxies are ``loss_fn.proxies``, an ``nn.Parameter`` (num_classes, embedding_size) kept in
+float32 (the fused ops take bf16/fp16 embeddings with float32 proxies as they are, nothing is cast).
+Give them their own optimizer parameter group: the published recipes train them with a larger
+learning rate (e.g. x100 for Proxy-Anchor). Bad input is a ``ValueError``/``TypeError`` naming the
+argument (labels out of range, NaN/Inf, mismatched shapes or devices), never a NaN loss.
+:data:`LOSSES` maps the trainer's names to the classes; :func:`loss_class` looks a name up.
 """
 import math
 
@@ -13,7 +23,8 @@ from torch import nn
 
 from . import functional
 from .margin_losses import ArcFaceLoss, CosFaceLoss, SoftTripleLoss, SubCenterArcFaceLoss
-from .checks import anchor_hyperparameters, check_loss_inputs, one_of, require_int, require_number, softmax_hyperparameters
+from .checks import (anchor_hyperparameters, as_int64_labels, canonical_name, check_loss_inputs, one_of, require_int, require_number,
+                     softmax_hyperparameters)
 
 
 # Initial proxies, drawn in place into ``proxies``: the whole (num_classes, D) table, or a block of its
@@ -49,6 +60,9 @@ class _ProxyLoss(nn.Module):
         self.proxies = nn.Parameter(torch.empty(num_classes, embedding_size, dtype=torch.float32))
 
     def forward(self, embeddings, labels):
+        """``loss_fn(embeddings, labels) -> loss``: embeddings (B, D) float32/bfloat16/float16/float64,
+        labels (B,) any integer dtype in [0, num_classes); returns the batch's loss, a 0-dim float32
+        tensor (float64 for float64 inputs) whose backward reaches the embeddings and ``proxies``."""
         return self.loss_with_proxies(embeddings, self.proxies, labels)
 
     def loss_with_proxies(self, embeddings, proxies, labels):
@@ -65,15 +79,24 @@ class _ProxyLoss(nn.Module):
 
 
 class ProxyAnchorLoss(_ProxyLoss):
-    """Proxy-Anchor (docs/losses.md §1.1): see :func:`dmlfast.functional.proxy_anchor_loss`.
+    """Proxy-Anchor (Kim et al., CVPR 2020; docs/losses.md §1.1), one fused op for loss and gradients::
 
-    Proxies are initialised as in the official code: kaiming_normal_(mode='fan_out'), i.e.
-    N(0, 2/num_classes) per entry.
+        loss_fn = dmlfast.ProxyAnchorLoss(num_classes=100, embedding_size=512, margin=0.1, alpha=32.0)
+        loss = loss_fn(embeddings, labels)   # (B, 512) float32/bf16/fp16/float64, (B,) integers in [0, 100)
+        loss.backward()                      # gradients reach the model (through embeddings) and loss_fn.proxies
+
+    L = 1/|P⁺| Σ_{c∈P⁺} log(1 + Σ_{b: y_b=c} e^{-α(S_bc-δ)}) + 1/C Σ_c log(1 + Σ_{b: y_b≠c} e^{α(S_bc+δ)})
+    on cosines S (δ = ``margin``, α = ``alpha`` > 0, P⁺ the classes with an embedding in the batch);
+    returns a 0-dim float32 tensor (float64 for float64 inputs). ``proxies``: (num_classes,
+    embedding_size) float32 ``nn.Parameter``, initialised as in the official code,
+    kaiming_normal_(mode='fan_out'), i.e. N(0, 2/num_classes) per entry.
+    :func:`dmlfast.functional.proxy_anchor_loss` is the same loss on proxies of your own.
     """
 
     op = "proxy_anchor_loss"  # the fused op it calls, whose input checks and messages ProxySynthesis repeats
 
     def __init__(self, num_classes, embedding_size, margin=0.1, alpha=32.0):
+        """C = ``num_classes`` >= 1 proxies of ``embedding_size`` D >= 1; margin δ finite, alpha α > 0."""
         super().__init__(num_classes, embedding_size)
         self.margin, self.alpha = anchor_hyperparameters(type(self).__name__, margin, alpha)
         self.init_proxies_(self.proxies, num_classes)
@@ -86,16 +109,26 @@ class ProxyAnchorLoss(_ProxyLoss):
 
 
 class ProxyNCALoss(_ProxyLoss):
-    """ProxyNCA / ProxyNCA++ (docs/losses.md §2): see :func:`dmlfast.functional.proxy_nca_loss`.
+    """ProxyNCA / ProxyNCA++ (docs/losses.md §2), one fused op for loss and gradients::
 
-    Proxies are initialised randn / 8 as in the ProxyNCA and ProxyNCA++ reference code. The default
-    scale 18 is ProxyNCA++'s (and dichotomies' s_x = s_p = 3).
+        loss_fn = dmlfast.ProxyNCALoss(num_classes=100, embedding_size=512, scale=18.0, smoothing=0.0)
+        loss = loss_fn(embeddings, labels)   # (B, 512) float32/bf16/fp16/float64, (B,) integers in [0, 100)
+        loss.backward()
+
+    Mean over the batch of the cross-entropy of softmax(z), z = ``scale`` · cos(x, p) over all
+    proxies, against targets smoothed to 1-ε on the label and ε/(C-1) elsewhere (ε = ``smoothing``);
+    ``exclude_positive=True`` is the paper's classic form -z_y + log Σ_{c≠y} e^{z_c}. Returns a 0-dim
+    float32 tensor (float64 for float64 inputs). The default scale 18 is ProxyNCA++'s (and
+    dichotomies' s_x = s_p = 3); pytorch-metric-learning's ``softmax_scale`` s is ``scale=2*s``.
+    ``proxies``: (num_classes, embedding_size) float32 ``nn.Parameter``, initialised randn / 8 as in
+    the ProxyNCA and ProxyNCA++ reference code (:func:`dmlfast.functional.proxy_nca_loss` on your own).
     """
 
     op = "proxy_nca_loss"  # the fused op it calls, whose input checks and messages ProxySynthesis repeats
     init_proxies_ = staticmethod(normal_over_8_)
 
     def __init__(self, num_classes, embedding_size, scale=18.0, smoothing=0.0, exclude_positive=False):
+        """C = ``num_classes`` >= 1 proxies of ``embedding_size`` D >= 1; scale > 0, smoothing in [0, 1), exclude_positive a bool."""
         super().__init__(num_classes, embedding_size)
         self.scale, self.smoothing, self.exclude_positive = softmax_hyperparameters(
             type(self).__name__, scale, smoothing, exclude_positive)
@@ -112,15 +145,21 @@ class ProxyNCALoss(_ProxyLoss):
 
 
 class NormSoftmaxLoss(_ProxyLoss):
-    """Norm-SoftMax (docs/losses.md §4.2): softmax cross-entropy on scale · cos(x, p) over all proxies.
+    """Norm-SoftMax (docs/losses.md §4.2): softmax cross-entropy on ``scale`` · cos(x, p) over all proxies::
 
-    Proxies are initialised kaiming_uniform_(a=√5) as in the Proxy Synthesis code.
+        loss_fn = dmlfast.NormSoftmaxLoss(num_classes=100, embedding_size=512, scale=23.0)
+        loss = loss_fn(embeddings, labels)   # (B, 512) float32/bf16/fp16/float64, (B,) integers in [0, 100)
+
+    Returns a 0-dim float32 tensor (float64 for float64 inputs) whose backward reaches the embeddings
+    and ``proxies``, a (num_classes, embedding_size) float32 ``nn.Parameter`` initialised
+    kaiming_uniform_(a=√5) as in the Proxy Synthesis code.
     """
 
     op = "proxy_nca_loss"  # the fused op it calls, whose input checks and messages ProxySynthesis repeats
     init_proxies_ = staticmethod(kaiming_uniform_sqrt5_)
 
     def __init__(self, num_classes, embedding_size, scale=23.0):
+        """C = ``num_classes`` >= 1 proxies of ``embedding_size`` D >= 1; scale > 0."""
         super().__init__(num_classes, embedding_size)
         self.scale = require_number(type(self).__name__, "scale", scale, low=0.0, low_inclusive=False)
         self.init_proxies_(self.proxies, num_classes)
@@ -135,7 +174,12 @@ class NormSoftmaxLoss(_ProxyLoss):
 class ProxyISALoss(_ProxyLoss):
     """Proxy-ISA (Li et al., MMAsia 2022; docs/losses.md §3): Proxy-Anchor whose exponents are scaled by
     per-pair multipliers M from a per-class schedule, computed inside the fused anchor kernel
-    (:func:`dmlfast.functional.proxy_isa_loss`).
+    (:func:`dmlfast.functional.proxy_isa_loss`)::
+
+        loss_fn = dmlfast.ProxyISALoss(num_classes=100, embedding_size=512, k=0.9)
+        for epoch in range(epochs):
+            loss_fn.set_epoch(epoch)                 # 0-indexed: the memory and the filter start by it
+            loss = loss_fn(embeddings, labels)       # (B, 512) float, (B,) integers -> 0-dim float32 tensor
 
     Per-class state (buffers, so they move with ``.to()`` and live in ``state_dict()``), as in the
     published code (rioyokotalab/ProxyISA):
@@ -160,6 +204,7 @@ class ProxyISALoss(_ProxyLoss):
 
     def __init__(self, num_classes, embedding_size, margin=0.1, alpha=32.0, k=1.0, V=100, lam=0.1,
                  memory_size=55000, memory_start_epoch=2, filter_start_epoch=3, hardness_scale=0.15, tau=1.5):
+        """C = ``num_classes`` proxies of ``embedding_size``; the schedule's constants as in the class docstring."""
         super().__init__(num_classes, embedding_size)
         owner = type(self).__name__
         number = require_number
@@ -198,6 +243,10 @@ class ProxyISALoss(_ProxyLoss):
         return tuple(v.float() for v in (center, threshold, weight, easy_negative))
 
     def forward(self, embeddings, labels):
+        """``loss_fn(embeddings, labels) -> loss`` as :class:`ProxyAnchorLoss`'s (same shapes and
+        dtypes, a 0-dim float32 tensor, float64 for float64 inputs); in training mode it then
+        updates the per-class state from this batch."""
+        labels = as_int64_labels(type(self).__name__, labels)
         center, threshold, weight, easy_negative = self.class_schedule()
         filter_positives = int(self.epoch) >= self.filter_start_epoch
         loss = functional.proxy_isa_loss(
@@ -251,7 +300,14 @@ class IntrospectiveProxyAnchorLoss(_ProxyLoss):
 
     ``forward(embeddings, uncertainty, labels)``: the semantic embeddings μ (B, D), the uncertainty
     embeddings v (B, K) of the model's second head
-    (:meth:`dmlfast.models.EmbeddingModel.forward_with_uncertainty`) and the labels. Proxies are
+    (:meth:`dmlfast.models.EmbeddingModel.forward_with_uncertainty`), both float32, bfloat16, float16
+    or float64, and the labels (B,), any integer dtype in [0, num_classes)::
+
+        loss_fn = dmlfast.IntrospectiveProxyAnchorLoss(num_classes=100, embedding_size=512)
+        mu, v = model.forward_with_uncertainty(images)
+        loss = loss_fn(mu, v, labels)        # 0-dim float32 tensor; backward reaches mu, v and proxies
+
+    Proxies are
     raw in the distance (as published) and initialised as Proxy-Anchor's,
     kaiming_normal_(mode='fan_out'); the proxies' own uncertainty is fixed at 0.
 
@@ -264,11 +320,14 @@ class IntrospectiveProxyAnchorLoss(_ProxyLoss):
     """
 
     def __init__(self, num_classes, embedding_size, margin=0.1, alpha=32.0):
+        """C = ``num_classes`` >= 1 raw proxies of ``embedding_size`` D (= μ's); margin δ finite, alpha α > 0."""
         super().__init__(num_classes, embedding_size)
         self.margin, self.alpha = anchor_hyperparameters(type(self).__name__, margin, alpha)
         self.init_proxies_(self.proxies, num_classes)
 
     def forward(self, embeddings, uncertainty, labels):
+        """``loss_fn(embeddings, uncertainty, labels) -> loss``: μ (B, D), v (B, K), labels (B,) any integer
+        dtype in [0, num_classes); a 0-dim float32 tensor (float64 for float64 inputs)."""
         return functional.idml_proxy_anchor_loss(embeddings, uncertainty, self.proxies, labels, self.margin, self.alpha)
 
     def extra_repr(self):
@@ -289,10 +348,14 @@ class ProxySynthesis(nn.Module):
     runs on the extended set, and gradients flow through the mixing into embeddings and proxies.
     With Proxy-Anchor (no official code, docs/losses.md §4.3) the normalizers simply count the synthetic
     classes: |P⁺| + ⌊mu·B⌋ and C + ⌊mu·B⌋. ``mu = 0`` is the base loss. The published recipe uses
-    alpha = 0.4, mu = 1.0; the proxies stay ``base_loss.proxies``.
+    alpha = 0.4, mu = 1.0; the proxies stay ``base_loss.proxies``::
+
+        loss_fn = dmlfast.ProxySynthesis(dmlfast.NormSoftmaxLoss(100, 512), alpha=0.4, mu=1.0)
+        loss = loss_fn(embeddings, labels)   # (B, 512) float, (B,) integers in [0, 100) -> 0-dim float32 tensor
     """
 
     def __init__(self, base_loss, alpha=0.4, mu=1.0):
+        """Wrap ``base_loss`` (one of ``SYNTHESIS_BASES``); λ ~ Beta(alpha, alpha), alpha > 0; mu in [0, 1]."""
         super().__init__()
         owner = type(self).__name__
         if not isinstance(base_loss, SYNTHESIS_BASES):
@@ -307,6 +370,9 @@ class ProxySynthesis(nn.Module):
         return self.base_loss.proxies
 
     def forward(self, embeddings, labels):
+        """``loss_fn(embeddings, labels) -> loss``: the base loss on the batch extended by the synthetic
+        embeddings and proxies (shapes and dtypes as the base loss's; a 0-dim tensor)."""
+        labels = as_int64_labels(self.base_loss.op, labels)
         check_loss_inputs(self.base_loss.op, embeddings, self.proxies, labels)  # before any arithmetic on them
         count = int(self.mu * embeddings.shape[0])
         if count == 0:
@@ -335,10 +401,16 @@ class MovingProxyLoss(nn.Module):
     weighting the new features (the opposite of the MoCo convention), as published.
     ``learnable=True`` is the toy script's variant: the proxies are a Parameter trained by the
     optimizer and ``update_proxies`` is not used. Published: temperature 0.03 (0.05 for SOP /
-    In-shop), momentum 0.5 (0.95 for SOP / In-shop).
+    In-shop), momentum 0.5 (0.95 for SOP / In-shop)::
+
+        loss_fn = dmlfast.MovingProxyLoss(num_classes=100, embedding_size=512)
+        loss = loss_fn(embeddings, labels)   # (B, 512) float, (B,) integers in [0, 100) -> 0-dim float32 tensor
+        loss.backward(); optimizer.step()
+        loss_fn.update_proxies(embeddings.detach(), labels)
     """
 
     def __init__(self, num_classes, embedding_size, temperature=0.03, momentum=0.5, learnable=False):
+        """C = ``num_classes`` proxies of ``embedding_size``; temperature > 0, momentum in [0, 1]; learnable a bool."""
         super().__init__()
         owner = type(self).__name__
         num_classes = require_int(owner, "num_classes", num_classes)
@@ -355,19 +427,23 @@ class MovingProxyLoss(nn.Module):
             self.register_buffer("proxies", proxies)
 
     def forward(self, embeddings, labels):
+        """``loss_fn(embeddings, labels) -> loss``: embeddings (B, D) float32/bfloat16/float16/float64, labels
+        (B,) any integer dtype in [0, num_classes); a 0-dim float32 tensor (float64 for float64 inputs)."""
         return functional.proxy_nca_loss(embeddings, self.proxies, labels, scale=1.0 / self.temperature)
 
     @torch.no_grad()
     def update_proxies(self, embeddings, labels):
-        """The moving update for the classes of this batch (call after the optimizer step)."""
+        """The moving update for the classes of this batch (call after the optimizer step): embeddings
+        (B, D) float, labels (B,) any integer dtype in [0, num_classes)."""
         owner = f"{type(self).__name__}.update_proxies"
+        labels = as_int64_labels(owner, labels)
         if self.learnable:
             raise RuntimeError(f"{owner}: learnable proxies are trained by the optimizer, not moved")
         num_classes, dim = self.proxies.shape
         if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2 or embeddings.shape[1] != dim:
             raise ValueError(f"{owner}: embeddings must be a (batch, {dim}) tensor, got {getattr(embeddings, 'shape', type(embeddings).__name__)}")
-        if not isinstance(labels, torch.Tensor) or labels.dtype != torch.long or labels.shape != (embeddings.shape[0],):
-            raise ValueError(f"{owner}: labels must be an int64 tensor of shape ({embeddings.shape[0]},), got "
+        if not isinstance(labels, torch.Tensor) or labels.shape != (embeddings.shape[0],):
+            raise ValueError(f"{owner}: labels must be an integer tensor of shape ({embeddings.shape[0]},), got "
                              f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
         if len(labels):
             low, high = torch.aminmax(labels)
@@ -396,5 +472,13 @@ LOSSES = {"ProxyAnchor": ProxyAnchorLoss, "ProxyNCA": ProxyNCALoss, "NormSoftmax
           "ProxyISA": ProxyISALoss, "Moving": MovingProxyLoss, "IDML": IntrospectiveProxyAnchorLoss,
           "CosFace": CosFaceLoss, "ArcFace": ArcFaceLoss, "SubCenterArcFace": SubCenterArcFaceLoss,
           "SoftTriple": SoftTripleLoss}
+
+
+def loss_class(name: str):
+    """The loss class of :data:`LOSSES` that ``name`` spells, in any case (``"proxyanchor"`` ->
+    :class:`ProxyAnchorLoss`); ``ValueError`` with the closest name as a suggestion otherwise."""
+    return LOSSES[canonical_name("loss", name, LOSSES)]
+
+
 #: The names of :data:`SYNTHESIS_BASES` (``--proxy-synthesis`` wraps these).
 SYNTHESIS_LOSSES = tuple(name for name, loss in LOSSES.items() if loss in SYNTHESIS_BASES)

@@ -3,7 +3,8 @@
 constructor names and defaults.
 
 ``loss = ArcFaceLoss(num_classes, embedding_size)``; ``loss(embeddings, labels)`` with embeddings
-(B, embedding_size) in float32/bfloat16/float16/float64 and labels (B,) int64 in [0, num_classes)
+(B, embedding_size) in float32/bfloat16/float16/float64 and labels (B,) of any integer dtype
+(converted to int64 once) in [0, num_classes)
 returns the mean loss over the batch as a 0-dim float32 tensor (float64 for float64 inputs), whose
 backward reaches the embeddings and ``loss.proxies``. Each class has K proxies ("centers"; K = 1
 for CosFace and ArcFace): ``proxies`` is an ``nn.Parameter`` of shape (num_classes · K,
@@ -78,7 +79,9 @@ class _CenterSoftmaxLoss(nn.Module):
         return self.proxies.shape[1]
 
     def forward(self, embeddings, labels):
-        """The loss of ``embeddings`` (B, embedding_size) with ``labels`` (B,) int64: a 0-dim tensor."""
+        """``loss_fn(embeddings, labels) -> loss``: embeddings (B, embedding_size) float32/bfloat16/float16/
+        float64, labels (B,) any integer dtype in [0, num_classes); the batch's mean loss, a 0-dim float32
+        tensor (float64 for float64 inputs) whose backward reaches the embeddings and ``proxies``."""
         return self.loss_with_proxies(embeddings, self.proxies, labels)
 
     def loss_with_proxies(self, embeddings, proxies, labels):
@@ -89,7 +92,9 @@ class CosFaceLoss(_CenterSoftmaxLoss):
     """CosFace (Wang et al., CVPR 2018): :func:`dmlfast.functional.cosface_loss` with its proxies.
 
     ``CosFaceLoss(num_classes, embedding_size, margin=0.35, scale=64.0)``: the logits are
-    scale · (cos(x, p_c) − margin·[c = y]). Proxies N(0, 1), as pytorch-metric-learning's.
+    scale · (cos(x, p_c) − margin·[c = y]). Proxies N(0, 1), as pytorch-metric-learning's::
+
+        loss = CosFaceLoss(100, 512)(embeddings, labels)   # (B, 512) float, (B,) integers -> 0-dim float32 tensor
     """
 
     def __init__(self, num_classes, embedding_size, margin=0.35, scale=64.0):
@@ -113,7 +118,9 @@ class ArcFaceLoss(_CenterSoftmaxLoss):
     ``ArcFaceLoss(num_classes, embedding_size, margin=28.6, scale=64.0)``: the target's logit is
     scale · cos(θ + margin), ``margin`` in **degrees** as in pytorch-metric-learning (28.6° ≈ 0.5 rad,
     the paper's m); beyond θ + m = π it is scale · (cos θ − m sin m), InsightFace's choice (no
-    "easy margin"). Proxies N(0, 1), as pytorch-metric-learning's.
+    "easy margin"). Proxies N(0, 1), as pytorch-metric-learning's::
+
+        loss = ArcFaceLoss(100, 512)(embeddings, labels)   # (B, 512) float, (B,) integers -> 0-dim float32 tensor
     """
 
     def __init__(self, num_classes, embedding_size, margin=28.6, scale=64.0, centers_per_class=1):
@@ -137,7 +144,9 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
 
     ``SubCenterArcFaceLoss(num_classes, embedding_size, margin=28.6, scale=64.0, sub_centers=3)``;
     ``proxies`` has num_classes · K rows. pytorch-metric-learning's ``get_outliers`` (dropping
-    samples far from their dominant sub-center) is not part of the loss and is not provided.
+    samples far from their dominant sub-center) is not part of the loss and is not provided::
+
+        loss = SubCenterArcFaceLoss(100, 512)(embeddings, labels)   # (B, 512) float, (B,) integers -> 0-dim tensor
     """
 
     def __init__(self, num_classes, embedding_size, margin=28.6, scale=64.0, sub_centers=3):
@@ -158,7 +167,9 @@ class SoftTripleLoss(_CenterSoftmaxLoss):
     tau=0.2)``: K = ``centers_per_class`` centers per class, class similarity the softmax(cos/γ)-weighted
     mean of their cosines, cross-entropy of λ(S − δ·[c = y]), plus τ × the official code's centre
     regulariser. pytorch-metric-learning's SoftTripleLoss has no regulariser: ``tau=0`` matches it.
-    Centers U(±1/√(C·K)) (``kaiming_uniform_(a=√5)`` of the official (D, C·K) matrix).
+    Centers U(±1/√(C·K)) (``kaiming_uniform_(a=√5)`` of the official (D, C·K) matrix)::
+
+        loss = SoftTripleLoss(100, 512)(embeddings, labels)   # (B, 512) float, (B,) integers -> 0-dim float32 tensor
     """
 
     init_proxies_ = staticmethod(kaiming_uniform_rows_)

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from dmlfast._cli import InputError, add_custom_data_arguments, check_embedding_flags, run_command
+from dmlfast._cli import InputError, Parser, add_custom_data_arguments, check_embedding_flags, run_command, share_cores_with_loader
 from dmlfast.checks import require_at_least
 from dmlfast.figures import draw_map, pick_classes, project, write_html
 from dmlfast.training.embedding import embed_list
@@ -57,7 +57,7 @@ def resolve_method(method: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="2-D t-SNE/UMAP map of a checkpoint's test embeddings, coloured by class.")
+    p = Parser(prog=PROG, description="2-D t-SNE/UMAP map of a checkpoint's test embeddings, coloured by class.")
     p.add_argument("--checkpoint", type=Path, required=True, help="a best.pt/last.pt of python -m dmlfast.train")
     g = p.add_argument_group("data (default: the checkpoint's dataset)")
     g.add_argument("--dataset", help="dataset to embed (default: the checkpoint's)")
@@ -88,6 +88,7 @@ def plot(args: argparse.Namespace) -> Path:
     if out.suffix.lower() != ".png":  # before any work: the map is a PNG, the interactive .html goes beside it
         raise InputError(f"--out must name a .png file, got {out} (with plotly installed, the interactive map is written "
                          f"beside it as {out.with_suffix('.html').name})")
+    share_cores_with_loader(args.workers)
     model, config, device, dtype = load_model(args.checkpoint, args.device)
     split, data_config = dataset_split(config, args, args.split)
     chosen = pick_classes(split.labels, args.classes, args.seed)

@@ -17,7 +17,8 @@ autocast dtype); the top ``--top`` images by cosine similarity come from the k-N
 in up to ``GRID_COLUMNS`` columns, each cell ``CELL_WIDTH`` x ``CELL_HEIGHT`` px (a ``TILE`` px image in
 a ``FRAME`` px frame, two caption lines: rank and similarity, label). When the query's label is known
 (``--query-label``, or the query is a gallery image) results of that label are framed green and
-the others red; unlabelled results grey; the query blue. Works on the CPU. Input errors print one
+the others red; unlabelled results grey; the query blue. A query that is itself a gallery image is
+left out of its results. Works on the CPU. Input errors print one
 ``python -m dmlfast.retrieve: error: ...`` line and exit with status 2.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from dmlfast._cli import InputError, add_custom_data_arguments, check_embedding_flags, run_command
+from dmlfast._cli import InputError, Parser, add_custom_data_arguments, check_embedding_flags, run_command, share_cores_with_loader
 from dmlfast.checks import require_at_least
 from dmlfast.figures import CAPTION, CELL_HEIGHT, CELL_WIDTH, COLOURS, FRAME, GRID_COLUMNS, TILE, draw_grid, grid_size
 from dmlfast.training.embedding import embed_list
@@ -44,7 +45,7 @@ __all__ = ["PROG", "build_parser", "main", "retrieve",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Show the images a trained model retrieves for a query image (PNG grid + ranked list).")
+    p = Parser(prog=PROG, description="Show the images a trained model retrieves for a query image (PNG grid + ranked list).")
     p.add_argument("--checkpoint", type=Path, required=True, help="a best.pt/last.pt of python -m dmlfast.train")
     p.add_argument("--query", type=Path, required=True, help="the query image")
     p.add_argument("--query-label", help="the query's label, to frame correct results green (default: its gallery label, if it is a gallery image)")
@@ -98,22 +99,23 @@ def retrieve(args: argparse.Namespace) -> List[Tuple[str, Optional[str], float]]
     from dmlfast.data import ImageList
 
     _check_arguments(args)
+    share_cores_with_loader(args.workers)
     model, config, device, dtype = load_model(args.checkpoint, args.device)
     gallery, labels = _gallery(args, config)
+    own = {os.path.realpath(p): i for i, p in enumerate(gallery.paths)}.get(os.path.realpath(args.query))
     k = args.top
-    if k > len(gallery):
-        raise InputError(f"--top {k} is more than the gallery's {len(gallery)} images")
+    if k > len(gallery) - (own is not None):
+        itself = " besides the query itself" if own is not None else ""
+        raise InputError(f"--top {k} is more than the gallery's {len(gallery) - (own is not None)} images{itself}")
     reference, cache, cached = gallery_embeddings(model, gallery, config, device, dtype, checkpoint=args.checkpoint,
                                                   use_cache=not args.no_cache, batch_size=args.batch_size,
                                                   workers=args.workers, progress=args.progress)
     query_list = ImageList([str(args.query)], np.zeros(1, dtype=np.int64), ["-"], config["dataset"], "query")
     query = embed_list(model, query_list, config, device, dtype, batch_size=1, workers=0, progress=False, desc="embed query")
-    backend, similarities, indices = nearest(query, reference, k, args.backend)
+    backend, similarities, indices = nearest(query, reference, k, args.backend, exclude=own)
 
     query_label = args.query_label
     if query_label is None:
-        where = {os.path.realpath(p): i for i, p in enumerate(gallery.paths)}
-        own = where.get(os.path.realpath(args.query))
         query_label = None if own is None else labels[own]
     results = [(gallery.paths[i], labels[i], float(s)) for i, s in zip(indices, similarities)]
     try:

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ._ops import CHECKS_OFF, value_check_mode
-from .checks import anchor_hyperparameters, require_int, softmax_hyperparameters
+from .checks import anchor_hyperparameters, as_int64_labels, require_int, softmax_hyperparameters
 from .collectives import allreduce_sum_hook, gather_rows, group_rank_and_size, sum_over_ranks
 from .functional import soft_triple_regularizer
 from .losses import LOSSES, IntrospectiveProxyAnchorLoss, NormSoftmaxLoss, ProxyAnchorLoss, ProxyNCALoss
@@ -108,6 +108,7 @@ class _ShardedProxyLoss(nn.Module):
     def _gather(self, embeddings, labels, **extra):
         """Checks this rank's inputs, then gathers them (and ``extra`` (B, ·) tensors) from all ranks."""
         owner = type(self).__name__
+        labels = as_int64_labels(owner, labels)
         tensors = dict(embeddings=embeddings, **extra, labels=labels)
         for name, value in tensors.items():
             if not isinstance(value, torch.Tensor):
@@ -116,8 +117,8 @@ class _ShardedProxyLoss(nn.Module):
                 raise ValueError(f"{owner}: {name} must be on the proxies' device {self.proxies.device}, got {value.device}")
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
             raise ValueError(f"{owner}: embeddings must have shape (batch, {self.embedding_size}), got {tuple(embeddings.shape)}")
-        if labels.dtype != torch.long or labels.shape != (embeddings.shape[0],):
-            raise ValueError(f"{owner}: labels must be int64 of shape ({embeddings.shape[0]},), got {labels.dtype} "
+        if labels.shape != (embeddings.shape[0],):
+            raise ValueError(f"{owner}: labels must have shape ({embeddings.shape[0]},), got {labels.dtype} "
                              f"of shape {tuple(labels.shape)}")
         for name, value in extra.items():
             if value.dim() != 2 or value.shape[0] != embeddings.shape[0]:
@@ -140,8 +141,16 @@ class _ShardedAnchorLoss(_ShardedProxyLoss):
 
 
 class ShardedProxyAnchorLoss(_ShardedAnchorLoss):
-    """Proxy-Anchor (:func:`dmlfast.functional.proxy_anchor_loss`) with class-sharded proxies:
-    ``forward(embeddings, labels)`` on this rank's batch returns the loss of the global batch."""
+    """Proxy-Anchor (:func:`dmlfast.functional.proxy_anchor_loss`) with class-sharded proxies, made
+    after ``torch.distributed.init_process_group``::
+
+        loss_fn = ShardedProxyAnchorLoss(num_classes, 512, margin=0.1, alpha=32.0)   # this rank's proxy rows
+        loss = loss_fn(embeddings, labels)
+
+    ``forward`` takes this rank's embeddings (B, D) float32/bfloat16/float16/float64 and labels (B,) of
+    any integer dtype in [0, num_classes) (global class indices) and returns the loss of the global
+    batch (every rank's rows) against all proxies: a 0-dim float32 tensor (float64 for float64
+    inputs), the same on every rank."""
 
     unsharded = ProxyAnchorLoss
 
@@ -155,7 +164,9 @@ class ShardedProxyAnchorLoss(_ShardedAnchorLoss):
 
 class ShardedIntrospectiveProxyAnchorLoss(_ShardedAnchorLoss):
     """IDML's introspective Proxy-Anchor (:func:`dmlfast.functional.idml_proxy_anchor_loss`) with
-    class-sharded proxies: ``forward(embeddings, uncertainty, labels)``."""
+    class-sharded proxies: ``loss = loss_fn(embeddings, uncertainty, labels)``, this rank's rows,
+    with the uncertainty (B, K) beside the embeddings; otherwise as :class:`ShardedProxyAnchorLoss`
+    (the global batch's loss, a 0-dim float32 tensor, the same on every rank)."""
 
     unsharded = IntrospectiveProxyAnchorLoss
 
@@ -182,7 +193,9 @@ def reduce_softmax_row_stats(stats, group=None):
 
 class ShardedProxyNCALoss(_ShardedProxyLoss):
     """ProxyNCA / ProxyNCA++ (:func:`dmlfast.functional.proxy_nca_loss`) with class-sharded proxies
-    and a distributed log-sum-exp."""
+    and a distributed log-sum-exp: ``loss = loss_fn(embeddings, labels)`` on this rank's rows, shapes
+    and dtypes as :class:`ShardedProxyAnchorLoss`'s; returns the global batch's loss against all
+    proxies, a 0-dim float32 tensor (float64 for float64 inputs), the same on every rank."""
 
     unsharded = ProxyNCALoss
 
@@ -205,7 +218,8 @@ class ShardedProxyNCALoss(_ShardedProxyLoss):
 
 
 class ShardedNormSoftmaxLoss(ShardedProxyNCALoss):
-    """Norm-SoftMax (softmax cross-entropy on scale · cos) with class-sharded proxies."""
+    """Norm-SoftMax (softmax cross-entropy on scale · cos) with class-sharded proxies:
+    ``loss = loss_fn(embeddings, labels)``, as :class:`ShardedProxyNCALoss`."""
 
     unsharded = NormSoftmaxLoss
 

@@ -34,7 +34,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from dmlfast._cli import InputError, parse_test_classes_flag, run_command
+from dmlfast._cli import InputError, Parser, name_choice, parse_test_classes_flag, run_command, share_cores_with_loader
+from dmlfast.checks import canonical_name
 from dmlfast.training.config import (AMP_MODES, DATASET_KS, LATER_KEYS, RESUMABLE_CHANGES, check_dataset_options,
                                      check_shard_proxies, dataset_options, make_config)
 from dmlfast.training.embedding import embed, embed_all, evaluate_model
@@ -129,12 +130,18 @@ def _alpha_mu(text: str):
 
 
 def _model_name(text: str) -> str:
-    """``--model``: one of the built-in backbones or ``timm:NAME``."""
-    from dmlfast.models import BACKBONES, is_backbone_name
+    """``--model``: one of the built-in backbones, in any case (:func:`dmlfast.checks.canonical_name`),
+    or ``timm:NAME`` as given (timm's names are its own)."""
+    from dmlfast.models import BACKBONES, is_timm_name
 
-    if not is_backbone_name(text) or text == "timm:":
-        raise argparse.ArgumentTypeError(f"expected one of {', '.join(BACKBONES)} or timm:NAME (any timm model), got {text!r}")
-    return text
+    if is_timm_name(text):
+        if text == "timm:":
+            raise argparse.ArgumentTypeError("timm:NAME needs a timm model's name after 'timm:', e.g. timm:resnet50")
+        return text
+    try:
+        return canonical_name("model", text, BACKBONES)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{error}, or timm:NAME (any timm model)") from None
 
 
 def _milestones(text: str):
@@ -153,11 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     from dmlfast.models import BACKBONES, POOLINGS
     from dmlfast.recipes import LOSSES, LR_SCHEDULES, OPTIMIZERS
 
-    p = argparse.ArgumentParser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+    p = Parser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
                                 description="Train an embedding network with a fused proxy loss; evaluates Recall@K and "
                                             "MAP@R on the held-out classes before training and every --eval-every epochs.")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="glyphs", choices=list(DATASETS), metavar="NAME",
+    g.add_argument("--dataset", default="glyphs", type=name_choice("dataset", DATASETS), metavar="NAME",
                    help=f"one of {', '.join(DATASETS)} (default: glyphs, built in)")
     g.add_argument("--data-root", type=Path, metavar="DIR", help="the dataset's folder (glyphs: where to render it, default ~/.cache/dmlfast)")
     g.add_argument("--list", type=Path, metavar="FILE.csv", help="--dataset csv: rows path,label[,split] (paths relative to "
@@ -176,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--samples-per-class", type=int, metavar="M", help="class-balanced batches with M images per class (recipe; 0 = random batches)")
     g = p.add_argument_group("model")
     g.add_argument("--model", type=_model_name, metavar="NAME",
-                   help=f"backbone: {', '.join(BACKBONES)}, or timm:NAME for any timm model (pip install timm) (recipe)")
+                   help=f"backbone: {', '.join(BACKBONES)} (in any case), or timm:NAME for any timm model (pip install timm) "
+                        "(recipe)")
     g.add_argument("--weights", metavar="imagenet|pretrained|none|PATH",
                    help="backbone initialisation: the published pretrained weights (torchvision's; a timm model's default "
                         "tag from the local cache), random, or a local state dict .pth/.bin/.safetensors (recipe)")
@@ -185,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "pooled feature (timm transformers' class token; set for them) (recipe)")
     g.add_argument("--freeze-bn", choices=("on", "off"), help="keep BatchNorm statistics and affine parameters frozen (recipe)")
     g = p.add_argument_group("loss and optimisation")
-    g.add_argument("--loss", default="ProxyAnchor", choices=LOSSES, metavar="NAME", help=f"{', '.join(LOSSES)} (default: ProxyAnchor)")
+    g.add_argument("--loss", default="ProxyAnchor", type=name_choice("loss", LOSSES), metavar="NAME",
+                   help=f"{', '.join(LOSSES)}, in any case (default: ProxyAnchor)")
     g.add_argument("--k", type=float, help="ProxyISA: width of the informative band (recipe: 0.9; Cars196 0.4, In-shop 0.1)")
     g.add_argument("--temperature", type=float, help="Moving: softmax temperature (recipe: 0.03; SOP/In-shop 0.05)")
     g.add_argument("--momentum", type=float, help="Moving: weight of the batch's class sums in the proxy update (recipe: 0.5; SOP/In-shop 0.95)")
@@ -241,7 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; returns the exit status (0, or 2 for user errors, printed as one line;
     under torchrun each failing process prints its line, naming its rank)."""
-    return run_command(f"{PROG}{_rank_tag()}", lambda args: train(make_config(args)), build_parser().parse_args(argv))
+    return run_command(f"{PROG}{_rank_tag()}", _train, build_parser().parse_args(argv))
+
+
+def _train(args) -> None:
+    """The command: the configuration, the CPU threads beside the loader's workers, the run."""
+    config = make_config(args)
+    share_cores_with_loader(config["workers"])
+    train(config)
 
 
 def _rank_tag() -> str:

@@ -21,8 +21,8 @@ def loss_fn(request):
     [
         (lambda x, p, y: (x, p, y + 5), ValueError, r"labels must be in \[0, 5\).*max"),
         (lambda x, p, y: (x, p, y - 9), ValueError, r"labels must be in \[0, 5\).*min -"),
-        (lambda x, p, y: (x, p, y.float()), TypeError, r"labels must be int64"),
-        (lambda x, p, y: (x, p, y.int()), TypeError, r"labels must be int64"),
+        (lambda x, p, y: (x, p, y.float()), TypeError, r"labels must be an integer tensor \(int64, int32, int16, int8 or uint8\), got a Float"),
+        (lambda x, p, y: (x, p, y.bool()), TypeError, r"labels must be an integer tensor"),
         (lambda x, p, y: (x, p, y[:-1]), ValueError, r"one entry per embedding: embeddings has 8 rows, labels has 7"),
         (lambda x, p, y: (x, p[:, :3], y), ValueError, r"embeddings are 4-d, proxies are 3-d"),
         (lambda x, p, y: (x[:0], p, y[:0]), ValueError, r"batch is empty"),

@@ -141,7 +141,7 @@ def test_mixed_input_dtypes():
         (lambda x, v, p, y: (x, v.to("meta"), p, y), ValueError, "embeddings, uncertainty, proxies and labels must be on one device"),
         (lambda x, v, p, y: (x, v, p[:, :-1], y), ValueError, "embedding dimension and proxy dimension differ"),
         (lambda x, v, p, y: (x, v, p, y + 10), ValueError, r"labels must be in \[0, 5\)"),
-        (lambda x, v, p, y: (x, v, p, y.int()), TypeError, "labels must be int64"),
+        (lambda x, v, p, y: (x, v, p, y.double()), TypeError, "labels must be an integer tensor"),
     ],
 )
 def test_bad_input_errors(change, error, pattern):

@@ -132,13 +132,14 @@ CASTS = {"float": (lambda m: m.float(), torch.float32), "double": (lambda m: m.d
          "half": (lambda m: m.half(), torch.float16), "bfloat16": (lambda m: m.to(torch.bfloat16), torch.bfloat16)}
 
 
-def _train_steps(loss_fn, dtype, device="cpu", steps=3):
-    """``steps`` forward + backward (and moving update) calls on embeddings of ``dtype``; the losses."""
+def _train_steps(loss_fn, dtype, device="cpu", steps=3, label_dtype=torch.int64):
+    """``steps`` forward + backward (and moving update) calls on embeddings of ``dtype`` and labels of
+    ``label_dtype``; the losses."""
     generator = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(steps):
         x = torch.randn(12, 8, generator=generator).to(device, dtype).requires_grad_()
-        y = torch.arange(12).remainder(6).to(device)
+        y = torch.arange(12).remainder(6).to(device, label_dtype)
         inputs = (x, torch.rand(12, 4, generator=generator).to(device, dtype), y) if isinstance(
             loss_fn, dmlfast.IntrospectiveProxyAnchorLoss) else (x, y)
         loss = loss_fn(*inputs)
@@ -178,3 +179,46 @@ def test_every_loss_keeps_working_after_cuda(name):
     loss_fn = _every_loss()[name].cuda()
     assert loss_fn.proxies.is_cuda
     assert all(math.isfinite(v) for v in _train_steps(loss_fn, torch.float32, device="cuda"))
+
+
+@pytest.mark.parametrize("label_dtype", [torch.int32, torch.int16, torch.int8, torch.uint8])
+@pytest.mark.parametrize("name", list(_every_loss()))
+def test_every_loss_takes_any_integer_labels(name, label_dtype):
+    """Labels of any integer dtype give the int64 labels' losses, gradients and state (converted once)."""
+    torch.manual_seed(0)
+    loss_fn, reference_fn = _every_loss()[name], _every_loss()[name]
+    reference_fn.load_state_dict(loss_fn.state_dict())
+    torch.manual_seed(1)
+    losses = _train_steps(loss_fn, torch.float32, label_dtype=label_dtype)
+    torch.manual_seed(1)
+    assert losses == _train_steps(reference_fn, torch.float32)
+    for key, value in reference_fn.state_dict().items():
+        torch.testing.assert_close(loss_fn.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_loss_names_are_looked_up_without_regard_to_case():
+    from dmlfast.losses import loss_class
+
+    assert loss_class("proxyanchor") is dmlfast.ProxyAnchorLoss and loss_class("PROXYNCA") is dmlfast.ProxyNCALoss
+    with pytest.raises(ValueError, match=r"unknown loss 'ProxyAnchr'; did you mean ProxyAnchor\? \(choose one of ProxyAnchor, "):
+        loss_class("ProxyAnchr")
+    with pytest.raises(ValueError, match=r"unknown loss 'Contrastive' \(choose one of "):
+        loss_class("Contrastive")
+
+
+@pytest.mark.parametrize("name", ["CosFaceLoss", "ArcFaceLoss", "SubCenterArcFaceLoss", "SoftTripleLoss"])
+def test_class_center_losses_take_any_integer_labels(name):
+    from dmlfast import margin_losses
+
+    torch.manual_seed(0)
+    loss_fn = getattr(margin_losses, name)(6, 8)
+    x = torch.randn(12, 8, requires_grad=True)
+    labels = torch.arange(12).remainder(6)
+    expected = loss_fn(x, labels)
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    for dtype in (torch.int32, torch.uint8):
+        got = loss_fn(x, labels.to(dtype))
+        (grad,) = torch.autograd.grad(got, x)
+        assert got.item() == expected.item() and torch.equal(grad, expected_grad)
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        loss_fn(x, labels.float())

@@ -209,3 +209,27 @@ def test_a_checkpoint_without_a_model_entry_is_one_line(tiny, tmp_path, capsys):
         assert command.main(args) == 2
         line = _one_error_line(capsys.readouterr().err, command.PROG)
         assert "has no 'model' entry" in line and "best.shard-0-of-2.pt" in line, line
+
+
+@pytest.mark.parametrize("command", ["load", "embed", "export", "index"])
+def test_the_serving_entry_points_refuse_a_malicious_checkpoint(tiny, tmp_path, capsys, command):
+    import dmlfast
+    from dmlfast import embed as embed_command
+    from dmlfast import export as export_command
+    from dmlfast import index as index_command
+    from dmlfast.checks import InputError
+
+    root, best = tiny
+    marker = tmp_path / "marker"
+    evil = str(plant(best, tmp_path / "evil.pt", MarkerPayload(marker)))
+    if command == "load":
+        with pytest.raises(InputError, match=r"refusing to load checkpoint .*\(exec\)"):
+            dmlfast.load(evil, device="cpu")
+    else:
+        module, argv = {"embed": (embed_command, ["--checkpoint", evil, "--images", str(root), "--out", str(tmp_path / "e.npy")]),
+                        "export": (export_command, ["--checkpoint", evil, "--format", "torchscript", "--out", str(tmp_path / "m.pt")]),
+                        "index": (index_command, ["build", "--checkpoint", evil, "--gallery", str(root), "--out", str(tmp_path / "g")])}[command]
+        assert module.main(argv + (["--workers", "0"] if command != "export" else [])) == 2
+        assert "refusing to load checkpoint" in _one_error_line(capsys.readouterr().err, module.PROG)
+    assert not marker.exists(), "the checkpoint's code ran"
+    assert not any(tmp_path.glob("e*.npy")) and not (tmp_path / "m.pt").exists() and not (tmp_path / "g").exists()

@@ -216,8 +216,10 @@ def test_bad_shards_and_arguments_are_clear_errors():
         module.load_full_proxies(p[:6])
     with pytest.raises(ValueError, match=r"embeddings must have shape \(batch, 5\), got \(6, 4\)"):
         module(x[:, :4].float(), labels)
-    with pytest.raises(ValueError, match=r"labels must be int64 of shape \(6,\), got torch.int32"):
-        module(x.float(), labels.int())
+    with pytest.raises(ValueError, match=r"labels must have shape \(6,\), got torch.int64 of shape \(5,\)"):
+        module(x.float(), labels[:5])
+    with pytest.raises(TypeError, match=r"labels must be an integer tensor .* got a Float"):
+        module(x.float(), labels.float())
     with pytest.raises(TypeError, match="labels must be a torch.Tensor, got list"):
         module(x.float(), labels.tolist())
     with pytest.raises(ValueError, match="class-sharded proxies exist for ProxyAnchor, ProxyNCA, NormSoftmax, IDML, CosFace, ArcFace, "

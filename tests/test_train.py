@@ -131,6 +131,18 @@ def test_checkpoint_evaluate_round_trip(tiny_run, tiny_root, tmp_path, capsys):
     assert "recall@8" in capsys.readouterr().out
 
 
+def test_checkpoint_evaluate_honours_metrics(tiny_run, tiny_root, tmp_path):
+    out, summary = tiny_run
+    common = ["--checkpoint", str(out / "best.pt"), "--data-root", str(tiny_root), "--loader", "torch", "--workers", "0",
+              "--no-progress", "--ks", "1", "2"]
+    assert evaluate.main([*common, "--metrics", "nmi", "--json", str(tmp_path / "nmi.json")]) == 0
+    nmi = json.loads((tmp_path / "nmi.json").read_text())
+    assert set(nmi) == {"nmi"} and 0.0 <= nmi["nmi"] <= 1.0
+    assert evaluate.main([*common, "--metrics", "recall", "--binary", "--json", str(tmp_path / "binary.json")]) == 0
+    binary = json.loads((tmp_path / "binary.json").read_text())
+    assert set(binary) == {"recall@1", "recall@2"} and 0.0 <= binary["recall@1"] <= binary["recall@2"] <= 1.0
+
+
 def test_amp_bf16_on_cpu_runs(tiny_root, tmp_path):
     out = tmp_path / "bf16"
     assert train.main([*TINY, "--data-root", str(tiny_root), "--output", str(out), "--epochs", "1", "--amp", "bf16"]) == 0
@@ -275,12 +287,36 @@ def test_existing_run_needs_resume(tiny_run, tiny_root, capsys):
 
 
 def test_unknown_names_exit_2(capsys):
-    for flag, value, says in (("--dataset", "MNIST", "invalid choice"), ("--model", "vgg16", "or timm:NAME (any timm model)"),
-                              ("--loss", "Triplet", "invalid choice")):
+    for flag, value, suggestion in (("--dataset", "MNIST", ""), ("--model", "resnet5", "; did you mean resnet50?"),
+                                     ("--loss", "ProxyAnchr", "; did you mean ProxyAnchor?")):
         with pytest.raises(SystemExit) as exit_info:
             train.main([flag, value])
         assert exit_info.value.code == 2
-        assert says in capsys.readouterr().err
+        what = flag[2:]
+        err = capsys.readouterr().err
+        assert err.startswith(f"python -m dmlfast.train: error: argument {flag}: unknown {what} {value!r}{suggestion} (choose one of ")
+        assert err.count("\n") == 1 and "usage:" not in err
+
+
+def test_names_are_taken_in_any_case():
+    args = train.build_parser().parse_args(["--loss", "proxynca", "--model", "ResNet18", "--dataset", "cub"])
+    assert (args.loss, args.model, args.dataset) == ("ProxyNCA", "resnet18", "CUB")
+
+
+def test_a_mistyped_name_is_one_line_with_a_suggestion(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--loss", "proxyanchr"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("python -m dmlfast.train: error: argument --loss: unknown loss 'proxyanchr'; did you mean ProxyAnchor? "
+                          "(choose one of ProxyAnchor, ProxyNCA, NormSoftmax, ProxyISA, Moving, IDML, ")
+
+
+def test_an_unknown_model_names_timm_too(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--model", "vgg16"])
+    assert "unknown model 'vgg16' (choose one of " in capsys.readouterr().err.replace("\n", " ")
+    assert train.build_parser().parse_args(["--model", "timm:Some_Model"]).model == "timm:Some_Model"  # timm's names as given
 
 
 def test_command_line_error_has_no_traceback(tmp_path):

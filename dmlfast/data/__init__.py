@@ -65,7 +65,7 @@ from .custom import CUSTOM_DATASETS, parse_test_classes, read_csv_list, read_fol
 from .glyphs import read_glyphs
 from .readers import read_cars196, read_cub, read_inshop, read_omniglot, read_sop
 from .samplers import MPerClassSampler, RandomBatchSampler
-from .transforms import NORMALIZATIONS, TransformConfig, normalize
+from .transforms import NORMALIZATIONS, TransformConfig, normalize, transform_config
 
 #: name -> reader(root, strict) -> DatasetSplits
 DATASETS: Dict[str, Callable[..., DatasetSplits]] = {
@@ -167,14 +167,8 @@ def make_loader(image_list: ImageList, *, train: bool, batch_size: int, device="
         raise ValueError(f"make_loader: device must be cpu or cuda, got {device}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"make_loader: device {device} was asked for but CUDA is not available")
-    d = dataset_defaults(image_list.dataset if image_list.dataset in DATASET_DEFAULTS else None)
-    size = d.image_size if image_size is None else image_size
-    if resize_size is None:
-        resize_size = round(size * d.resize_size / d.image_size) if isinstance(size, int) else size
-    cfg = TransformConfig(train=bool(train), image_size=size, resize_size=resize_size,
-                          crop_scale=tuple(d.crop_scale if crop_scale is None else crop_scale),
-                          crop_ratio=tuple(d.crop_ratio if crop_ratio is None else crop_ratio),
-                          hflip=d.hflip if hflip is None else bool(hflip), normalization=normalization)
+    cfg = transform_config(image_list.dataset, train=train, image_size=image_size, resize_size=resize_size, crop_scale=crop_scale,
+                           crop_ratio=crop_ratio, hflip=hflip, normalization=normalization)
     sampler = make_sampler(image_list.labels, train=train, batch_size=batch_size, samples_per_class=samples_per_class,
                            seed=seed, shard_id=shard_id, num_shards=num_shards, drop_last=drop_last)
     if loader == "dali" and not dali_available():

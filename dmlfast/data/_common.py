@@ -318,13 +318,13 @@ def check_images(image_list: ImageList, strict: bool, remap: bool = True, num_th
 
     With ``remap`` the labels are remapped again if a class loses all its images; without it the
     label mapping is kept (for splits that share one mapping)."""
-    from tqdm.auto import tqdm
+    from dmlfast.progress import progress_bar
 
     paths = image_list.paths
     desc = f"checking {image_list.dataset or ''} {image_list.split or ''} images".replace("  ", " ")
     with ThreadPoolExecutor(max_workers=num_threads) as pool:
-        problems = list(tqdm(pool.map(image_problem, paths, chunksize=256), total=len(paths), desc=desc,
-                             disable=len(paths) < 5000, leave=False))
+        problems = list(progress_bar(pool.map(image_problem, paths, chunksize=256), enabled=len(paths) >= 5000, total=len(paths),
+                                     desc=desc, leave=False))
     bad = [(p, why) for p, why in zip(paths, problems) if why is not None]
     if not bad:
         return image_list

@@ -268,6 +268,30 @@ def _require_distinct_files(files: Sequence[str], rows, list_path: Path) -> None
         raise DatasetLayoutError(f"csv: {list_path}: {len(aliases)} file(s) listed twice under other names: {_listing(aliases)}")
 
 
+def read_csv_images(root, list_file, split: Optional[str] = None, strict: bool = False) -> ImageList:
+    """Every image ``list_file`` lists under ``root``, in the file's order, or only the rows of ``split``
+    (which needs the split column); labels remapped from the label column, kept as ``class_ids``.
+    The rows and files are checked as :func:`read_csv_list` checks them; unreadable images are
+    skipped with a warning."""
+    if split is not None and split not in CSV_SPLITS:
+        raise ValueError(f"read_csv_images: split must be one of {CSV_SPLITS} or None, got {split!r}")
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetLayoutError(f"csv: no such folder {root} (the root the listed paths are relative to)")
+    path = resolve_list_file(root, list_file)
+    rows, has_split = _read_rows(path)
+    if split is not None:
+        if not has_split:
+            raise DatasetLayoutError(f"csv: {path} has no split column, so no {split} rows to choose")
+        rows = [r for r in rows if r[3] == split]
+        if not rows:
+            raise DatasetLayoutError(f"csv: {path} has no {split} row")
+    files = [str(root / p) for _, p, _, _ in rows]
+    _require_files("csv", files, str(path))
+    _require_distinct_files(files, rows, path)
+    return check_images(_image_list(files, [r[2] for r in rows], "csv", split or "listed"), strict)
+
+
 def read_csv_list(root, strict: bool = False, list_file=None, test_classes: TestClasses = None, seed: int = 0) -> DatasetSplits:
     """Images listed in ``list_file`` under ``root`` (see the module docstring for columns and splits)."""
     if not isinstance(strict, bool):

@@ -180,11 +180,11 @@ def _script(cp: int) -> str:
 
 def select_classes(faces: Sequence[_Face], progress: bool = True) -> Dict[int, List[int]]:
     """``{code point: [indices of the faces that cover it]}`` after coverage, ink and confusable filtering."""
-    from tqdm.auto import tqdm
+    from dmlfast.progress import progress_bar
 
     ref_names = next(f for f in faces if f.name == "DejaVuSans").glyph_names
     covered: Dict[int, Dict[int, np.ndarray]] = {}
-    for cp in tqdm(_candidates(), desc="glyphs: checking font coverage", disable=not progress, leave=False):
+    for cp in progress_bar(_candidates(), enabled=progress, desc="glyphs: checking font coverage", leave=False):
         inks = {}
         for i, face in enumerate(faces):
             if cp not in face.cmap:
@@ -243,7 +243,8 @@ def render_glyphs(out_dir, codepoints: Optional[Sequence[int]] = None, progress:
     Images go to ``out_dir/images/U+XXXX/<face>-<variant>.png``; ``manifest.json`` lists classes
     (code point, split, faces) and images (path, code point, face, variant, SHA-256 of pixels)."""
     from PIL import Image
-    from tqdm.auto import tqdm
+
+    from dmlfast.progress import progress_bar
 
     faces = _load_faces()
     classes = select_classes(faces, progress)
@@ -255,7 +256,7 @@ def render_glyphs(out_dir, codepoints: Optional[Sequence[int]] = None, progress:
     out_dir = Path(out_dir)
     images = []
     total = sum(len(v) for v in classes.values()) * VARIANTS
-    with tqdm(total=total, desc="glyphs: rendering", disable=not progress, unit="img") as bar:
+    with progress_bar(total=total, enabled=progress, desc="glyphs: rendering", unit="img") as bar:
         for cp, face_ids in classes.items():
             folder = out_dir / "images" / f"U+{cp:04X}"
             folder.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -119,3 +119,20 @@ def normalize(images, normalization: str):
     mean = torch.tensor(c["mean"], device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(c["std"], device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+def transform_config(dataset: Optional[str], *, train: bool, image_size: Optional[int] = None, resize_size: Optional[int] = None,
+                     crop_scale=None, crop_ratio=None, hflip: Optional[bool] = None, normalization="imagenet") -> TransformConfig:
+    """The transform of images of ``dataset`` (a ``DATASET_DEFAULTS`` name; another name or ``None``:
+    the generic defaults) that ``make_loader`` applies: arguments left as ``None`` come from the
+    dataset's defaults, ``resize_size`` from ``round(image_size * default_resize / default_size)``."""
+    from ._common import DATASET_DEFAULTS, dataset_defaults
+
+    d = dataset_defaults(dataset if dataset in DATASET_DEFAULTS else None)
+    size = d.image_size if image_size is None else image_size
+    if resize_size is None:
+        resize_size = round(size * d.resize_size / d.image_size) if isinstance(size, int) else size
+    return TransformConfig(train=bool(train), image_size=size, resize_size=resize_size,
+                           crop_scale=tuple(d.crop_scale if crop_scale is None else crop_scale),
+                           crop_ratio=tuple(d.crop_ratio if crop_ratio is None else crop_ratio),
+                           hflip=d.hflip if hflip is None else bool(hflip), normalization=normalization)

@@ -93,16 +93,16 @@ def ieee_float32_matmul():
 
 
 def progress_bar(total: int, enabled: bool | None, description: str):
-    """A tqdm bar over ``total`` query rows, or None when disabled, not a TTY or tqdm is missing."""
+    """A tqdm bar over ``total`` query rows, or None when disabled, not a TTY or silenced
+    (:func:`dmlfast.progress.progress_bars`)."""
+    from dmlfast.progress import bars_enabled
+    from dmlfast.progress import progress_bar as make_bar
+
     if enabled is None:
         enabled = sys.stderr.isatty()
-    if not enabled:
+    if not (enabled and bars_enabled()):
         return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=description, unit="query", leave=False)
+    return make_bar(total=total, desc=description, unit="query", leave=False)
 
 
 def search(

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict
 
-from dmlfast.checks import InputError, require_at_least
+from dmlfast.checks import InputError, canonical_name, require_at_least
 
 #: Recall@K cut-offs of each dataset's published evaluation.
 DATASET_KS = {"CUB": (1, 2, 4, 8), "Cars196": (1, 2, 4, 8), "SOP": (1, 10, 100, 1000),
@@ -198,9 +198,11 @@ def apply_dataset_arguments(config: dict, args) -> dict:
 
     config = dict(config)
     if args.dataset is not None:
-        if args.dataset not in DATASETS:
-            raise InputError(f"--dataset: unknown dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
-        config.update(dataset=args.dataset, data_root=None, data_list=None, test_classes=None)
+        try:
+            dataset = canonical_name("dataset", args.dataset, DATASETS)
+        except ValueError as error:
+            raise InputError(f"--dataset: {error}") from error
+        config.update(dataset=dataset, data_root=None, data_list=None, test_classes=None)
     if args.data_root is not None:
         config["data_root"] = str(args.data_root)
     if args.list is not None:

@@ -12,9 +12,10 @@ from dmlfast.training import distributed
 from dmlfast.training.setup import image_options
 from dmlfast.training.throughput import to_model_layout
 
-#: The metrics the training run reports, and the prefixes of their keys in :func:`evaluate_model`'s dict.
+#: The metrics the training run reports (:data:`dmlfast.evaluation.METRICS` names), and the prefixes of
+#: the keys :func:`evaluate_model`'s dict may hold.
 TRAINING_METRICS = ("recall", "map@r", "r_precision")
-_REPORTED = ("recall@", "map@r", "r_precision")
+_REPORTED = ("recall@", "map@r", "r_precision", "nmi")
 
 
 def embed(model, loader, device, dtype, progress: bool, desc: str, dim: Optional[int] = None):
@@ -56,8 +57,12 @@ def embed_list(model, image_list, config, device, dtype, *, batch_size: int, wor
     return torch.nn.functional.normalize(embeddings.float(), dim=1).cpu()
 
 
-def evaluate_model(model, loaders, config: Dict[str, Any], device, dtype, progress: bool) -> Dict[str, float]:
-    """Recall@K (the dataset's Ks), MAP@R and R-Precision of ``model`` on the held-out classes.
+def evaluate_model(model, loaders, config: Dict[str, Any], device, dtype, progress: bool, metrics=TRAINING_METRICS,
+                   **search) -> Dict[str, float]:
+    """Recall@K (the dataset's Ks), MAP@R and R-Precision of ``model`` on the held-out classes, or the
+    ``metrics`` named; ``search``: ``backend``, ``binary`` and ``seed`` of
+    :func:`dmlfast.evaluation.retrieval_metrics` (``config["binary_eval"]`` adds the binarised
+    embeddings' metrics as ``binary_*`` keys).
 
     Under torchrun the loaders are sharded (:func:`dmlfast.training.setup.make_eval_loaders`): every
     rank embeds its share, rank 0 computes the metrics on the gathered embeddings and every rank
@@ -68,21 +73,23 @@ def evaluate_model(model, loaders, config: Dict[str, Any], device, dtype, progre
     reference = reference_labels = None
     if reference_loader is not None:
         reference, reference_labels = embed_all(model, reference_loader, device, dtype, progress, "embed gallery", dim)
-    result = _retrieval_metrics(q, ql, reference, reference_labels, config) if distributed.is_main() else None
+    result = _retrieval_metrics(q, ql, reference, reference_labels, config, metrics, search) if distributed.is_main() else None
     return distributed.broadcast_object(result)
 
 
-def _retrieval_metrics(q, ql, reference, reference_labels, config: Dict[str, Any]) -> Dict[str, float]:
+def _retrieval_metrics(q, ql, reference, reference_labels, config: Dict[str, Any], metrics, search) -> Dict[str, float]:
     """:func:`evaluate_model`'s dict from the embeddings and labels of the whole query (and reference) set."""
     from dmlfast.evaluation import retrieval_metrics
 
     count = len(reference_labels) if reference_labels is not None else len(ql) - 1
     ks = tuple(k for k in config["ks"] if k <= count)
     labels = None if reference_labels is None else reference_labels.cpu().numpy()
+    search = dict(search)
+    binary_only, both = bool(search.pop("binary", False)), bool(config.get("binary_eval"))
     result = {}
-    for binary in (False, True) if config.get("binary_eval") else (False,):
-        metrics = retrieval_metrics(q, ql.cpu().numpy(), ks=ks, reference=reference, reference_labels=labels,
-                                    metrics=TRAINING_METRICS, binary=binary, progress=False)
-        prefix = "binary_" if binary else ""
-        result.update({f"{prefix}{k}": float(v) for k, v in metrics.items() if k.startswith(_REPORTED)})
+    for binary in (False, True) if both else (binary_only,):
+        values = retrieval_metrics(q, ql.cpu().numpy(), ks=ks, reference=reference, reference_labels=labels,
+                                   metrics=tuple(metrics), binary=binary, progress=False, **search)
+        prefix = "binary_" if binary and both else ""
+        result.update({f"{prefix}{k}": float(v) for k, v in values.items() if k.startswith(_REPORTED)})
     return result

@@ -1,6 +1,7 @@
-"""The gallery of ``python -m dmlfast.retrieve``: the images below a folder (or a dataset split),
-embedded once by a checkpoint's model and cached next to the checkpoint, and the search of a query
-against it with the k-NN backends of :mod:`dmlfast.evaluation`.
+"""The gallery of ``python -m dmlfast.retrieve`` (and of ``embed`` and ``index``): the images below a
+folder, listed in a CSV file or of a dataset split, embedded once by a checkpoint's model and cached
+next to the checkpoint, and the search of a query against it with the k-NN backends of
+:mod:`dmlfast.evaluation`.
 """
 from __future__ import annotations
 
@@ -20,27 +21,53 @@ from dmlfast.safe_load import UnreadableFileError, load_torch_file
 from dmlfast.training.embedding import embed_list
 
 
-def gallery_from_folder(folder: Path):
+def gallery_from_folder(folder: Path, flag: str = "--gallery"):
     """``(ImageList, labels)``: the readable images below ``folder`` in sorted order; the label of an
     image is its top-level sub-folder's name (``None`` directly in ``folder``). Links are followed,
-    but no real folder is read twice (:func:`dmlfast.data.image_folders`)."""
+    but no real folder is read twice (:func:`dmlfast.data.image_folders`). Errors name ``flag``."""
     if not isinstance(folder, (str, Path)):
         raise ValueError(f"gallery_from_folder: folder must be a path, got {type(folder).__name__}")
     folder = Path(folder)
     if not folder.is_dir():
-        raise InputError(f"--gallery: no such folder: {folder}")
+        raise InputError(f"{flag}: no such folder: {folder}")
     (found,) = image_folders(folder)  # links followed, no folder read twice
     paths = sorted([*found.loose, *(p for files in found.classes.values() for p in files)])
     if not paths:
-        raise InputError(f"--gallery: no images ({', '.join(IMAGE_EXTENSIONS)}) below {folder}")
+        raise InputError(f"{flag}: no images ({', '.join(IMAGE_EXTENSIONS)}) below {folder}")
     checked = check_images(ImageList(paths, np.zeros(len(paths), dtype=np.int64), ["-"], str(folder), "gallery"), strict=False, remap=False)
     if len(checked) == 0:
-        raise InputError(f"--gallery: none of the {len(paths)} images below {folder} is readable")
+        raise InputError(f"{flag}: none of the {len(paths)} images below {folder} is readable")
     labels = []
     for p in checked.paths:
         parts = Path(os.path.relpath(p, folder)).parts
         labels.append(parts[0] if len(parts) > 1 else None)
     return checked, labels
+
+
+def gallery_from_list(list_file: Path, data_root: Optional[Path] = None, split: Optional[str] = None):
+    """``(ImageList, labels)``: the readable images ``list_file`` lists (rows ``path,label[,split]``,
+    paths relative to ``data_root``, default the list's folder), in its order, or only its ``split``
+    rows; each image's label is its row's label (:func:`dmlfast.data.custom.read_csv_images`)."""
+    from dmlfast.data import DatasetLayoutError
+    from dmlfast.data.custom import read_csv_images
+
+    root = Path(list_file).parent if data_root is None else Path(data_root)
+    try:
+        listed = read_csv_images(root, list_file, split)
+    except DatasetLayoutError as error:
+        raise InputError(f"--list: {' '.join(str(error).split())}") from error
+    if len(listed) == 0:
+        raise InputError(f"--list: none of the images {list_file} lists is readable")
+    return listed, listed.label_names()
+
+
+def file_digest(path: Path, digest=None):
+    """``digest`` (default a new SHA-256) updated with the bytes of the file at ``path``, read in 4 MiB blocks."""
+    digest = hashlib.sha256() if digest is None else digest
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest
 
 
 def cache_key(checkpoint: Path, paths: Sequence[str], config, dtype) -> str:
@@ -49,10 +76,7 @@ def cache_key(checkpoint: Path, paths: Sequence[str], config, dtype) -> str:
         raise ValueError(f"cache_key: checkpoint must be an existing file, got {checkpoint!r}")
     if isinstance(paths, str) or not all(isinstance(p, str) for p in paths):
         raise ValueError("cache_key: paths must be a sequence of path strings")
-    digest = hashlib.sha256()
-    with open(checkpoint, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
+    digest = file_digest(checkpoint)
     digest.update(repr((config["model"], config["image_size"], config.get("resize_size"), config["dataset"], str(dtype))).encode())
     for p in paths:
         st = os.stat(p)
@@ -100,14 +124,18 @@ def _write_cache(cache: Path, content) -> bool:
     return True
 
 
-def nearest(query: torch.Tensor, reference: torch.Tensor, k: int, backend: str):
+def nearest(query: torch.Tensor, reference: torch.Tensor, k: int, backend: str, exclude: Optional[int] = None):
     """``(concrete backend, similarities, indices)`` of the ``k`` references most similar to the one
-    ``query`` row, best first; ``InputError`` naming ``--backend`` when it cannot serve the search."""
+    ``query`` row, best first, reference ``exclude`` left out (the query itself, when it is a gallery
+    image); ``InputError`` naming ``--backend`` when it cannot serve the search."""
     from dmlfast.evaluation.knn import default_chunk_size, resolve_backend, search
 
+    depth = k + (exclude is not None)
     try:
-        backend = resolve_backend(backend, query.device, k)
+        backend = resolve_backend(backend, query.device, depth)
     except ValueError as error:
         raise InputError(f"--backend: {error}") from error
-    ((_, similarities, indices),) = list(search(query, reference.to(query.dtype), k, backend, default_chunk_size(len(reference)), progress=False))
-    return backend, similarities[0].tolist(), indices[0].tolist()
+    ((_, similarities, indices),) = list(search(query, reference.to(query.dtype), depth, backend,
+                                                default_chunk_size(len(reference)), progress=False))
+    kept = [(s, i) for s, i in zip(similarities[0].tolist(), indices[0].tolist()) if i != exclude][:k]
+    return backend, [s for s, _ in kept], [i for _, i in kept]

@@ -155,7 +155,7 @@ def plot_curves(history: List[Dict[str, Any]], path) -> Path:
             ax_r1.plot(*zip(*points), marker="o", label=label)
     if ax_r1.lines:
         ax_r1.legend(fontsize=8)
-    ax_r1.set(xlabel="epoch (0 = before training)", ylabel="metric", title="held-out classes")
+    ax_r1.set(xlabel="epoch (0 = before training)", ylabel="metric (fraction, 0-1)", title="held-out classes", ylim=(0, 1))
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)

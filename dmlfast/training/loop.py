@@ -257,7 +257,7 @@ def _evaluate_untrained(run: Run) -> None:
     run.best = {"epoch": 0, "recall@1": before["recall@1"]}
     run.start_epoch = 0
     run.logger.log("eval", 0, epoch=0, **before)
-    say(f"before training: Recall@1 {100 * before['recall@1']:.2f}, MAP@R {100 * before['map@r']:.2f}")
+    say(f"before training: Recall@1 {before['recall@1']:.4f}, MAP@R {before['map@r']:.4f}")
 
 
 def save_checkpoints(run: Run, epoch: int, *paths: Path) -> None:
@@ -396,8 +396,7 @@ def end_epoch(run: Run, epoch: int, losses: List[float]) -> None:
     if epoch % run.config["eval_every"] == 0 or epoch == run.config["epochs"]:
         metrics = _evaluate(run, epoch, run.eval_loaders, "the evaluation's embeddings")
         record.update(metrics)
-        say(f"epoch {epoch}: loss {record['loss']:.4f}, Recall@1 {100 * metrics['recall@1']:.2f}, "
-            f"MAP@R {100 * metrics['map@r']:.2f}")
+        say(f"epoch {epoch}: loss {record['loss']:.4f}, Recall@1 {metrics['recall@1']:.4f}, MAP@R {metrics['map@r']:.4f}")
     else:
         say(f"epoch {epoch}: loss {record['loss']:.4f}")
     run.history.append(record)
@@ -445,14 +444,15 @@ def finish_run(run: Run) -> Dict[str, Any]:
 
 def format_summary(before: Dict[str, float], after: Dict[str, float], best: Dict[str, Any], seconds: float,
                    images_per_s: float) -> str:
-    """The end-of-run table: each metric before and after training, the best epoch, time and speed."""
+    """The end-of-run table: each metric before and after training (fractions in [0, 1], as everywhere),
+    the best epoch, time and speed."""
     names = [k for k in before if k.startswith("recall@")] + ["map@r"]
     names += [k for k in before if k.startswith("binary_recall@")] + [k for k in before if k == "binary_map@r"]
     lines = [f"{'metric':<18}{'before':>9}{'after':>9}{'change':>9}", "-" * 45]
     for name in names:
         b, a = before.get(name, float("nan")), after.get(name, float("nan"))
-        lines.append(f"{name:<18}{100 * b:>9.2f}{100 * a:>9.2f}{100 * (a - b):>+9.2f}")
+        lines.append(f"{name:<18}{b:>9.4f}{a:>9.4f}{a - b:>+9.4f}")
     lines.append("-" * 45)
-    lines.append(f"best Recall@1 {100 * best['recall@1']:.2f} at epoch {best['epoch']}")
+    lines.append(f"best Recall@1 {best['recall@1']:.4f} at epoch {best['epoch']}")
     lines.append(f"time {seconds:.1f} s, training {images_per_s:.0f} images/s")
     return "\n".join(lines)

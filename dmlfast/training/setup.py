@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from dmlfast import data
-from dmlfast.checks import InputError, one_of
+from dmlfast.checks import InputError, canonical_name, one_of
 from dmlfast.training import distributed
 from dmlfast.training.checkpoint import CheckpointError, load_checkpoint
 from dmlfast.training.config import AMP_MODES, apply_dataset_arguments, dataset_options
@@ -213,9 +213,10 @@ def make_loss(config: Dict[str, Any], num_classes: int):
     ``proxy_synthesis``."""
     from dmlfast.losses import LOSSES, SYNTHESIS_LOSSES, ProxySynthesis
 
-    name = config["loss"]
-    if name not in LOSSES:
-        raise InputError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+    try:
+        name = canonical_name("loss", config["loss"], LOSSES)
+    except ValueError as error:
+        raise InputError(f"--loss: {error}") from error
     try:
         if config.get("shard_proxies"):
             from dmlfast.sharded import make_sharded_loss
