@@ -17,7 +17,7 @@ namespace dmlfast {
   X(PositivePairs<T>) X(PositiveScatter<T>) X(IdmlPositive<T>)                               \
   X(ColumnScales<T>) X(AnchorPositive<T>) X(AnchorPositiveFinish<T>) X(AnchorPartial<T>)     \
   X(AnchorMerge<T>) X(AnchorLoss<T>) X(ColumnSum<T>) X(IdmlPairs<T>) X(SoftmaxSlices<T>)      \
-  X(SoftmaxMerge<T>) X(SoftmaxRowUpdate<T>) X(SoftmaxLoss<T>)
+  X(SoftmaxMerge<T>) X(SoftmaxRowUpdate<T>) X(SoftmaxLoss<T>) X(SoftmaxExpScales<T>)
 // T with each dtype the tile GEMMs read (O) or the embeddings' gradient is written in.
 #define DMLFAST_KERNELS_OF_ACC_STORE(X, T, O) \
   X(AnchorApply<T, O>) X(IdmlChain<T, O>) X(SoftmaxGrad<T, O>) X(EmbeddingBackward<T, O>) X(ProxyGradFinish<T, O>)

@@ -92,6 +92,25 @@ struct TileView {
   DMLFAST_HD E& at(int64_t row, int64_t col) const { return data[row * row_stride + col * col_stride]; }
 };
 
+// A [rows, cols] matrix stored row by row (the softmax family's tiles on every device): a row is
+// a plain array, which the CPU compiler can vectorize along.
+template <typename E>
+struct RowMajorView {
+  E* data;
+  int64_t row_stride;
+  DMLFAST_HD E& at(int64_t row, int64_t col) const { return data[row * row_stride + col]; }
+  DMLFAST_HD E* row(int64_t r) const { return data + r * row_stride; }
+};
+
+// Before a loop whose iterations are independent although its arrays may be the same one (a tile
+// updated in place, element by element): lets the host compiler vectorize it without a runtime
+// overlap check that such loops would fail.
+#if defined(__CUDA_ARCH__) || !defined(__GNUC__) || defined(__clang__)
+#define DMLFAST_INDEPENDENT_ITERATIONS
+#else
+#define DMLFAST_INDEPENDENT_ITERATIONS _Pragma("GCC ivdep")
+#endif
+
 // The (column, group of rows) a tile thread owns: consecutive threads own consecutive columns
 // (coalesced reads of a row-major tile), and the groups split the batch so that a tile of a few
 // hundred columns still has thousands of threads.
@@ -847,7 +866,7 @@ struct ClassSimilarity {
 
 template <typename T>
 struct SoftmaxTile {
-  TileView<T> sim;          // [B, cols]: S; cols = K * the tile's classes
+  RowMajorView<T> sim;      // [B, cols]: S; cols = K * the tile's classes
   const int64_t* labels;    // [B], local classes
   int64_t rows, cols, first_class;
   const T* inv_norm;        // [cols] 1 / m_c
@@ -904,52 +923,160 @@ struct SoftmaxTile {
   DMLFAST_HD bool is_target(int64_t b, int64_t j) const { return labels[b] - first_class == j; }
 };
 
+// The largest of v[from, to) and `init`, in four independent lanes (a pipelined loop).
+template <typename T>
+DMLFAST_HD T max_over(const T* v, int64_t from, int64_t to, T init) {
+  T lane0 = init, lane1 = init, lane2 = init, lane3 = init;
+  int64_t c = from;
+  for (; c + 4 <= to; c += 4) {
+    lane0 = math::max(lane0, v[c]);
+    lane1 = math::max(lane1, v[c + 1]);
+    lane2 = math::max(lane2, v[c + 2]);
+    lane3 = math::max(lane3, v[c + 3]);
+  }
+  for (; c < to; ++c) lane0 = math::max(lane0, v[c]);
+  return math::max(math::max(lane0, lane1), math::max(lane2, lane3));
+}
+
+// sum of v[0, n) in double, in four interleaved lanes added in a fixed order.
+template <typename T>
+DMLFAST_HD double sum_over(const T* v, int64_t n) {
+  double lane0 = 0, lane1 = 0, lane2 = 0, lane3 = 0;
+  int64_t c = 0;
+  for (; c + 4 <= n; c += 4) {
+    lane0 += v[c];
+    lane1 += v[c + 1];
+    lane2 += v[c + 2];
+    lane3 += v[c + 3];
+  }
+  for (; c < n; ++c) lane0 += v[c];
+  return (lane0 + lane1) + (lane2 + lane3);
+}
+
 // Pass 1, one thread per (row b, slice j) with index b * slices + j: the slice holds the tile's
 // classes j, j + slices, j + 2 slices, ... (neighbouring threads read neighbouring columns; with one
 // slice a row is walked in order). Writes the slice's partials and, where the row's target is
-// among its classes, the target logit.
+// among its classes, the target logit. With `exps`, it also leaves e^{z_bj - shift} of each class
+// there ([B, classes of the tile]; 0 for an excluded target) and the slice's shift, its largest
+// denominator logit, in `shifts` [B * slices]: pass 2 then needs no exponential per element.
 template <typename T>
 struct SoftmaxSlices {
   SoftmaxTile<T> tile;
   int64_t slices;
+  bool logit_sums;          // whether the partials' logit sums are needed (label smoothing, shards)
   SoftmaxPartials<T> out;   // [B * slices]
   double* target_logit;     // [B]
+  T* exps;                  // [B, classes of the tile] out, or null
+  T* shifts;                // [B * slices] out, with exps
 
   DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
     const SoftmaxTile<T>& t = tile;
     const int64_t index = block * block_dim + thread;
     const int64_t b = index / slices, j = index % slices;
     if (b >= t.rows) return;
+    const int64_t target = t.labels[b] - t.first_class;
+    if (exps != nullptr && slices == 1 && t.classes.centers == 1) {
+      one_center_row(index, b, target);
+      return;
+    }
     const int64_t classes = t.classes_in_tile();
     bool any = false;
     T max = 0;
     double logit_sum = 0;
-    const int64_t target = t.labels[b] - t.first_class;
     double sum = 0;
-    // One walk with an online max: the sum is rescaled when the max grows (one exponential per class
-    // either way).
-    for (int64_t c = j; c < classes; c += slices) {
-      const T z = t.logit(c == target, t.class_similarity(b, c));
-      logit_sum += z;
-      if (c == target) {
-        target_logit[b] = z;
-        if (t.exclude_positive) continue;
-      }
-      if (!any) {
-        max = z;
-        sum = 1;
+    if (exps != nullptr) {
+      // Two walks: the logits and their max, then each e^{z - max} in place.
+      T* row = exps + b * classes;
+      for (int64_t c = j; c < classes; c += slices) {
+        const T z = t.logit(c == target, t.class_similarity(b, c));
+        if (logit_sums) logit_sum += z;
+        row[c] = z;
+        if (c == target) {
+          target_logit[b] = z;
+          if (t.exclude_positive) continue;
+        }
+        max = any ? math::max(max, z) : z;
         any = true;
-      } else if (z > max) {
-        sum = sum * static_cast<double>(math::exp(max - z)) + 1;
-        max = z;
-      } else {
-        sum += math::exp(z - max);
+      }
+      for (int64_t c = j; c < classes; c += slices) {
+        const T e = (c == target && t.exclude_positive) ? T(0) : math::exp(row[c] - max);
+        row[c] = e;
+        sum += e;
+      }
+      shifts[index] = max;
+    } else {
+      // One walk with an online max: the sum is rescaled when the max grows (one exponential per
+      // class either way).
+      for (int64_t c = j; c < classes; c += slices) {
+        const T z = t.logit(c == target, t.class_similarity(b, c));
+        if (logit_sums) logit_sum += z;
+        if (c == target) {
+          target_logit[b] = z;
+          if (t.exclude_positive) continue;
+        }
+        if (!any) {
+          max = z;
+          sum = 1;
+          any = true;
+        } else if (z > max) {
+          sum = sum * static_cast<double>(math::exp(max - z)) + 1;
+          max = z;
+        } else {
+          sum += math::exp(z - max);
+        }
       }
     }
-    const int64_t slot = b * slices + j;
-    out.max[slot] = max;
-    out.sum[slot] = any ? sum : 0.0;
-    out.logit_sum[slot] = logit_sum;
+    out.max[index] = max;
+    out.sum[index] = any ? sum : 0.0;
+    out.logit_sum[index] = logit_sum;
+  }
+
+  // One center per class and one slice per row (the CPU): the same two walks as loops without
+  // branches, the row's target (`target`, if in this tile) handled on its own.
+  DMLFAST_HD void one_center_row(int64_t index, int64_t b, int64_t target) const {
+    const SoftmaxTile<T>& t = tile;
+    const int64_t classes = t.cols;
+    const T* sim = t.sim.row(b);
+    T* row = exps + b * classes;  // may be the tile itself (unkept tiles): read each element first
+    const bool has_target = target >= 0 && target < classes;
+    const bool excluded = has_target && t.exclude_positive;
+    const T target_z = has_target ? t.logit(true, t.cosine(b, target)) : T(0);
+    DMLFAST_INDEPENDENT_ITERATIONS
+    for (int64_t c = 0; c < classes; ++c) row[c] = t.logit(false, sim[c] * t.inv_norm[c]);
+    if (has_target) {
+      row[target] = target_z;
+      target_logit[b] = target_z;
+    }
+    const double logit_sum = logit_sums ? sum_over(row, classes) : 0.0;
+    const bool any = classes > (excluded ? 1 : 0);
+    const int64_t first = excluded && target == 0 ? 1 : 0;
+    T max = any ? row[first] : T(0);
+    if (excluded) {
+      max = max_over(row, target + 1, classes, max_over(row, first, target, max));
+    } else {
+      max = max_over(row, first, classes, max);
+    }
+    for (int64_t c = 0; c < classes; ++c) row[c] = math::exp(row[c] - max);
+    if (excluded) row[target] = 0;
+    shifts[index] = max;
+    out.max[index] = max;
+    out.sum[index] = any ? sum_over(row, classes) : 0.0;
+    out.logit_sum[index] = logit_sum;
+  }
+};
+
+// Pass 2 with kept exponentials, one thread per (row b, slice j) of a tile: the slice's shift
+// becomes e^{shift - lse_b}, the factor that turns its kept e^{z - shift} into p = e^{z - lse_b}.
+template <typename T>
+struct SoftmaxExpScales {
+  T* shifts;                // [B * slices] in: pass 1's shifts; out: the factors
+  int64_t rows, slices;
+  const T* row_lse;         // [B]
+
+  DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
+    const int64_t index = block * block_dim + thread;
+    if (index >= rows * slices) return;
+    shifts[index] = math::exp(shifts[index] - row_lse[index / slices]);
   }
 };
 
@@ -1037,59 +1164,132 @@ struct SoftmaxLoss {
   }
 };
 
-// Pass 2, one thread per (class j of the tile, group of rows): with dL/ds' = (scale/B)(p_bj - T_bj)
+// Pass 2, one thread per (run of classes, group of rows): with dL/ds' = (scale/B)(p_bj - T_bj)
 // for s' = f(s) at the target and s elsewhere, p_bj = e^{z_bj - lse_b} (0 for a target excluded from
 // the denominator) and T the smoothed targets, each of the class's K centers c gets
-// G_bc = dL/ds' f'(s) ds/dcos_c; G' = G / m_c into `out` (which may be the tile: a row's K columns are
-// read before they are written), and the group's sums of G cos for kappa (ColumnSum). One thread
-// per class computes the class similarity once per row, whatever K.
+// G_bc = dL/ds' f'(s) ds/dcos_c; G' = G / m_c into `out` (which may be the tile: each element is
+// read before it is written), and the group's sums of G cos for kappa (ColumnSum), summed in row
+// order. The class similarity is computed once per row and class, whatever K. Runs of one class
+// (the GPU) keep a one-center class's sum in a register; longer runs (the CPU) walk each row of the
+// run, the rows' non-target classes in one loop without branches.
 template <typename T, typename O>
 struct SoftmaxGrad {
   SoftmaxTile<T> tile;
   int64_t rows_per_group;
+  int64_t classes_per_thread;
   const T* row_lse;         // [B]
   T target_weight;          // T_{b,y_b}: 1 - smoothing
   T other_weight;           // T_{b,c != y_b}: smoothing / (C - 1)
   T grad_scale;             // scale / B
-  TileView<O> out;          // [B, cols]
+  RowMajorView<O> out;      // [B, cols]
   T* cos_partial;           // [groups * cols] out
+  const T* exps;            // pass 1's kept e^{z - shift} ([B, classes of the tile]), or null: recomputed
+  const T* exp_scales;      // [B * slices] e^{shift - lse_b} of the row's slice (SoftmaxExpScales)
+  int64_t slices;           // pass 1's slices of this tile
+
+  // p_bj = e^{z_bj - lse_b}, 0 for a target excluded from the denominator.
+  DMLFAST_HD T probability(int64_t b, int64_t j, bool is_target, T similarity) const {
+    if (exps != nullptr) return exps[b * tile.classes_in_tile() + j] * exp_scales[b * slices + j % slices];
+    return recomputed_probability(b, is_target, similarity);
+  }
+
+  // p_bj from the logit, recomputed exactly as pass 1 rounded it: with one class, p is then exactly 1.
+  DMLFAST_HD T recomputed_probability(int64_t b, bool is_target, T similarity) const {
+    const SoftmaxTile<T>& t = tile;
+    return (is_target && t.exclude_positive) ? T(0) : math::exp(t.logit(is_target, similarity) - row_lse[b]);
+  }
+
+  // dL/ds of a class with probability `prob` and similarity s: (scale/B)(p - T) f'(s).
+  DMLFAST_HD T class_grad(T prob, bool is_target, T similarity) const {
+    const T grad = grad_scale * (prob - (is_target ? target_weight : other_weight));
+    return is_target ? grad * tile.classes.target_slope(similarity) : grad;
+  }
+
+  // One center per class: G of class j for row b into the tile; returns G cos.
+  DMLFAST_HD T one_center(int64_t b, int64_t j, bool is_target) const {
+    const T cosine = tile.cosine(b, j);
+    const T grad = class_grad(probability(b, j, is_target, cosine), is_target, cosine);
+    out.at(b, j) = static_cast<O>(grad * tile.inv_norm[j]);
+    return grad * cosine;
+  }
+
+  // K centers per class: G of class j's centers for row b into the tile, G cos into partial[k].
+  DMLFAST_HD void centers_of(int64_t b, int64_t j, T* partial) const {
+    const SoftmaxTile<T>& t = tile;
+    const int64_t first = j * t.classes.centers;
+    const ClassSimilarity<T> s = t.similarity(b, j);
+    const bool is_target = t.is_target(b, j);
+    const T grad = class_grad(probability(b, j, is_target, s.similarity), is_target, s.similarity);
+    for (int64_t k = 0; k < t.classes.centers; ++k) {
+      const T cosine = t.cosine(b, first + k);
+      const T g = grad * t.center_slope(s, k, cosine);
+      partial[k] += g * cosine;
+      out.at(b, first + k) = static_cast<O>(g * t.inv_norm[first + k]);
+    }
+  }
+
+  // One center per class, row b's classes [from, to), none of them its target: loops without
+  // branches, p either recomputed or, from kept exponentials with one slice per row,
+  // e^{z - shift} e^{shift - lse} with one factor per row.
+  DMLFAST_HD void others(int64_t b, int64_t from, int64_t to, T* partial) const {
+    const SoftmaxTile<T>& t = tile;
+    if (exps != nullptr && slices != 1) {
+      for (int64_t j = from; j < to; ++j) partial[j] += one_center(b, j, false);
+      return;
+    }
+    const T* sim = t.sim.row(b);
+    O* grads = out.row(b);
+    if (exps == nullptr) {
+      for (int64_t j = from; j < to; ++j) {
+        const T cosine = sim[j] * t.inv_norm[j];
+        const T grad = class_grad(recomputed_probability(b, false, cosine), false, cosine);
+        partial[j] += grad * cosine;
+        grads[j] = static_cast<O>(grad * t.inv_norm[j]);
+      }
+      return;
+    }
+    const T factor = exp_scales[b];
+    const T* kept = exps + b * t.classes_in_tile();
+    DMLFAST_INDEPENDENT_ITERATIONS
+    for (int64_t j = from; j < to; ++j) {
+      const T cosine = sim[j] * t.inv_norm[j];
+      const T grad = class_grad(kept[j] * factor, false, cosine);
+      partial[j] += grad * cosine;
+      grads[j] = static_cast<O>(grad * t.inv_norm[j]);
+    }
+  }
 
   DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
     const SoftmaxTile<T>& t = tile;
-    const int64_t centers = t.classes.centers;
-    ColumnGroup cg;
-    if (!column_group(block * block_dim + thread, t.classes_in_tile(), t.rows, rows_per_group, cg)) return;
-    const int64_t j = cg.column, first = j * centers;
-    T* partial = cos_partial + cg.group * t.cols + first;
-    if (centers == 1) {  // the cosine is the class similarity: no per-center slopes
-      const T inv_norm = t.inv_norm[j];
+    const int64_t centers = t.classes.centers, classes = t.classes_in_tile();
+    const int64_t runs = blocks_for(classes, classes_per_thread);
+    const int64_t index = block * block_dim + thread;
+    const int64_t run = index % runs, group = index / runs;
+    const int64_t first_row = group * rows_per_group;
+    if (first_row >= t.rows) return;
+    const int64_t last_row = math::min(first_row + rows_per_group, t.rows);
+    const int64_t from = run * classes_per_thread, to = math::min(from + classes_per_thread, classes);
+    T* partial = cos_partial + group * t.cols;
+    if (classes_per_thread == 1 && centers == 1) {
       T cos_sum = 0;
-      for (int64_t b = cg.first_row; b < cg.last_row; ++b) {
-        const bool is_target = t.is_target(b, j);
-        const T cosine = t.cosine(b, j);
-        // The logit exactly as pass 1 rounded it: with one class, p is then exactly 1.
-        const T prob = (is_target && t.exclude_positive) ? T(0) : math::exp(t.logit(is_target, cosine) - row_lse[b]);
-        T grad = grad_scale * (prob - (is_target ? target_weight : other_weight));
-        if (is_target) grad *= t.classes.target_slope(cosine);
-        cos_sum += grad * cosine;
-        out.at(b, j) = static_cast<O>(grad * inv_norm);
-      }
-      *partial = cos_sum;
+      for (int64_t b = first_row; b < last_row; ++b) cos_sum += one_center(b, from, t.is_target(b, from));
+      partial[from] = cos_sum;
       return;
     }
-    for (int64_t k = 0; k < centers; ++k) partial[k] = 0;
-    for (int64_t b = cg.first_row; b < cg.last_row; ++b) {
-      const ClassSimilarity<T> s = t.similarity(b, j);
-      const bool is_target = t.is_target(b, j);
-      const T prob = (is_target && t.exclude_positive) ? T(0) : math::exp(t.logit(is_target, s.similarity) - row_lse[b]);
-      T grad = grad_scale * (prob - (is_target ? target_weight : other_weight));
-      if (is_target) grad *= t.classes.target_slope(s.similarity);
-      for (int64_t k = 0; k < centers; ++k) {
-        const T cosine = t.cosine(b, first + k);
-        const T g = grad * t.center_slope(s, k, cosine);
-        partial[k] += g * cosine;
-        out.at(b, first + k) = static_cast<O>(g * t.inv_norm[first + k]);
+    for (int64_t c = from * centers; c < to * centers; ++c) partial[c] = 0;
+    for (int64_t b = first_row; b < last_row; ++b) {
+      if (centers > 1) {
+        for (int64_t j = from; j < to; ++j) centers_of(b, j, partial + j * centers);
+        continue;
       }
+      const int64_t target = t.labels[b] - t.first_class;
+      if (target < from || target >= to) {
+        others(b, from, to, partial);
+        continue;
+      }
+      others(b, from, target, partial);
+      partial[target] += one_center(b, target, true);
+      others(b, target + 1, to, partial);
     }
   }
 };

@@ -5,9 +5,11 @@
 // Two passes over tiles of proxies: pass 1 reduces each row's log-sum-exp (SoftmaxSlices, then
 // a fixed-order merge tree, then SoftmaxRowUpdate), logit sum and target logit; pass 2 writes G'
 // tile by tile from the row LSE (SoftmaxGrad) and runs the GEMMs. Unsharded, one call runs both,
-// reusing pass 1's tiles of S when they fit a budget. Sharded across processes, each pass is its
-// own op, so that the row statistics can be reduced across shards in between (a distributed
-// log-sum-exp, as in class-sharded softmax training).
+// reusing pass 1's tiles of S when they fit a budget and, where the plan says so (the CPU), pass 1's
+// e^{z - shift}, so that pass 2 multiplies by e^{shift - lse} instead of exponentiating again (an
+// exponential costs the CPU more than reading the kept value; the GPU recomputes it). Sharded
+// across processes, each pass is its own op, so that the row statistics can be reduced across
+// shards in between (a distributed log-sum-exp, as in class-sharded softmax training).
 #include <ATen/ATen.h>
 
 #include <cmath>
@@ -61,6 +63,14 @@ TilePlan softmax_plan(const at::Tensor& x, int64_t proxy_rows, at::ScalarType ac
   return plan;
 }
 
+// Pass 1's tiles of S kept for pass 2 (undefined: pass 2 recomputes them) and, with the plan's
+// keep_exponentials, each tile's e^{z - shift} per class and its (row, slice) shifts.
+struct KeptTiles {
+  at::Tensor sims;    // [tiles * B * tile_columns]
+  at::Tensor exps;    // [tiles * B * tile classes], or undefined
+  at::Tensor shifts;  // [tiles * B * max slices], or undefined
+};
+
 SoftmaxRows empty_softmax_rows(const at::Tensor& x) {
   return {at::zeros({4, x.size(0)}, x.options().dtype(at::kDouble))};
 }
@@ -92,18 +102,32 @@ class SoftmaxTiles {
   int64_t rows_of_proxies() const { return p_.size(0); }
   int64_t tiles() const { return blocks_for(rows_of_proxies(), plan_.tile_columns); }
 
-  // Whether pass 1's tiles of S fit the reuse budget (otherwise pass 2 recomputes them).
+  // Whether pass 1's tiles of S (and exponentials) fit the reuse budget (otherwise pass 2
+  // recomputes them).
   bool tiles_fit() const {
-    return rows_of_proxies() * batch() * static_cast<int64_t>(sizeof(T)) <=
-           std::max(kSoftmaxReuseBytes, plan_.tile_columns * batch() * static_cast<int64_t>(sizeof(T)));
+    const int64_t centers = logits_.centers;
+    const int64_t per_row = plan_.keep_exponentials ? rows_of_proxies() + rows_of_proxies() / centers : rows_of_proxies();
+    const int64_t per_tile = plan_.keep_exponentials ? plan_.tile_columns + plan_.tile_columns / centers : plan_.tile_columns;
+    const int64_t bytes = batch() * static_cast<int64_t>(sizeof(T));
+    return per_row * bytes <= std::max(kSoftmaxReuseBytes, per_tile * bytes);
   }
 
   // Pass 1: merges every row's statistics over these proxies into `rows` (logit sums only when
-  // `with_logit_sum`). With `keep`, each tile's S stays in the returned buffer for pass 2.
-  at::Tensor row_pass(const SoftmaxRows& rows, bool with_logit_sum, bool keep) {
+  // `with_logit_sum`). With `keep`, each tile's S (and exponentials) stays for pass 2.
+  KeptTiles row_pass(const SoftmaxRows& rows, bool with_logit_sum, bool keep) {
     const int64_t B = batch(), C = rows_of_proxies(), tile = plan_.tile_columns;
+    const int64_t max_slices = slices_of(tile), tile_classes = tile / logits_.centers;
+    KeptTiles kept;
     const at::Tensor sims = at::empty({(keep ? tiles() : 1) * B * tile}, acc_options_);
-    const int64_t max_slices = slices_of(tile);
+    if (keep) kept.sims = sims;
+    if (keep && plan_.keep_exponentials) {
+      kept.exps = at::empty({tiles() * B * tile_classes}, acc_options_);
+      kept.shifts = at::empty({tiles() * B * max_slices}, acc_options_);
+    }
+    // Unkept tiles with one center per class are pass 1's own to overwrite: where the plan keeps
+    // exponentials, the walks that leave them run there too (faster on the CPU than one walk).
+    const bool in_tile = !keep && plan_.keep_exponentials && logits_.centers == 1;
+    const at::Tensor shift_scratch = in_tile ? at::empty({B * max_slices}, acc_options_) : at::Tensor();
     // Partials of the merge tree's levels, ping-ponged between two buffers of 3 arrays each.
     const at::Tensor level_max = at::empty({2, B * max_slices}, acc_options_);
     const at::Tensor level_sums = at::empty({2, 2, B * max_slices}, acc_options_.dtype(at::kDouble));
@@ -118,7 +142,13 @@ class SoftmaxTiles {
       const at::Tensor sim = similarity(sims, keep ? index : 0, pt);
       const int64_t slices = slices_of(cols);
       int level = 0;
-      launch(x_, B * slices, SoftmaxSlices<T>{tile_args(sim, pt), slices, partials(level), state.target_logit});
+      T* exps = kept.exps.defined() ? data_as<T>(kept.exps) + index * B * tile_classes
+                                    : (in_tile ? data_as<T>(sim) : nullptr);
+      T* shifts = kept.shifts.defined() ? data_as<T>(kept.shifts) + index * B * max_slices
+                                        : (in_tile ? data_as<T>(shift_scratch) : nullptr);
+      launch(x_, B * slices,
+             SoftmaxSlices<T>{tile_args(sim, pt), slices, with_logit_sum, partials(level), state.target_logit, exps,
+                              shifts});
       int64_t count = slices;
       while (count > plan_.merge_fan_in) {
         const int64_t next = blocks_for(count, plan_.merge_fan_in);
@@ -128,13 +158,14 @@ class SoftmaxTiles {
       }
       launch(x_, B, SoftmaxRowUpdate<T>{partials(level), B, count, state});
     }
-    return keep ? sims : at::Tensor();
+    return kept;
   }
 
   // Pass 2 from complete row statistics: the loss, and G' tile by tile (from pass 1's `kept`
-  // tiles, or recomputed when undefined) into dL/dx and dL/dp.
-  LossAndGrads loss_and_grads(const SoftmaxRows& rows, double smoothing, const at::Tensor& kept) {
+  // tiles, or recomputed when they are undefined) into dL/dx and dL/dp.
+  LossAndGrads loss_and_grads(const SoftmaxRows& rows, double smoothing, const KeptTiles& kept) {
     const int64_t B = batch(), D = x_.size(1), C = rows_of_proxies(), tile = plan_.tile_columns;
+    const int64_t max_slices = slices_of(tile), tile_classes = tile / logits_.centers;
     const int64_t total = shard_.total;
     const double other_weight = total > 1 ? smoothing / static_cast<double>(total - 1) : 0.0;
     const double* stats = rows.stats.const_data_ptr<double>();
@@ -145,7 +176,7 @@ class SoftmaxTiles {
                           1.0 - smoothing, other_weight, data_as<T>(row_lse), data_as<T>(loss)});
     const at::Tensor grad_unit = at::zeros({B, D}, acc_options_);
     at::Tensor grad_p = at::empty_like(p_);
-    const at::Tensor sims = kept.defined() ? kept : at::empty({B * tile}, acc_options_);
+    const at::Tensor sims = kept.sims.defined() ? kept.sims : at::empty({B * tile}, acc_options_);
     const bool low_precision = plan_.gemm_dtype != acc_;  // G' goes over S unless the GEMMs read another dtype
     const at::Tensor grad_buffer = low_precision ? at::empty({B * tile}, x_.options().dtype(plan_.gemm_dtype)) : at::Tensor();
     const at::Tensor scratch = low_precision ? at::empty({B, D}, acc_options_) : at::Tensor();
@@ -153,15 +184,21 @@ class SoftmaxTiles {
     for (int64_t first = 0, index = 0; first < C; first += tile, ++index) {
       const int64_t cols = std::min(tile, C - first);
       const ProxyTile pt = proxy_tile(proxy_space_, p_, first, cols, acc_, checks_.device_flags());
-      const at::Tensor sim = kept.defined() ? prefix(sims.narrow(0, index * B * tile, B * cols), B, cols)
-                                            : similarity(sims, 0, pt);
+      const at::Tensor sim = kept.sims.defined() ? prefix(sims.narrow(0, index * B * tile, B * cols), B, cols)
+                                                 : similarity(sims, 0, pt);
+      const int64_t slices = slices_of(cols);
+      const T* exps = kept.exps.defined() ? const_data_as<T>(kept.exps) + index * B * tile_classes : nullptr;
+      T* exp_scales = kept.shifts.defined() ? data_as<T>(kept.shifts) + index * B * max_slices : nullptr;
+      if (exp_scales != nullptr) launch(x_, B * slices, SoftmaxExpScales<T>{exp_scales, B, slices, const_data_as<T>(row_lse)});
       const at::Tensor grad_tile = low_precision ? prefix(grad_buffer, B, cols) : sim;
       with_tile_type<T>(plan_.gemm_dtype, [&](auto tile_zero) {
         using O = decltype(tile_zero);
-        launch(x_, plan_.groups * (cols / logits_.centers),
-               SoftmaxGrad<T, O>{tile_args(sim, pt), plan_.rows_per_group, const_data_as<T>(row_lse),
-                                 T(1.0 - smoothing), T(other_weight), T(logits_.scale / static_cast<double>(B)),
-                                 view_of<O>(grad_tile), data_as<T>(cos_partial)});
+        const int64_t runs = blocks_for(cols / logits_.centers, plan_.classes_per_thread);
+        launch(x_, plan_.groups * runs,
+               SoftmaxGrad<T, O>{tile_args(sim, pt), plan_.rows_per_group, plan_.classes_per_thread,
+                                 const_data_as<T>(row_lse), T(1.0 - smoothing), T(other_weight),
+                                 T(logits_.scale / static_cast<double>(B)), row_major_view_of<O>(grad_tile),
+                                 data_as<T>(cos_partial), exps, exp_scales, slices});
       });
       launch(x_, cols,
              ColumnSum<T>{const_data_as<T>(cos_partial), plan_.groups, cols, const_data_as<T>(pt.inv_norm),
@@ -190,10 +227,14 @@ class SoftmaxTiles {
   }
 
   SoftmaxTile<T> tile_args(const at::Tensor& sim, const ProxyTile& pt) const {
-    return SoftmaxTile<T>{view_of<T>(sim),     shard_label_.kernel.template const_data_ptr<int64_t>(),
-                          batch(),             pt.cols,
-                          pt.first / logits_.centers, const_data_as<T>(pt.inv_norm),
-                          T(logits_.scale),    logits_.exclude_positive,
+    return SoftmaxTile<T>{row_major_view_of<T>(sim),
+                          shard_label_.kernel.template const_data_ptr<int64_t>(),
+                          batch(),
+                          pt.cols,
+                          pt.first / logits_.centers,
+                          const_data_as<T>(pt.inv_norm),
+                          T(logits_.scale),
+                          logits_.exclude_positive,
                           logits_.class_logit<T>()};
   }
 
@@ -219,7 +260,7 @@ LossAndGrads proxy_softmax_impl(const at::Tensor& x, const at::Tensor& p, const 
   const int64_t C = p.size(0) / logits.centers;
   SoftmaxTiles<T> tiles(x, p, labels, ClassShard{0, C, C}, logits, mode, "proxy_nca_loss");
   const SoftmaxRows rows = empty_softmax_rows(x);
-  const at::Tensor kept = tiles.row_pass(rows, /*with_logit_sum=*/smoothing > 0, tiles.tiles_fit());
+  const KeptTiles kept = tiles.row_pass(rows, /*with_logit_sum=*/smoothing > 0, tiles.tiles_fit());
   return tiles.loss_and_grads(rows, smoothing, kept);
 }
 
@@ -243,7 +284,7 @@ LossAndGrads softmax_shard_grads_impl(const at::Tensor& x, const at::Tensor& p, 
                                       const at::Tensor& row_stats, const SoftmaxLogits& logits, double smoothing,
                                       const ClassShard& shard, CheckMode mode) {
   SoftmaxTiles<T> tiles(x, p, labels, shard, logits, mode, "proxy_nca_shard_loss_and_grads");
-  return tiles.loss_and_grads(SoftmaxRows{row_stats}, smoothing, at::Tensor());
+  return tiles.loss_and_grads(SoftmaxRows{row_stats}, smoothing, KeptTiles{});
 }
 
 // The softmax family's hyperparameter checks, against the number of classes of all shards.

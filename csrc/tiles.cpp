@@ -22,6 +22,9 @@ constexpr int64_t kGpuSliceColumns = 32;
 constexpr int64_t kMergeFanIn = 32;
 // Four neighbouring components per thread: 16-byte float accesses, one index division per four.
 constexpr int64_t kGpuFinishChunk = 4;
+// Softmax pass 2: one class per GPU thread (neighbouring threads, neighbouring columns); on the CPU
+// a run of classes whose rows the compiler vectorizes, 128 x 64 rows of a tile in L1.
+constexpr int64_t kCpuClassesPerThread = 128;
 
 bool is_low_precision(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
@@ -40,6 +43,8 @@ TilePlan plan_tiles(const at::Tensor& x, int64_t num_local_classes, at::ScalarTy
   plan.slice_columns = gpu ? kGpuSliceColumns : 0;
   plan.merge_fan_in = kMergeFanIn;
   plan.finish_chunk = gpu ? kGpuFinishChunk : 0;
+  plan.keep_exponentials = !gpu;
+  plan.classes_per_thread = gpu ? 1 : kCpuClassesPerThread;
   bool low_precision = gpu && acc == at::kFloat && is_low_precision(x.scalar_type());
   const TilePlanOverride& o = plan_override;
   if (o.tile_columns > 0) plan.tile_columns = o.tile_columns;
@@ -48,6 +53,8 @@ TilePlan plan_tiles(const at::Tensor& x, int64_t num_local_classes, at::ScalarTy
   if (o.merge_fan_in > 1) plan.merge_fan_in = o.merge_fan_in;
   if (o.column_major >= 0) plan.column_major = o.column_major != 0;
   if (o.finish_chunk >= 0) plan.finish_chunk = o.finish_chunk;
+  if (o.keep_exponentials >= 0) plan.keep_exponentials = o.keep_exponentials != 0;
+  if (o.classes_per_thread > 0) plan.classes_per_thread = o.classes_per_thread;
   if (o.low_precision_gemm >= 0) low_precision = o.low_precision_gemm != 0 && acc == at::kFloat && is_low_precision(x.scalar_type());
   plan.tile_columns = std::min(plan.tile_columns, num_local_classes);
   plan.groups = blocks_for(batch, plan.rows_per_group);

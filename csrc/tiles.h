@@ -37,7 +37,10 @@ struct TilePlan {
   int64_t slice_columns;      // softmax pass 1: columns per (row, slice) thread; 0: the whole tile row
   int64_t merge_fan_in;       // softmax pass 1: partials merged per thread and tree level
   int64_t finish_chunk;       // proxy-gradient components per ProxyGradFinish thread (0: a whole row)
+  int64_t classes_per_thread; // softmax pass 2: classes per (run, row group) thread
   bool column_major;          // S tiles stored column by column (walked down columns on the CPU)
+  bool keep_exponentials;     // softmax pass 1 keeps e^{z - shift} with its kept tiles (the CPU: an
+                              // exponential costs more there than the buffer's traffic)
   at::ScalarType gemm_dtype;  // what the tile GEMMs read
   bool emulate_gemm;          // low-precision GEMMs emulated on the CPU (tests), see gemm()
 };
@@ -54,6 +57,8 @@ struct TilePlanOverride {
   int64_t column_major = -1;
   int64_t low_precision_gemm = -1;
   int64_t finish_chunk = -1;
+  int64_t keep_exponentials = -1;
+  int64_t classes_per_thread = -1;
 };
 void set_tile_plan_override(const TilePlanOverride& override_values);
 
@@ -66,6 +71,12 @@ at::Tensor tile_in(const at::Tensor& buffer, int64_t rows, int64_t cols, bool co
 template <typename E>
 TileView<E> view_of(const at::Tensor& tile) {
   return {reinterpret_cast<E*>(tile.data_ptr()), tile.stride(0), tile.stride(1)};
+}
+
+template <typename E>
+RowMajorView<E> row_major_view_of(const at::Tensor& tile) {
+  TORCH_INTERNAL_ASSERT(tile.dim() == 2 && (tile.size(1) <= 1 || tile.stride(1) == 1), "dmlfast: a row-major tile expected");
+  return {reinterpret_cast<E*>(tile.data_ptr()), tile.stride(0)};
 }
 
 // out = a @ b in out's dtype (the accumulation dtype), or out += a @ b with `accumulate`.

@@ -16,10 +16,10 @@ from conftest import relative_error
 # Small plans that cross every boundary at B = 37, C = 50: several tiles, a partial last tile and
 # group, softmax slices merged over two tree levels.
 SMALL_GPU_PLAN = {"tile_columns": 7, "rows_per_group": 5, "slice_columns": 3, "merge_fan_in": 2, "column_major": 0,
-                  "finish_chunk": 4}
+                  "finish_chunk": 4, "keep_exponentials": 0, "classes_per_thread": 1}
 # The GPU's own parameters (csrc/tiles.cpp), tiles shrunk so that C = 3000 spans several.
 GPU_PLAN = {"tile_columns": 1024, "rows_per_group": 32, "slice_columns": 32, "merge_fan_in": 32, "column_major": 0,
-            "finish_chunk": 4}
+            "finish_chunk": 4, "keep_exponentials": 0, "classes_per_thread": 1}
 
 
 @pytest.fixture
@@ -85,6 +85,23 @@ def test_gpu_plan_matches_reference(tile_plan, name, plan):
     else:
         tile_plan(**GPU_PLAN)
         x, p, labels = inputs(70, 3000, 24)
+    assert_matches_reference(name, x, p, labels, 2e-6)
+
+
+SOFTMAX_CASES = [name for name in CASES if name.startswith("nca") or name == "proxy_nca"]
+
+
+@pytest.mark.parametrize("name", SOFTMAX_CASES)
+@pytest.mark.parametrize("keep_exponentials", [0, 1])
+@pytest.mark.parametrize("slice_columns", [0, 3])
+@pytest.mark.parametrize("classes_per_thread", [1, 3])
+def test_softmax_plan_variants_match_reference(tile_plan, name, keep_exponentials, slice_columns, classes_per_thread):
+    """Pass 1 keeping its exponentials (the CPU's plan) or not (the GPU's), over whole rows or strided
+    slices; pass 2 one class per thread (the GPU) or runs of classes split around each row's target
+    (the CPU, here 3 classes so that targets fall on runs' first, middle and last classes)."""
+    tile_plan(tile_columns=7, rows_per_group=5, slice_columns=slice_columns, merge_fan_in=2,
+              keep_exponentials=keep_exponentials, classes_per_thread=classes_per_thread)
+    x, p, labels = inputs(37, 50, 19)
     assert_matches_reference(name, x, p, labels, 2e-6)
 
 

@@ -15,7 +15,7 @@ ops = torch.ops.dmlfast
 # float32: these losses scale cosines by 20-64, so a logit's rounding error is ~64 · 6e-8.
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 SMALL_GPU_PLAN = {"tile_columns": 7, "rows_per_group": 5, "slice_columns": 2, "merge_fan_in": 2, "column_major": 0,
-                  "finish_chunk": 4}
+                  "finish_chunk": 4, "keep_exponentials": 0, "classes_per_thread": 1}
 
 
 def case(name):
@@ -94,6 +94,18 @@ def test_gpu_plan_on_the_cpu(tile_plan, name, low_precision):
     tile_plan(**SMALL_GPU_PLAN, low_precision_gemm=low_precision)
     x, p, labels = inputs(37, 23, 19, case(name)[4], dtype=torch.bfloat16 if low_precision else torch.float32)
     assert_matches_reference(name, x, p.float(), labels, 2e-2 if low_precision else TOL[torch.float32])
+
+
+@pytest.mark.parametrize("keep_exponentials", [0, 1])
+@pytest.mark.parametrize("classes_per_thread", [1, 2])
+@pytest.mark.parametrize("name", CASES)
+def test_cpu_plan_variants(tile_plan, name, keep_exponentials, classes_per_thread):
+    """Pass 1 keeping e^{z - shift} or not, pass 2 one class per thread or runs of classes, with
+    tiles of whole classes (7 columns rounded down to a multiple of K) and one slice per row."""
+    tile_plan(tile_columns=7, rows_per_group=5, slice_columns=0, keep_exponentials=keep_exponentials,
+              classes_per_thread=classes_per_thread)
+    x, p, labels = inputs(37, 23, 19, case(name)[4], dtype=torch.float32)
+    assert_matches_reference(name, x, p, labels, TOL[torch.float32])
 
 
 def test_special_cases_reduce_to_the_plain_losses():
