@@ -20,7 +20,8 @@ namespace dmlfast {
   X(SoftmaxMerge<T>) X(SoftmaxRowUpdate<T>) X(SoftmaxLoss<T>) X(SoftmaxExpScales<T>)
 // T with each dtype the tile GEMMs read (O) or the embeddings' gradient is written in.
 #define DMLFAST_KERNELS_OF_ACC_STORE(X, T, O) \
-  X(AnchorApply<T, O>) X(IdmlChain<T, O>) X(SoftmaxGrad<T, O>) X(EmbeddingBackward<T, O>) X(ProxyGradFinish<T, O>)
+  X(AnchorApply<T, O>) X(IdmlChain<T, O>) X(SoftmaxGrad<T, O>) X(SoftmaxGradRuns<T, O>) X(EmbeddingBackward<T, O>) \
+  X(ProxyGradFinish<T, O>)
 
 #define DMLFAST_FOR_EACH_KERNEL(X)                                                                      \
   DMLFAST_KERNELS_OF_ACC(X, float)                                                                      \

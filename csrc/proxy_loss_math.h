@@ -1164,19 +1164,17 @@ struct SoftmaxLoss {
   }
 };
 
-// Pass 2, one thread per (run of classes, group of rows): with dL/ds' = (scale/B)(p_bj - T_bj)
-// for s' = f(s) at the target and s elsewhere, p_bj = e^{z_bj - lse_b} (0 for a target excluded from
-// the denominator) and T the smoothed targets, each of the class's K centers c gets
-// G_bc = dL/ds' f'(s) ds/dcos_c; G' = G / m_c into `out` (which may be the tile: each element is
-// read before it is written), and the group's sums of G cos for kappa (ColumnSum), summed in row
-// order. The class similarity is computed once per row and class, whatever K. Runs of one class
-// (the GPU) keep a one-center class's sum in a register; longer runs (the CPU) walk each row of the
-// run, the rows' non-target classes in one loop without branches.
+// Pass 2 of a tile: with dL/ds' = (scale/B)(p_bj - T_bj) for s' = f(s) at the target and s
+// elsewhere, p_bj = e^{z_bj - lse_b} (0 for a target excluded from the denominator) and T the
+// smoothed targets, each of the class's K centers c gets G_bc = dL/ds' f'(s) ds/dcos_c; G' = G / m_c
+// goes into `out` (which may be the tile: each element is read before it is written), and each
+// group of rows' sums of G cos for kappa (ColumnSum) into cos_partial, summed in row order. The
+// class similarity is computed once per row and class, whatever K. Two kernels share this:
+// SoftmaxGrad (the GPU's plan) and SoftmaxGradRuns (the CPU's).
 template <typename T, typename O>
-struct SoftmaxGrad {
+struct SoftmaxGradTile {
   SoftmaxTile<T> tile;
   int64_t rows_per_group;
-  int64_t classes_per_thread;
   const T* row_lse;         // [B]
   T target_weight;          // T_{b,y_b}: 1 - smoothing
   T other_weight;           // T_{b,c != y_b}: smoothing / (C - 1)
@@ -1258,38 +1256,65 @@ struct SoftmaxGrad {
       grads[j] = static_cast<O>(grad * t.inv_norm[j]);
     }
   }
+};
+
+// Pass 2, one thread per (class j of the tile, group of rows), the GPU's plan: neighbouring threads
+// own neighbouring columns; a one-center class keeps its sum of G cos in a register.
+template <typename T, typename O>
+struct SoftmaxGrad {
+  SoftmaxGradTile<T, O> g;
 
   DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
-    const SoftmaxTile<T>& t = tile;
+    const SoftmaxTile<T>& t = g.tile;
+    const int64_t centers = t.classes.centers;
+    ColumnGroup cg;
+    if (!column_group(block * block_dim + thread, t.classes_in_tile(), t.rows, g.rows_per_group, cg)) return;
+    const int64_t j = cg.column;
+    T* partial = g.cos_partial + cg.group * t.cols + j * centers;
+    if (centers == 1) {
+      T cos_sum = 0;
+      for (int64_t b = cg.first_row; b < cg.last_row; ++b) cos_sum += g.one_center(b, j, t.is_target(b, j));
+      *partial = cos_sum;
+      return;
+    }
+    for (int64_t k = 0; k < centers; ++k) partial[k] = 0;
+    for (int64_t b = cg.first_row; b < cg.last_row; ++b) g.centers_of(b, j, partial);
+  }
+};
+
+// Pass 2, one thread per (run of classes_per_thread classes, group of rows), the CPU's plan: each
+// row of the run in turn, its non-target classes in loops without branches (vectorized), its
+// target on its own.
+template <typename T, typename O>
+struct SoftmaxGradRuns {
+  SoftmaxGradTile<T, O> g;
+  int64_t classes_per_thread;
+
+  DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
+    const SoftmaxTile<T>& t = g.tile;
     const int64_t centers = t.classes.centers, classes = t.classes_in_tile();
     const int64_t runs = blocks_for(classes, classes_per_thread);
     const int64_t index = block * block_dim + thread;
     const int64_t run = index % runs, group = index / runs;
-    const int64_t first_row = group * rows_per_group;
+    const int64_t first_row = group * g.rows_per_group;
     if (first_row >= t.rows) return;
-    const int64_t last_row = math::min(first_row + rows_per_group, t.rows);
+    const int64_t last_row = math::min(first_row + g.rows_per_group, t.rows);
     const int64_t from = run * classes_per_thread, to = math::min(from + classes_per_thread, classes);
-    T* partial = cos_partial + group * t.cols;
-    if (classes_per_thread == 1 && centers == 1) {
-      T cos_sum = 0;
-      for (int64_t b = first_row; b < last_row; ++b) cos_sum += one_center(b, from, t.is_target(b, from));
-      partial[from] = cos_sum;
-      return;
-    }
+    T* partial = g.cos_partial + group * t.cols;
     for (int64_t c = from * centers; c < to * centers; ++c) partial[c] = 0;
     for (int64_t b = first_row; b < last_row; ++b) {
       if (centers > 1) {
-        for (int64_t j = from; j < to; ++j) centers_of(b, j, partial + j * centers);
+        for (int64_t j = from; j < to; ++j) g.centers_of(b, j, partial + j * centers);
         continue;
       }
       const int64_t target = t.labels[b] - t.first_class;
       if (target < from || target >= to) {
-        others(b, from, to, partial);
+        g.others(b, from, to, partial);
         continue;
       }
-      others(b, from, target, partial);
-      partial[target] += one_center(b, target, true);
-      others(b, target + 1, to, partial);
+      g.others(b, from, target, partial);
+      partial[target] += g.one_center(b, target, true);
+      g.others(b, target + 1, to, partial);
     }
   }
 };

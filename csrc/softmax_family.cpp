@@ -193,12 +193,24 @@ class SoftmaxTiles {
       const at::Tensor grad_tile = low_precision ? prefix(grad_buffer, B, cols) : sim;
       with_tile_type<T>(plan_.gemm_dtype, [&](auto tile_zero) {
         using O = decltype(tile_zero);
-        const int64_t runs = blocks_for(cols / logits_.centers, plan_.classes_per_thread);
-        launch(x_, plan_.groups * runs,
-               SoftmaxGrad<T, O>{tile_args(sim, pt), plan_.rows_per_group, plan_.classes_per_thread,
-                                 const_data_as<T>(row_lse), T(1.0 - smoothing), T(other_weight),
-                                 T(logits_.scale / static_cast<double>(B)), row_major_view_of<O>(grad_tile),
-                                 data_as<T>(cos_partial), exps, exp_scales, slices});
+        const SoftmaxGradTile<T, O> grads{tile_args(sim, pt),
+                                          plan_.rows_per_group,
+                                          const_data_as<T>(row_lse),
+                                          T(1.0 - smoothing),
+                                          T(other_weight),
+                                          T(logits_.scale / static_cast<double>(B)),
+                                          row_major_view_of<O>(grad_tile),
+                                          data_as<T>(cos_partial),
+                                          exps,
+                                          exp_scales,
+                                          slices};
+        const int64_t classes = cols / logits_.centers;
+        if (plan_.classes_per_thread == 1) {
+          launch(x_, plan_.groups * classes, SoftmaxGrad<T, O>{grads});
+        } else {
+          const int64_t runs = blocks_for(classes, plan_.classes_per_thread);
+          launch(x_, plan_.groups * runs, SoftmaxGradRuns<T, O>{grads, plan_.classes_per_thread});
+        }
       });
       launch(x_, cols,
              ColumnSum<T>{const_data_as<T>(cos_partial), plan_.groups, cols, const_data_as<T>(pt.inv_norm),
