@@ -91,8 +91,7 @@ void anchor_negative_tile(const at::Tensor& on, const TilePlan& plan, const Anch
          AnchorMerge<T>{partials, plan.groups, tile.cols, tile.inv_norm, neg_scale, column_lse, column_mean_weight,
                         group_scale, kappa});
   launch(on, threads,
-         AnchorApply<T, O>{tile.sim, out, tile.labels, tile.rows, tile.cols, tile.rows_per_group, tile.first_class,
-                           group_scale});
+         AnchorApply<T, O>{tile.sim, out, tile.rows, tile.cols, tile.rows_per_group, group_scale});
 }
 
 // l_c and mean M summed over all columns ([2, C] -> [2]), then AnchorLoss: the loss and the

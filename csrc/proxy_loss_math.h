@@ -267,6 +267,14 @@ struct ScaleUnlessOne {
 // negatives (§6, §7.5). The B positive pairs are handled sparsely (one similarity per sample);
 // the dense tiles handle the negative pairs, whose gradient is 0 at the positive entries.
 
+// M of class c's negatives: easy_negative below the threshold, 1 above it (and without ISA).
+template <typename T>
+struct NegativeWeights {
+  bool isa;
+  T threshold, easy_negative;
+  DMLFAST_HD T at(T s) const { return (isa && s < threshold) ? easy_negative : T(1); }
+};
+
 // Per-class inputs of Proxy-ISA's multipliers M (docs/losses.md §3.3, §7.4), each [C]. With
 // `center` null every M is 1: plain Proxy-Anchor. M scales the exponents and takes no gradient.
 template <typename T>
@@ -281,8 +289,9 @@ struct IsaClassParams {
     if (center == nullptr || !filter_positives) return T(1);
     return (s >= threshold[c] && s <= center[c]) ? T(1) + weight[c] : weight[c];
   }
-  DMLFAST_HD T negative(int64_t c, T s) const {
-    return (center != nullptr && s < threshold[c]) ? easy_negative[c] : T(1);
+  DMLFAST_HD NegativeWeights<T> negatives_of(int64_t c) const {
+    return center == nullptr ? NegativeWeights<T>{false, T(0), T(1)}
+                             : NegativeWeights<T>{true, threshold[c], easy_negative[c]};
   }
 };
 
@@ -464,34 +473,67 @@ struct AnchorTile {
 };
 
 // Pass 1 of the dense negatives, one thread per (column c, group of rows): the group's max of v,
-// sum of e^{v - max}, its M and cos sums. Each negative entry of the tile is overwritten with
-// M e^{v - max}, so that AnchorApply needs one multiplication per entry and no exponential.
+// sum of e^{v - max}, its M and cos sums. Each entry of the tile is overwritten with M e^{v - max}
+// (0 at the positive entries), so that AnchorApply needs one multiplication per entry and no
+// exponential.
 template <typename T>
 struct AnchorPartial {
   AnchorTile<T> tile;
   AnchorPartials<T> out;
 
+  // Exponentials per run of the contiguous walk: a stack buffer that stays in L1.
+  static constexpr int64_t kRun = 64;
+
+  DMLFAST_HD T exponent(const NegativeWeights<T>& weights, T s) const {
+    return tile.alpha * weights.at(s) * (s + tile.margin);
+  }
+
   DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
-    const AnchorTile<T>& t = tile;
     ColumnGroup cg;
-    if (!column_group(block * block_dim + thread, t.cols, t.rows, t.rows_per_group, cg)) return;
+    if (!column_group(block * block_dim + thread, tile.cols, tile.rows, tile.rows_per_group, cg)) return;
+#ifdef __CUDA_ARCH__
+    strided_rows(cg);  // contiguous_rows' run buffer would cost every GPU thread a stack frame
+#else
+    if (tile.sim.row_stride == 1) {
+      contiguous_rows(cg);
+    } else {
+      strided_rows(cg);
+    }
+#endif
+  }
+
+  DMLFAST_HD void write(const ColumnGroup& cg, T group_max, T sum, T weight_sum, T count, T cos_sum) const {
+    const int64_t slot = cg.group * tile.cols + cg.column;
+    out.max[slot] = group_max;
+    out.sum[slot] = sum;
+    out.weight_sum[slot] = weight_sum;
+    out.count[slot] = count;
+    out.cos_sum[slot] = cos_sum;
+  }
+
+  // Any layout (the GPU's row-major tiles: neighbouring threads, neighbouring columns).
+  DMLFAST_HD void strided_rows(const ColumnGroup& cg) const {
+    const AnchorTile<T>& t = tile;
     const int64_t c = cg.column, cls = t.first_class + c;
     const T inv_norm = t.inv_norm == nullptr ? T(1) : t.inv_norm[c];
+    const NegativeWeights<T> weights = t.isa.negatives_of(cls);
     T group_max = 0;
     bool any = false;
     for (int64_t b = cg.first_row; b < cg.last_row; ++b) {
       if (t.labels[b] == cls) continue;
-      const T s = t.sim.at(b, c) * inv_norm;
-      const T v = t.alpha * t.isa.negative(cls, s) * (s + t.margin);
+      const T v = exponent(weights, t.sim.at(b, c) * inv_norm);
       group_max = any ? math::max(group_max, v) : v;
       any = true;
     }
     T sum = 0, weight_sum = 0, count = 0, cos_sum = 0;
     for (int64_t b = cg.first_row; b < cg.last_row; ++b) {
-      if (t.labels[b] == cls) continue;
       T& entry = t.sim.at(b, c);
+      if (t.labels[b] == cls) {
+        entry = 0;
+        continue;
+      }
       const T s = entry * inv_norm;
-      const T m = t.isa.negative(cls, s);
+      const T m = weights.at(s);
       const T e = math::exp(t.alpha * m * (s + t.margin) - group_max);
       sum += e;
       weight_sum += m;
@@ -499,12 +541,62 @@ struct AnchorPartial {
       cos_sum += m * e * s;
       entry = m * e;
     }
-    const int64_t slot = cg.group * t.cols + c;
-    out.max[slot] = group_max;
-    out.sum[slot] = sum;
-    out.weight_sum[slot] = weight_sum;
-    out.count[slot] = count;
-    out.cos_sum[slot] = cos_sum;
+    write(cg, group_max, sum, weight_sum, count, cos_sum);
+  }
+
+  // The group's rows next to each other (the CPU's column-major tiles): the same sums in loops
+  // without branches, four lanes each, and the exponentials in a loop of their own, kRun at a time
+  // (a call to the library's exp in the middle of the sums would spill them every entry).
+  DMLFAST_HD void contiguous_rows(const ColumnGroup& cg) const {
+    const AnchorTile<T>& t = tile;
+    const int64_t c = cg.column, cls = t.first_class + c;
+    const T inv_norm = t.inv_norm == nullptr ? T(1) : t.inv_norm[c];
+    const NegativeWeights<T> weights = t.isa.negatives_of(cls);
+    T* column = &t.sim.at(cg.first_row, c);
+    const int64_t* labels = t.labels + cg.first_row;
+    const int64_t n = cg.last_row - cg.first_row;
+    const T none = -T(INFINITY);
+    T max4[4] = {none, none, none, none};
+    int64_t b = 0;
+    for (; b + 4 <= n; b += 4) {
+      for (int k = 0; k < 4; ++k) {
+        const T v = exponent(weights, column[b + k] * inv_norm);
+        max4[k] = labels[b + k] != cls ? math::max(max4[k], v) : max4[k];
+      }
+    }
+    for (; b < n; ++b) {
+      if (labels[b] != cls) max4[0] = math::max(max4[0], exponent(weights, column[b] * inv_norm));
+    }
+    const T largest = math::max(math::max(max4[0], max4[1]), math::max(max4[2], max4[3]));
+    const T group_max = largest == none ? T(0) : largest;
+    T sum4[4] = {0, 0, 0, 0}, weight4[4] = {0, 0, 0, 0}, count4[4] = {0, 0, 0, 0}, cos4[4] = {0, 0, 0, 0};
+    T e[kRun];
+    for (int64_t run = 0; run < n; run += kRun) {
+      const int64_t len = math::min(kRun, n - run);
+      for (int64_t i = 0; i < len; ++i) e[i] = exponent(weights, column[run + i] * inv_norm) - group_max;
+      for (int64_t i = 0; i < len; ++i) e[i] = math::exp(e[i]);
+      auto accumulate = [&](int64_t i, int lane) {
+        const bool negative = labels[run + i] != cls;
+        const T s = column[run + i] * inv_norm;
+        const T m = negative ? weights.at(s) : T(0);
+        const T exp_v = negative ? e[i] : T(0);
+        sum4[lane] += exp_v;
+        weight4[lane] += m;
+        count4[lane] += negative ? T(1) : T(0);
+        cos4[lane] += m * exp_v * s;
+        column[run + i] = m * exp_v;
+      };
+      int64_t i = 0;
+      for (; i + 4 <= len; i += 4) {
+        accumulate(i, 0);
+        accumulate(i + 1, 1);
+        accumulate(i + 2, 2);
+        accumulate(i + 3, 3);
+      }
+      for (; i < len; ++i) accumulate(i, 0);
+    }
+    auto total = [](const T* lanes) { return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]); };
+    write(cg, group_max, total(sum4), total(weight4), total(count4), total(cos4));
   }
 };
 
@@ -553,25 +645,21 @@ struct AnchorMerge {
   }
 };
 
-// Pass 3, one thread per (column c, group): G' into `out` (0 at the positive entries), in the
-// dtype the next GEMMs read. `out` may be the tile itself.
+// Pass 3, one thread per (column c, group): G' into `out`, in the dtype the next GEMMs read (the
+// positive entries hold 0 since AnchorPartial). `out` may be the tile itself.
 template <typename T, typename O>
 struct AnchorApply {
   TileView<T> sim;          // [B, cols]: AnchorPartial's M e^{v - group max}
   TileView<O> out;          // [B, cols]
-  const int64_t* labels;
-  int64_t rows, cols, rows_per_group, first_class;
+  int64_t rows, cols, rows_per_group;
   const T* group_scale;     // [groups * cols]
 
   DMLFAST_HD void operator()(int64_t block, int64_t thread, int64_t block_dim) const {
     ColumnGroup cg;
     if (!column_group(block * block_dim + thread, cols, rows, rows_per_group, cg)) return;
-    const int64_t c = cg.column, cls = first_class + c;
+    const int64_t c = cg.column;
     const T scale = group_scale[cg.group * cols + c];
-    for (int64_t b = cg.first_row; b < cg.last_row; ++b) {
-      const T value = labels[b] == cls ? T(0) : sim.at(b, c) * scale;
-      out.at(b, c) = static_cast<O>(value);
-    }
+    for (int64_t b = cg.first_row; b < cg.last_row; ++b) out.at(b, c) = static_cast<O>(sim.at(b, c) * scale);
   }
 };
 

@@ -105,6 +105,29 @@ def test_softmax_plan_variants_match_reference(tile_plan, name, keep_exponential
     assert_matches_reference(name, x, p, labels, 2e-6)
 
 
+ANCHOR_CASES = ["proxy_anchor", "proxy_isa"]
+
+
+@pytest.mark.parametrize("name", ANCHOR_CASES + ["idml"])
+@pytest.mark.parametrize("column_major", [0, 1])
+@pytest.mark.parametrize("rows_per_group", [5, 150])
+def test_anchor_plan_variants_match_reference(tile_plan, name, column_major, rows_per_group):
+    """The anchor epilogue on tiles stored by row (the GPU's walk, strided) or by column (the CPU's:
+    contiguous groups, exponentials in runs of 64), in groups of 5 rows or whole 150-row columns
+    (runs of 64, 64 and 22 entries)."""
+    tile_plan(tile_columns=7, rows_per_group=rows_per_group, column_major=column_major, finish_chunk=4)
+    x, p, labels = inputs(150, 50, 19)
+    if name != "idml":
+        assert_matches_reference(name, x, p, labels, 2e-6)
+        return
+    x = torch.nn.functional.normalize(x, dim=1)
+    v = torch.randn(150, 6, generator=torch.Generator().manual_seed(3))
+    got = value_and_grads(functional.idml_proxy_anchor_loss, (x, v, p), labels, {})
+    want = value_and_grads(reference.idml_proxy_anchor_loss, (x.double(), v.double(), p.double()), labels, {})
+    for a, b in zip(got, want):
+        assert relative_error(a, b) <= 2e-6
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_low_precision_gemms_match_reference(tile_plan, name):
     """bf16 embeddings with float32 proxies, as under autocast: the GEMMs read bf16 (emulated on the
