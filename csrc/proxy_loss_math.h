@@ -970,11 +970,11 @@ struct SoftmaxTile {
     const int64_t first = j * classes.centers;
     ClassSimilarity<T> out{cosine(b, first), cosine(b, first), T(1), 0};
     for (int64_t k = 1; k < classes.centers; ++k) {
+      // Selects, not a branch: which center is largest is a coin toss the CPU mispredicts.
       const T c = cosine(b, first + k);
-      if (c > out.max) {
-        out.max = c;
-        out.argmax = k;
-      }
+      const bool larger = c > out.max;
+      out.argmax = larger ? k : out.argmax;
+      out.max = larger ? c : out.max;
     }
     out.similarity = out.max;
     if (classes.aggregation == kSoftCenters && classes.centers > 1) {
@@ -991,11 +991,10 @@ struct SoftmaxTile {
     return out;
   }
 
-  // ds/dcos_k of center k with cosine c: 1 for K = 1; the argmax's 1 (others 0) for the max; for
-  // the softmax-weighted mean w_k (1 + gamma (cos_k - s)) (docs/losses.md §10).
-  DMLFAST_HD T center_slope(const ClassSimilarity<T>& s, int64_t k, T c) const {
-    if (classes.centers == 1) return T(1);
-    if (classes.aggregation != kSoftCenters) return k == s.argmax ? T(1) : T(0);
+  // ds/dcos_k of a center with cosine c under the softmax-weighted mean: w_k (1 + gamma (cos_k - s))
+  // (docs/losses.md §10). (With one center ds/dcos = 1; under the max it is 1 at the argmax, 0
+  // elsewhere: SoftmaxGradTile writes those directly.)
+  DMLFAST_HD T soft_center_slope(const ClassSimilarity<T>& s, T c) const {
     const T weight = math::exp(classes.center_gamma * (c - s.max)) / s.weight_sum;
     return weight * (T(1) + classes.center_gamma * (c - s.similarity));
   }
@@ -1275,7 +1274,10 @@ struct SoftmaxGradTile {
 
   // p_bj = e^{z_bj - lse_b}, 0 for a target excluded from the denominator.
   DMLFAST_HD T probability(int64_t b, int64_t j, bool is_target, T similarity) const {
-    if (exps != nullptr) return exps[b * tile.classes_in_tile() + j] * exp_scales[b * slices + j % slices];
+    if (exps != nullptr) {
+      const int64_t slice = slices == 1 ? 0 : j % slices;  // the CPU's one slice: no division per class
+      return exps[b * tile.classes_in_tile() + j] * exp_scales[b * slices + slice];
+    }
     return recomputed_probability(b, is_target, similarity);
   }
 
@@ -1306,9 +1308,19 @@ struct SoftmaxGradTile {
     const ClassSimilarity<T> s = t.similarity(b, j);
     const bool is_target = t.is_target(b, j);
     const T grad = class_grad(probability(b, j, is_target, s.similarity), is_target, s.similarity);
+    if (t.classes.aggregation != kSoftCenters) {
+      // The max: only the largest center has a gradient. Zeros, then that one entry, with no
+      // branch on which center it is (a coin toss the CPU mispredicts).
+      // s.max is that center's cosine: `out` may be the tile, already zeroed.
+      for (int64_t k = 0; k < t.classes.centers; ++k) out.at(b, first + k) = static_cast<O>(T(0));
+      const int64_t c = first + s.argmax;
+      partial[s.argmax] += grad * s.max;
+      out.at(b, c) = static_cast<O>(grad * t.inv_norm[c]);
+      return;
+    }
     for (int64_t k = 0; k < t.classes.centers; ++k) {
       const T cosine = t.cosine(b, first + k);
-      const T g = grad * t.center_slope(s, k, cosine);
+      const T g = grad * t.soft_center_slope(s, cosine);
       partial[k] += g * cosine;
       out.at(b, first + k) = static_cast<O>(g * t.inv_norm[first + k]);
     }
