@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 
+from outputs import add_overwrite_argument, refuse_existing
 from timing import cuda_step_times
 
 CASES = {"CUB": 100, "In-shop": 3_997, "SOP": 11_318, "100k": 100_000, "1M": 1_000_000}
@@ -272,6 +273,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", help="write every figure here")
+    add_overwrite_argument(parser)
     parser.add_argument("--interleave", action="store_true",
                         help="time in one process, one repetition of each implementation per round (no memory figures)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -282,6 +284,7 @@ def main():
     if args.worker:
         worker(args)
         return
+    refuse_existing(args.json, args.overwrite, "--json")
     if args.interleave:
         if "gemm3" not in args.implementations:
             parser.error("--interleave reports ratios to gemm3: include it in --implementations")

@@ -27,6 +27,8 @@ import sys
 import tempfile
 import time
 
+from outputs import add_overwrite_argument, refuse_existing
+
 LOSSES = ("proxy_anchor", "proxy_nca")
 
 
@@ -109,9 +111,11 @@ def main():
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--json", default="bench_sharded.json")
+    add_overwrite_argument(parser)
     args = parser.parse_args()
     if any(w < 1 for w in args.world) or min(args.classes, args.dim, args.batch, args.steps) < 1 or args.warmup < 0:
         parser.error("--classes, --dim, --batch, --steps and every --world must be >= 1, --warmup >= 0")
+    refuse_existing(args.json, args.overwrite, "--json")
 
     rows, records = [], []
     for loss in args.losses:

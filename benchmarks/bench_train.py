@@ -35,6 +35,7 @@ import dmlfast
 import dmlfast.data as D
 from dmlfast.models import build_model, input_spec
 from dmlfast.training.throughput import prepare_model, to_model_layout
+from outputs import add_overwrite_argument, refuse_existing
 
 
 def write_images(folder: Path, n: int, classes: int) -> D.ImageList:
@@ -151,9 +152,11 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", choices=("bf16", "fp16", "off"), default="bf16")
     p.add_argument("--json", type=Path)
+    add_overwrite_argument(p)
     args = p.parse_args()
     if min(args.batch_size, args.steps, args.profile_steps, args.warmup_steps) < 1 or args.images < args.batch_size:
         p.error("need --batch-size, --steps, --profile-steps, --warmup-steps >= 1 and --images >= --batch-size")
+    refuse_existing(args.json, args.overwrite, "--json")
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"

@@ -7,7 +7,8 @@
 #
 # Output folder: $DMLFAST_GPU_CHECK_OUT, else the device tool's $OUT, else benchmarks/out/. It gets
 # gpu_check.log (everything printed), gpu_check.json (the timing matrix, rewritten after each case)
-# and build_info.txt. Commit both files of a real run under benchmarks/results/<date>-<device>/.
+# and build_info.txt; a folder that holds an earlier run's log is refused unless DMLFAST_OVERWRITE=1.
+# Commit both files of a real run under benchmarks/results/<date>-<device>/.
 # Each stage has its own time limit, so a failing or slow stage does not hide the others.
 set -uo pipefail
 LOG_NAME=gpu_check.log
@@ -21,4 +22,4 @@ if command -v readelf > /dev/null && ! readelf -d dmlfast/_C*.so | grep -q 'libs
     echo "WARNING: dmlfast/_C links libstdc++ statically: its error messages will be garbled or crash"
 fi
 stage tests 120 "$py" -m pytest -q -p no:cacheprovider -n 8 -rfEs tests/test_cuda.py tests/test_gpu_plan.py tests/test_fallback.py
-stage matrix 240 "$py" benchmarks/gpu_matrix.py --out "$out"
+stage matrix 240 "$py" benchmarks/gpu_matrix.py --out "$out" "${overwrite[@]}"

@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+from outputs import add_overwrite_argument, refuse_existing
 from timing import cuda_step_times
 
 LOSSES = ("proxy_anchor", "proxy_nca", "idml", "arcface", "soft_triple")
@@ -252,6 +253,7 @@ def main():
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default="benchmarks/out", help="folder for gpu_check.json")
     parser.add_argument("--predict", action="store_true", help="print the predicted table and exit")
+    add_overwrite_argument(parser)
     args = parser.parse_args()
     if args.repeats < 1 or args.warmup < 0:
         parser.error(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
@@ -272,6 +274,7 @@ def main():
         sys.exit("gpu_matrix: --device cuda but no GPU is visible")
     compiled_cache = {}
     out = Path(args.out)
+    refuse_existing(out / "gpu_check.json", args.overwrite, "--out")
     out.mkdir(parents=True, exist_ok=True)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),

@@ -26,6 +26,6 @@ common=(--models resnet50 timm:vit_small_patch16_224 --size 224 --batch-size 180
         --images 720 --workers 12)
 # Every loader without compilation, then compiled with the GPU loaders only (each compilation costs ~1 minute).
 stage eager 80 "$py" benchmarks/bench_train.py "${common[@]}" --loaders dali nvjpeg torch --compile off \
-    --json "$out/bench_train_eager.json"
+    --json "$out/bench_train_eager.json" "${overwrite[@]}"
 stage compiled 150 "$py" benchmarks/bench_train.py "${common[@]}" --loaders dali nvjpeg --compile on \
-    --json "$out/bench_train_compiled.json"
+    --json "$out/bench_train_compiled.json" "${overwrite[@]}"

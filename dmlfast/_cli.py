@@ -15,8 +15,9 @@ from dmlfast.checks import InputError, canonical_name, require_at_least
 
 USAGE_ERROR = 2
 
-__all__ = ["InputError", "Parser", "USAGE_ERROR", "add_custom_data_arguments", "add_image_source_arguments", "add_model_arguments", "check_embedding_flags",
-           "name_choice", "parse_test_classes_flag", "read_image_source", "run_command", "share_cores_with_loader"]
+__all__ = ["InputError", "Parser", "USAGE_ERROR", "add_custom_data_arguments", "add_image_source_arguments", "add_model_arguments",
+           "add_overwrite_argument", "check_embedding_flags", "name_choice", "parse_test_classes_flag", "read_image_source",
+           "require_new_files", "run_command", "share_cores_with_loader"]
 
 
 class Parser(argparse.ArgumentParser):
@@ -25,6 +26,19 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def add_overwrite_argument(parser, what: str) -> None:
+    """``--overwrite``: the permission to replace ``what`` when it exists (see :func:`require_new_files`)."""
+    parser.add_argument("--overwrite", action="store_true", help=f"replace {what} when it exists (otherwise that is an error)")
+
+
+def require_new_files(flag: str, *paths: Optional[Path], overwrite: bool) -> None:
+    """``InputError`` naming ``flag`` when a file the command would write exists and ``overwrite`` is
+    false: no earlier result is replaced unasked. Commands call it before their work."""
+    existing = [str(path) for path in paths if path is not None and (path.exists() or path.is_symlink())]
+    if existing and not overwrite:
+        raise InputError(f"{flag}: {', '.join(existing)} already exist(s); pass --overwrite to replace, or choose another path")
 
 
 def name_choice(what: str, choices: Sequence[str]) -> Callable[[str], str]:

@@ -17,13 +17,12 @@ line and exit with status 2.
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional
 
-from dmlfast._cli import (InputError, Parser, add_image_source_arguments, add_model_arguments, check_embedding_flags,
-                          read_image_source, run_command, share_cores_with_loader)
+from dmlfast._cli import (InputError, Parser, add_image_source_arguments, add_model_arguments, add_overwrite_argument,
+                          check_embedding_flags, read_image_source, require_new_files, run_command, share_cores_with_loader)
 
 PROG = "python -m dmlfast.embed"
 
@@ -33,7 +32,7 @@ def build_parser() -> Parser:
     add_model_arguments(p)
     add_image_source_arguments(p, "--images")
     p.add_argument("--out", type=Path, required=True, metavar="EMB.npy", help="embeddings to write; labels and paths go beside it")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    add_overwrite_argument(p, "the output files")
     return p
 
 
@@ -53,9 +52,7 @@ def embed(args) -> Path:
 
     check_embedding_flags(args)
     files = output_files(args.out)
-    existing = [str(f) for f in files if f.exists()]
-    if existing and not args.overwrite:
-        raise InputError(f"--out: {', '.join(existing)} exist(s); pass --overwrite to replace")
+    require_new_files("--out", *files, overwrite=args.overwrite)
     if not args.out.parent.is_dir():
         raise InputError(f"--out: no such folder: {args.out.parent}")
     images, labels = read_image_source(args, "--images")

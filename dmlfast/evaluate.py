@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dmlfast._cli import InputError, Parser, add_custom_data_arguments, run_command, share_cores_with_loader
+from dmlfast._cli import (InputError, Parser, add_custom_data_arguments, add_overwrite_argument, require_new_files, run_command,
+                          share_cores_with_loader)
 from dmlfast.checks import require_at_least
 from dmlfast.training.config import DATASET_KS, apply_dataset_arguments
 from dmlfast.training.embedding import TRAINING_METRICS, evaluate_model
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--binary", action="store_true", help="evaluate sign-binarised embeddings")
     parser.add_argument("--seed", type=int, default=0, help="k-means seed for NMI (default: 0)")
     parser.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
+    add_overwrite_argument(parser, "--json")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="never show a progress bar")
     ckpt = parser.add_argument_group("checkpoint evaluation (instead of --embeddings/--labels)")
     ckpt.add_argument("--checkpoint", type=Path, help="a last.pt/best.pt of python -m dmlfast.train: embed the dataset's held-out split with it")
@@ -144,6 +146,7 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 def _run(args) -> None:
     """The command: the metrics, written to ``--json`` when given, printed as a table."""
+    require_new_files("--json", args.json, overwrite=args.overwrite)
     metrics = evaluate_checkpoint(args) if args.checkpoint is not None else evaluate(args)
     if args.json is not None:
         try:

@@ -22,8 +22,9 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from dmlfast._cli import (InputError, Parser, add_image_source_arguments, add_model_arguments, check_embedding_flags,
-                          name_choice, read_image_source, run_command, share_cores_with_loader)
+from dmlfast._cli import (InputError, Parser, add_image_source_arguments, add_model_arguments, add_overwrite_argument,
+                          check_embedding_flags, name_choice, read_image_source, require_new_files, run_command,
+                          share_cores_with_loader)
 from dmlfast.checks import require_at_least
 from dmlfast.inference.index import DEFAULT_HNSW_M, INDEX_KINDS
 
@@ -52,6 +53,7 @@ def build_parser() -> Parser:
     query.add_argument("--nprobe", type=int, help="ivf: cells searched (default: the index's)")
     query.add_argument("--ef-search", type=int, help="hnsw: candidates searched (default: the index's)")
     query.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    add_overwrite_argument(query, "--json")
     return p
 
 
@@ -84,6 +86,7 @@ def query_index(args):
     from dmlfast.inference import GalleryIndex, load
 
     require_at_least("--top", args.top, 1)
+    require_new_files("--json", args.json, overwrite=args.overwrite)
     index = GalleryIndex.load(args.index)
     for image in args.image:
         if not image.is_file():

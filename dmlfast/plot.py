@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from dmlfast._cli import InputError, Parser, add_custom_data_arguments, check_embedding_flags, run_command, share_cores_with_loader
+from dmlfast._cli import (InputError, Parser, add_custom_data_arguments, add_overwrite_argument, check_embedding_flags,
+                          require_new_files, run_command, share_cores_with_loader)
 from dmlfast.checks import require_at_least
 from dmlfast.figures import draw_map, pick_classes, project, write_html
 from dmlfast.training.embedding import embed_list
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=int, default=20, metavar="N", help="classes to show, drawn with --seed (default: 20)")
     p.add_argument("--method", choices=METHODS, default="auto", help="tsne, umap, or auto: UMAP when installed, else t-SNE")
     p.add_argument("--out", type=Path, help="PNG to write (default: embeddings.png next to the checkpoint)")
+    add_overwrite_argument(p, "--out (and the .html beside it)")
     p.add_argument("--seed", type=int, default=0, help="seed of the class draw and the projection (default: 0)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=64, help="images per embedding batch (default: 64)")
@@ -88,6 +90,8 @@ def plot(args: argparse.Namespace) -> Path:
     if out.suffix.lower() != ".png":  # before any work: the map is a PNG, the interactive .html goes beside it
         raise InputError(f"--out must name a .png file, got {out} (with plotly installed, the interactive map is written "
                          f"beside it as {out.with_suffix('.html').name})")
+    html = out.with_suffix(".html") if _installed("plotly") else None
+    require_new_files("--out", out, html, overwrite=args.overwrite)
     share_cores_with_loader(args.workers)
     model, config, device, dtype = load_model(args.checkpoint, args.device)
     split, data_config = dataset_split(config, args, args.split)
@@ -106,8 +110,7 @@ def plot(args: argparse.Namespace) -> Path:
     try:
         draw_map(points, names, title, out)
         print(f"wrote {out}")
-        if _installed("plotly"):
-            html = out.with_suffix(".html")
+        if html is not None:
             write_html(points, names, subset.paths, title.replace("\n", " "), html)
             print(f"wrote {html}")
     except OSError as error:

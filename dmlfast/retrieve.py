@@ -29,7 +29,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from dmlfast._cli import InputError, Parser, add_custom_data_arguments, check_embedding_flags, run_command, share_cores_with_loader
+from dmlfast._cli import (InputError, Parser, add_custom_data_arguments, add_overwrite_argument, check_embedding_flags,
+                          require_new_files, run_command, share_cores_with_loader)
 from dmlfast.checks import require_at_least
 from dmlfast.figures import CAPTION, CELL_HEIGHT, CELL_WIDTH, COLOURS, FRAME, GRID_COLUMNS, TILE, draw_grid, grid_size
 from dmlfast.training.embedding import embed_list
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", choices=("train", "test", "query", "gallery"), help="the dataset's split to search (default: test, In-shop gallery)")
     p.add_argument("--top", type=int, default=8, metavar="K", help="results to show (default: 8)")
     p.add_argument("--out", type=Path, default=Path("retrieval.png"), help="PNG to write (default: retrieval.png)")
+    add_overwrite_argument(p, "--out")
     p.add_argument("--backend", choices=("auto", "faiss", "torch"), default="auto", help="k-NN backend (default: auto)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=64, help="images per embedding batch (default: 64)")
@@ -71,6 +73,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
     from dmlfast.data import image_problem
 
     require_at_least("--top", args.top, 1)
+    require_new_files("--out", args.out, overwrite=args.overwrite)
     check_embedding_flags(args)
     if args.gallery is not None and any(v is not None for v in (args.dataset, args.data_root, args.list, args.test_classes, args.split)):
         raise InputError("--gallery DIR cannot be combined with --dataset/--data-root/--list/--test-classes/--split")

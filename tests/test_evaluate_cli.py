@@ -32,6 +32,18 @@ def test_prints_table_and_writes_json(saved_arrays, capsys):
     assert printed == {name: str(value) if isinstance(value, int) else f"{value:.4f}" for name, value in written.items()}
 
 
+def test_json_is_never_replaced_unasked(saved_arrays, capsys):
+    json_path = saved_arrays / "metrics.json"
+    json_path.write_text("an earlier result\n")
+    arguments = ["--embeddings", str(saved_arrays / "emb.npy"), "--labels", str(saved_arrays / "lab.npy"),
+                 "--metrics", "recall", "--json", str(json_path), "--no-progress"]
+    assert main(arguments) == 2
+    assert f"--json: {json_path} already exist(s); pass --overwrite" in capsys.readouterr().err
+    assert json_path.read_text() == "an earlier result\n"
+    assert main([*arguments, "--overwrite"]) == 0
+    assert "recall@1" in json.loads(json_path.read_text())
+
+
 def test_reference_mode(saved_arrays, capsys):
     emb, lab = str(saved_arrays / "emb.npy"), str(saved_arrays / "lab.npy")
     status = main(["--embeddings", emb, "--labels", lab, "--reference", emb, "--reference-labels", lab,

@@ -165,6 +165,10 @@ def test_index_build_and_query_leave_the_query_out_and_rank_exactly(model, tiny,
         assert [r[1] for r in result["results"]] == [labels[i] for i in best]
         np.testing.assert_allclose([r[2] for r in result["results"]], similarities[best].numpy(), atol=1e-5)
     assert "left out of its results" in capsys.readouterr().out
+    query_again = ["query", str(folder), "--image", str(queries[0]), "--top", "2", "--json", str(tmp_path / "r.json"), "--device", "cpu"]
+    assert index.main(query_again) == 2  # --json is never replaced unasked, and refused before any work
+    assert "--json" in capsys.readouterr().err and json.loads((tmp_path / "r.json").read_text()) == results
+    assert index.main([*query_again, "--overwrite"]) == 0 and len(json.loads((tmp_path / "r.json").read_text())) == 1
     assert index.main(["build", "--checkpoint", str(checkpoint), "--gallery", str(root), "--out", str(folder)]) == 2
     assert "pass --overwrite" in capsys.readouterr().err
 

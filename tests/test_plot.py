@@ -26,6 +26,9 @@ def test_tsne_png_of_the_test_classes(checkpoint, capsys):
     # three class colours of the tab10 palette are on the canvas (blue, orange, green), not just axes and text
     for colour in ((31, 119, 180), (255, 127, 14), (44, 160, 44)):
         assert (np.abs(pixels.astype(int) - colour).sum(axis=1) < 30).sum() > 20, colour
+    drawn = png.read_bytes()  # a second map is never drawn over the first unasked
+    assert plot.main(["--checkpoint", str(checkpoint), "--method", "tsne", "--classes", "2", "--workers", "0", "--no-progress"]) == 2
+    assert f"--out: {png}" in capsys.readouterr().err and png.read_bytes() == drawn
 
 
 def test_projection_keeps_classes_together():

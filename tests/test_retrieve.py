@@ -3,7 +3,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -51,8 +50,11 @@ def test_gallery_folder_query_is_left_out_of_its_results_and_grid_has_the_docume
         assert image.getpixel((2, 2)) == retrieve.COLOURS["query"]
     cache = list(checkpoint.parent.glob("best.gallery-*.pt"))
     assert len(cache) >= 1
-    # second run: the gallery comes from the cache, same ranking
-    assert retrieve.main(args) == 0
+    # a second run never replaces the grid unasked; with --overwrite the gallery comes from the cache, same ranking
+    grid = out.read_bytes()
+    assert retrieve.main(args) == 2
+    assert "--out" in capsys.readouterr().err and out.read_bytes() == grid
+    assert retrieve.main([*args, "--overwrite"]) == 0
     again = capsys.readouterr().out
     assert "32 images cached in" in again and _ranked(again) == ranked
 

@@ -1,0 +1,31 @@
+"""The benchmark scripts never write over an earlier run's figures unless asked (--overwrite,
+DMLFAST_OVERWRITE=1 for the GPU check scripts); they refuse before any work."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.parametrize("script", ["bench_losses.py", "bench_sharded.py", "bench_train.py"])
+def test_json_of_an_earlier_run_is_refused(tmp_path, script):
+    earlier = tmp_path / "figures.json"
+    earlier.write_text('{"earlier": true}')
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--json", str(earlier)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2
+    assert f"--json {earlier} holds an earlier run's figures; pass --overwrite" in done.stderr
+    assert earlier.read_text() == '{"earlier": true}'
+
+
+@pytest.mark.parametrize("script, log", [("gpu_check.sh", "gpu_check.log"), ("gpu_train_check.sh", "gpu_train_check.log")])
+def test_gpu_check_refuses_a_folder_with_an_earlier_run(tmp_path, script, log):
+    (tmp_path / log).write_text("earlier run\n")
+    env = {**os.environ, "DMLFAST_GPU_CHECK_OUT": str(tmp_path)}
+    env.pop("DMLFAST_OVERWRITE", None)
+    done = subprocess.run(["bash", str(BENCHMARKS / script)], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 2 and "holds an earlier run's results" in done.stderr
+    assert (tmp_path / log).read_text() == "earlier run\n"
