@@ -101,6 +101,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     info["torch"] = DMLFAST_TORCH_VERSION;
     info["cuda_kernels"] = dmlfast::built_with_cuda();
     info["cuda_arch_list"] = DMLFAST_CUDA_ARCH_LIST;
+    info["cpu_vector_exp"] = dmlfast::exp_in_place_is_vectorized();
 #ifdef _OPENMP
     info["openmp"] = true;
 #else
@@ -115,6 +116,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("scale_unless_one_", &dmlfast::scale_unless_one,
              "tensor *= factor in place, skipped on the device when factor == 1 (no host read).", py::arg("tensor"),
              py::arg("factor"));
+  module.def(
+      "_exp_run",
+      [](const at::Tensor& values) {
+        TORCH_CHECK_VALUE(values.device().is_cpu() && (values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble),
+                          "_exp_run: a float32 or float64 CPU tensor expected, got ", values.scalar_type(), " on ",
+                          values.device());
+        at::Tensor out = values.contiguous().clone();
+        if (out.scalar_type() == at::kFloat) {
+          dmlfast::exp_in_place(out.data_ptr<float>(), out.numel());
+        } else {
+          dmlfast::exp_in_place(out.data_ptr<double>(), out.numel());
+        }
+        return out;
+      },
+      "Tests only: e^values through the kernels' run exponential (csrc/cpu/exp_runs.h).", py::arg("values"));
   module.def("_override_tile_plan", &dmlfast::override_tile_plan,
              "Tests only: the tile plan's parameters (-1 keeps the device's default).", py::arg("tile_columns") = -1,
              py::arg("rows_per_group") = -1, py::arg("slice_columns") = -1, py::arg("merge_fan_in") = -1,

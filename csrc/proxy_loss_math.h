@@ -24,6 +24,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cpu/exp_runs.h"
+
 #ifdef __CUDACC__
 #define DMLFAST_HD __host__ __device__ __forceinline__
 #else
@@ -51,6 +53,17 @@ DMLFAST_HD T min(T a, T b) { return a < b ? a : b; }
 template <typename T>
 DMLFAST_HD bool finite(T x) { return x - x == T(0); }
 }  // namespace math
+
+// v[i] = e^{v[i]} for i < n: on the host the vectorized exp_in_place (csrc/cpu/exp_runs.h), on the
+// GPU one exponential per element.
+template <typename T>
+DMLFAST_HD void exp_run(T* v, int64_t n) {
+#ifdef __CUDA_ARCH__
+  for (int64_t i = 0; i < n; ++i) v[i] = math::exp(v[i]);
+#else
+  exp_in_place(v, n);
+#endif
+}
 
 // Official normalization x / sqrt(sum x^2 + eps) (docs/losses.md §0).
 constexpr double kNormEps = 1e-12;
@@ -574,7 +587,7 @@ struct AnchorPartial {
     for (int64_t run = 0; run < n; run += kRun) {
       const int64_t len = math::min(kRun, n - run);
       for (int64_t i = 0; i < len; ++i) e[i] = exponent(weights, column[run + i] * inv_norm) - group_max;
-      for (int64_t i = 0; i < len; ++i) e[i] = math::exp(e[i]);
+      exp_run(e, len);
       auto accumulate = [&](int64_t i, int lane) {
         const bool negative = labels[run + i] != cls;
         const T s = column[run + i] * inv_norm;
@@ -1143,7 +1156,9 @@ struct SoftmaxSlices {
     } else {
       max = max_over(row, first, classes, max);
     }
-    for (int64_t c = 0; c < classes; ++c) row[c] = math::exp(row[c] - max);
+    DMLFAST_INDEPENDENT_ITERATIONS
+    for (int64_t c = 0; c < classes; ++c) row[c] -= max;
+    exp_run(row, classes);
     if (excluded) row[target] = 0;
     shifts[index] = max;
     out.max[index] = max;

@@ -260,7 +260,8 @@ if not _C.build_info()["cuda_kernels"]:
 
 
 def build_info():
-    """How dmlfast._C was built: version, torch, cuda_kernels, cuda_arch_list, openmp, and
+    """How dmlfast._C was built: version, torch, cuda_kernels, cuda_arch_list, openmp,
+    cpu_vector_exp (the CPU kernels' runs of exponentials use AVX2 on this processor), and
     cuda_path: what runs the losses on CUDA tensors ("kernels": dmlfast's CUDA kernels;
     "fallback": dmlfast.fallback on PyTorch ops, the extension having no CUDA kernels; "none":
     torch is a CPU-only build)."""
@@ -273,5 +274,6 @@ def build_info():
         "cuda_kernels": cuda_kernels,
         "cuda_arch_list": [arch for arch in arch_list.split(";") if arch],
         "openmp": bool(info["openmp"]),
+        "cpu_vector_exp": bool(info["cpu_vector_exp"]),
         "cuda_path": "kernels" if cuda_kernels else "fallback" if torch.backends.cuda.is_built() else "none",
     }

@@ -30,6 +30,7 @@ def test_build_info_fields():
     assert info["version"] == dmlfast.__version__
     assert info["torch"] == torch.__version__
     assert isinstance(info["cuda_kernels"], bool) and isinstance(info["openmp"], bool)
+    assert isinstance(info["cpu_vector_exp"], bool)
     assert isinstance(info["cuda_arch_list"], list)
     assert info["cuda_kernels"] == bool(info["cuda_arch_list"])
 
@@ -88,3 +89,28 @@ def test_torch_compile_fullgraph_training_step(loss_name):
     torch.testing.assert_close(loss, eager)
     torch.testing.assert_close(model[0].weight.grad, eager_grads[0])
     torch.testing.assert_close(loss_fn.proxies.grad, eager_grads[1])
+
+
+def test_run_exponential_is_within_one_ulp_and_keeps_the_edges():
+    """The CPU kernels' runs of exponentials (AVX2 lanes where the processor has them, see
+    build_info()["cpu_vector_exp"], the C library otherwise): within 1 ulp of e^x over the whole float
+    range, subnormals included, and exact at the edges (NaN, ±inf, overflow, underflow), in runs of
+    every length (the lanes' tail)."""
+    from dmlfast import _ops
+
+    x = torch.linspace(-110.0, 90.0, 2_000_001)
+    got = _ops._C._exp_run(x).double()
+    exact = torch.exp(x.double())
+    rounded = exact.float()
+    ulp = (torch.nextafter(rounded, torch.tensor(float("inf"))) - rounded).double()
+    normal = torch.isfinite(rounded) & (rounded >= torch.finfo(torch.float32).tiny)
+    assert ((got - exact).abs() / ulp)[normal].max() < 1.0
+    subnormal = (rounded > 0) & (rounded < torch.finfo(torch.float32).tiny)
+    assert ((got - exact).abs()[subnormal] <= 1.5e-45).all()
+    assert torch.equal(got[~torch.isfinite(rounded)], exact.float().double()[~torch.isfinite(rounded)])
+    edges = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 89.0, 1e30, -104.5, -1e30])
+    for length in range(1, 20):
+        values = edges.repeat(3)[:length]
+        torch.testing.assert_close(_ops._C._exp_run(values), torch.exp(values), equal_nan=True, rtol=0, atol=0)
+    wide = torch.linspace(-50, 50, 1001, dtype=torch.float64)
+    torch.testing.assert_close(_ops._C._exp_run(wide), torch.exp(wide), rtol=4e-16, atol=0)  # the C library's exp
