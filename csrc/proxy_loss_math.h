@@ -558,8 +558,8 @@ struct AnchorPartial {
   }
 
   // The group's rows next to each other (the CPU's column-major tiles): the same sums in loops
-  // without branches, four lanes each, and the exponentials in a loop of their own, kRun at a time
-  // (a call to the library's exp in the middle of the sums would spill them every entry).
+  // without branches, four lanes each, and the exponentials apart from them, kRun at a time through
+  // exp_run (a call to the library's exp in the middle of the sums spilled them every entry).
   DMLFAST_HD void contiguous_rows(const ColumnGroup& cg) const {
     const AnchorTile<T>& t = tile;
     const int64_t c = cg.column, cls = t.first_class + c;
