@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from dmlfast.checks import InputError, canonical_name, require_at_least
+from dmlfast.checks import InputError, canonical_name, require_at_least, require_new_files
 
 USAGE_ERROR = 2
 
@@ -31,14 +31,6 @@ class Parser(argparse.ArgumentParser):
 def add_overwrite_argument(parser, what: str) -> None:
     """``--overwrite``: the permission to replace ``what`` when it exists (see :func:`require_new_files`)."""
     parser.add_argument("--overwrite", action="store_true", help=f"replace {what} when it exists (otherwise that is an error)")
-
-
-def require_new_files(flag: str, *paths: Optional[Path], overwrite: bool) -> None:
-    """``InputError`` naming ``flag`` when a file the command would write exists and ``overwrite`` is
-    false: no earlier result is replaced unasked. Commands call it before their work."""
-    existing = [str(path) for path in paths if path is not None and (path.exists() or path.is_symlink())]
-    if existing and not overwrite:
-        raise InputError(f"{flag}: {', '.join(existing)} already exist(s); pass --overwrite to replace, or choose another path")
 
 
 def name_choice(what: str, choices: Sequence[str]) -> Callable[[str], str]:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
+from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -55,6 +57,15 @@ def require_at_least(flag: str, value, minimum: int):
         bound = ">= 0" if minimum == 0 else f"at least {minimum}"
         raise InputError(f"{flag} must be {bound}, got {value}")
     return value
+
+
+def require_new_files(flag: str, *paths: Optional[Path], overwrite: bool) -> None:
+    """``InputError`` naming ``flag`` when a file about to be written exists and ``overwrite`` is
+    false: no earlier result is replaced unasked. Called before the work."""
+    existing = [str(path) for path in paths if path is not None and (Path(path).exists() or Path(path).is_symlink())]
+    if existing and not overwrite:
+        which = f"{existing[0]} exists" if len(existing) == 1 else f"{', '.join(existing)} exist"
+        raise InputError(f"{flag}: {which}; pass --overwrite to replace, or choose another path")
 
 
 # --------------------------------------------------------------------------------- library arguments

@@ -17,7 +17,7 @@ def test_json_of_an_earlier_run_is_refused(tmp_path, script):
     done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--json", str(earlier)], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2
-    assert f"--json {earlier} holds an earlier run's figures; pass --overwrite" in done.stderr
+    assert f"--json: {earlier} exists; pass --overwrite" in done.stderr
     assert earlier.read_text() == '{"earlier": true}'
 
 

@@ -38,7 +38,7 @@ def test_json_is_never_replaced_unasked(saved_arrays, capsys):
     arguments = ["--embeddings", str(saved_arrays / "emb.npy"), "--labels", str(saved_arrays / "lab.npy"),
                  "--metrics", "recall", "--json", str(json_path), "--no-progress"]
     assert main(arguments) == 2
-    assert f"--json: {json_path} already exist(s); pass --overwrite" in capsys.readouterr().err
+    assert f"--json: {json_path} exists; pass --overwrite" in capsys.readouterr().err
     assert json_path.read_text() == "an earlier result\n"
     assert main([*arguments, "--overwrite"]) == 0
     assert "recall@1" in json.loads(json_path.read_text())

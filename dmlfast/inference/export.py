@@ -23,7 +23,7 @@ from typing import Any, Dict
 import torch
 from torch import nn
 
-from dmlfast.checks import InputError, one_of
+from dmlfast.checks import InputError, one_of, require_new_files
 from dmlfast.inference.files import write_atomically
 
 EXPORT_FORMATS = ("onnx", "torchscript")
@@ -67,8 +67,7 @@ def export_model(trained, path, export_format: str, *, overwrite: bool = False) 
     if export_format not in EXPORT_FORMATS:
         raise ValueError(f"export_model: export_format must be {one_of(EXPORT_FORMATS)}, got {export_format!r}")
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise InputError(f"--out: {path} exists; pass --overwrite to replace it")
+    require_new_files("--out", path, overwrite=overwrite)
     if not path.parent.is_dir():
         raise InputError(f"--out: no such folder: {path.parent}")
     model = ServingModel(copy.deepcopy(trained.model), trained.transform.normalization).cpu().float().eval()
