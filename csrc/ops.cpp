@@ -85,9 +85,9 @@ void raise_for_flags(const std::string& op, const at::Tensor& flags, const at::T
 
 void override_tile_plan(int64_t tile_columns, int64_t rows_per_group, int64_t slice_columns, int64_t merge_fan_in,
                         int64_t column_major, int64_t low_precision_gemm, int64_t finish_chunk,
-                        int64_t keep_exponentials, int64_t classes_per_thread) {
+                        int64_t keep_exponentials, int64_t classes_per_thread, int64_t reuse_bytes) {
   set_tile_plan_override({tile_columns, rows_per_group, slice_columns, merge_fan_in, column_major, low_precision_gemm,
-                          finish_chunk, keep_exponentials, classes_per_thread});
+                          finish_chunk, keep_exponentials, classes_per_thread, reuse_bytes});
 }
 
 }  // namespace
@@ -135,5 +135,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "Tests only: the tile plan's parameters (-1 keeps the device's default).", py::arg("tile_columns") = -1,
              py::arg("rows_per_group") = -1, py::arg("slice_columns") = -1, py::arg("merge_fan_in") = -1,
              py::arg("column_major") = -1, py::arg("low_precision_gemm") = -1, py::arg("finish_chunk") = -1,
-             py::arg("keep_exponentials") = -1, py::arg("classes_per_thread") = -1);
+             py::arg("keep_exponentials") = -1, py::arg("classes_per_thread") = -1, py::arg("reuse_bytes") = -1);
 }

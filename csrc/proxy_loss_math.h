@@ -965,6 +965,14 @@ struct ClassSimilarity {
   int64_t argmax;           // the first center with the largest cosine
 };
 
+// The largest of v[0, n), n >= 1.
+template <typename T>
+DMLFAST_HD T max_of(const T* v, int64_t n) {
+  T largest = v[0];
+  for (int64_t i = 1; i < n; ++i) largest = math::max(largest, v[i]);
+  return largest;
+}
+
 template <typename T>
 struct SoftmaxTile {
   RowMajorView<T> sim;      // [B, cols]: S; cols = K * the tile's classes
@@ -1010,6 +1018,42 @@ struct SoftmaxTile {
   DMLFAST_HD T soft_center_slope(const ClassSimilarity<T>& s, T c) const {
     const T weight = math::exp(classes.center_gamma * (c - s.max)) / s.weight_sum;
     return weight * (T(1) + classes.center_gamma * (c - s.similarity));
+  }
+
+  // Centers per soft_center_run: its buffers stay in L1.
+  static constexpr int64_t kSoftRun = 512;
+
+  // The host's softmax-weighted mean (kSoftCenters, K <= kSoftRun) over row b's classes [from, to),
+  // (to - from) K <= kSoftRun: each center's e^{gamma (cos_k - max)} into `weights` (K per class, in
+  // order), each class's s into `similarity` and 1 / sum_k e^{gamma (cos_k - max)} into
+  // `inv_weight_sum`. similarity()'s arithmetic with the exponentials in one exp_run; both passes
+  // call this, so they round alike.
+  DMLFAST_HD void soft_center_run(int64_t b, int64_t from, int64_t to, T* weights, T* similarity,
+                                  T* inv_weight_sum) const {
+    const int64_t K = classes.centers, n = (to - from) * K;
+    const T* s_row = sim.row(b) + from * K;
+    const T* inv = inv_norm + from * K;
+    for (int64_t i = 0; i < n; ++i) weights[i] = s_row[i] * inv[i];
+    for (int64_t j = 0; j < to - from; ++j) {
+      T* w = weights + j * K;
+      const T largest = max_of(w, K);
+      for (int64_t k = 0; k < K; ++k) w[k] = classes.center_gamma * (w[k] - largest);
+    }
+    exp_run(weights, n);
+    for (int64_t j = 0; j < to - from; ++j) {
+      T sum = 0, weighted = 0;
+      for (int64_t i = j * K; i < (j + 1) * K; ++i) {
+        sum += weights[i];
+        weighted += weights[i] * (s_row[i] * inv[i]);
+      }
+      similarity[j] = weighted / sum;
+      inv_weight_sum[j] = T(1) / sum;
+    }
+  }
+
+  // Whether the host computes the class similarities by soft_center_run.
+  DMLFAST_HD bool soft_center_runs() const {
+    return classes.aggregation == kSoftCenters && classes.centers > 1 && classes.centers <= kSoftRun;
   }
 
   // The class similarity alone: the cosine itself with one center per class (the common case,
@@ -1079,6 +1123,12 @@ struct SoftmaxSlices {
       one_center_row(index, b, target);
       return;
     }
+#ifndef __CUDA_ARCH__
+    if (exps != nullptr && slices == 1 && t.soft_center_runs()) {
+      soft_center_row(index, b, target);  // its run buffers would cost every GPU thread a stack frame
+      return;
+    }
+#endif
     const int64_t classes = t.classes_in_tile();
     bool any = false;
     T max = 0;
@@ -1139,14 +1189,36 @@ struct SoftmaxSlices {
     const T* sim = t.sim.row(b);
     T* row = exps + b * classes;  // may be the tile itself (unkept tiles): read each element first
     const bool has_target = target >= 0 && target < classes;
-    const bool excluded = has_target && t.exclude_positive;
     const T target_z = has_target ? t.logit(true, t.cosine(b, target)) : T(0);
     DMLFAST_INDEPENDENT_ITERATIONS
     for (int64_t c = 0; c < classes; ++c) row[c] = t.logit(false, sim[c] * t.inv_norm[c]);
-    if (has_target) {
-      row[target] = target_z;
-      target_logit[b] = target_z;
+    if (has_target) row[target] = target_z;
+    exponentials_of_logits(index, b, target, row, classes);
+  }
+
+  // Softmax-weighted centers and one slice per row (the host): each run of classes' similarities
+  // from soft_center_run, then the one-center row's walks over the class logits.
+  DMLFAST_HD void soft_center_row(int64_t index, int64_t b, int64_t target) const {
+    const SoftmaxTile<T>& t = tile;
+    const int64_t classes = t.classes_in_tile(), per_run = SoftmaxTile<T>::kSoftRun / t.classes.centers;
+    T* row = exps + b * classes;
+    T weights[SoftmaxTile<T>::kSoftRun], similarity[SoftmaxTile<T>::kSoftRun / 2],
+        inv_weight_sum[SoftmaxTile<T>::kSoftRun / 2];
+    for (int64_t from = 0; from < classes; from += per_run) {
+      const int64_t to = math::min(from + per_run, classes);
+      t.soft_center_run(b, from, to, weights, similarity, inv_weight_sum);
+      for (int64_t j = from; j < to; ++j) row[j] = t.logit(j == target, similarity[j - from]);
     }
+    exponentials_of_logits(index, b, target, row, classes);
+  }
+
+  // Row b's class logits in `row` become e^{z - shift} (0 for an excluded target), with the row's
+  // target logit, partials and shift written out.
+  DMLFAST_HD void exponentials_of_logits(int64_t index, int64_t b, int64_t target, T* row, int64_t classes) const {
+    const SoftmaxTile<T>& t = tile;
+    const bool has_target = target >= 0 && target < classes;
+    const bool excluded = has_target && t.exclude_positive;
+    if (has_target) target_logit[b] = row[target];
     const double logit_sum = logit_sums ? sum_over(row, classes) : 0.0;
     const bool any = classes > (excluded ? 1 : 0);
     const int64_t first = excluded && target == 0 ? 1 : 0;
@@ -1341,9 +1413,46 @@ struct SoftmaxGradTile {
     }
   }
 
+  // Softmax-weighted centers on the host (soft_center_runs): row b's classes [from, to), one
+  // soft_center_run at a time, G as centers_of's with w_k = e_k (1 / sum) and, where pass 1 kept no
+  // exponentials, the run's probabilities through one exp_run.
+  DMLFAST_HD void soft_centers(int64_t b, int64_t from, int64_t to, T* partial) const {
+    const SoftmaxTile<T>& t = tile;
+    const int64_t K = t.classes.centers, per_run = SoftmaxTile<T>::kSoftRun / K;
+    const int64_t target = t.labels[b] - t.first_class;
+    const T gamma = t.classes.center_gamma;
+    const T* sim = t.sim.row(b);
+    O* grads = out.row(b);
+    T weights[SoftmaxTile<T>::kSoftRun], similarity[SoftmaxTile<T>::kSoftRun / 2],
+        inv_weight_sum[SoftmaxTile<T>::kSoftRun / 2], coef[SoftmaxTile<T>::kSoftRun / 2];
+    for (int64_t run = from; run < to; run += per_run) {
+      const int64_t n = math::min(per_run, to - run);
+      t.soft_center_run(b, run, run + n, weights, similarity, inv_weight_sum);
+      if (exps != nullptr) {
+        for (int64_t j = 0; j < n; ++j) coef[j] = probability(b, run + j, run + j == target, similarity[j]);
+      } else {
+        for (int64_t j = 0; j < n; ++j) coef[j] = t.logit(run + j == target, similarity[j]) - row_lse[b];
+        exp_run(coef, n);
+        if (t.exclude_positive && target >= run && target < run + n) coef[target - run] = 0;
+      }
+      // coef becomes dL/ds / sum_k e_k, each class's factor of its centers' G.
+      for (int64_t j = 0; j < n; ++j) coef[j] = class_grad(coef[j], run + j == target, similarity[j]) * inv_weight_sum[j];
+      for (int64_t j = 0; j < n; ++j) {
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t c = (run + j) * K + k;
+          const T cosine = sim[c] * t.inv_norm[c];
+          const T g = coef[j] * weights[j * K + k] * (T(1) + gamma * (cosine - similarity[j]));
+          partial[c] += g * cosine;
+          grads[c] = static_cast<O>(g * t.inv_norm[c]);
+        }
+      }
+    }
+  }
+
   // One center per class, row b's classes [from, to), none of them its target: loops without
-  // branches, p either recomputed or, from kept exponentials with one slice per row,
-  // e^{z - shift} e^{shift - lse} with one factor per row.
+  // branches, p either recomputed (kRun exponentials at a time through exp_run) or, from kept
+  // exponentials with one slice per row, e^{z - shift} e^{shift - lse} with one factor per row.
+  static constexpr int64_t kRun = 64;
   DMLFAST_HD void others(int64_t b, int64_t from, int64_t to, T* partial) const {
     const SoftmaxTile<T>& t = tile;
     if (exps != nullptr && slices != 1) {
@@ -1353,11 +1462,19 @@ struct SoftmaxGradTile {
     const T* sim = t.sim.row(b);
     O* grads = out.row(b);
     if (exps == nullptr) {
-      for (int64_t j = from; j < to; ++j) {
-        const T cosine = sim[j] * t.inv_norm[j];
-        const T grad = class_grad(recomputed_probability(b, false, cosine), false, cosine);
-        partial[j] += grad * cosine;
-        grads[j] = static_cast<O>(grad * t.inv_norm[j]);
+      T p[kRun];
+      for (int64_t run = from; run < to; run += kRun) {
+        const int64_t n = math::min(kRun, to - run);
+        for (int64_t i = 0; i < n; ++i) p[i] = t.logit(false, sim[run + i] * t.inv_norm[run + i]) - row_lse[b];
+        exp_run(p, n);
+        DMLFAST_INDEPENDENT_ITERATIONS
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t j = run + i;
+          const T cosine = sim[j] * t.inv_norm[j];
+          const T grad = class_grad(p[i], false, cosine);
+          partial[j] += grad * cosine;
+          grads[j] = static_cast<O>(grad * t.inv_norm[j]);
+        }
       }
       return;
     }
@@ -1419,6 +1536,12 @@ struct SoftmaxGradRuns {
     for (int64_t c = from * centers; c < to * centers; ++c) partial[c] = 0;
     for (int64_t b = first_row; b < last_row; ++b) {
       if (centers > 1) {
+#ifndef __CUDA_ARCH__
+        if (t.soft_center_runs()) {
+          g.soft_centers(b, from, to, partial);  // its run buffers would cost a GPU thread a stack frame
+          continue;
+        }
+#endif
         for (int64_t j = from; j < to; ++j) g.centers_of(b, j, partial + j * centers);
         continue;
       }

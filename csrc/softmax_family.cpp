@@ -5,9 +5,9 @@
 // Two passes over tiles of proxies: pass 1 reduces each row's log-sum-exp (SoftmaxSlices, then
 // a fixed-order merge tree, then SoftmaxRowUpdate), logit sum and target logit; pass 2 writes G'
 // tile by tile from the row LSE (SoftmaxGrad) and runs the GEMMs. Unsharded, one call runs both,
-// reusing pass 1's tiles of S when they fit a budget and, where the plan says so (the CPU), pass 1's
-// e^{z - shift}, so that pass 2 multiplies by e^{shift - lse} instead of exponentiating again (an
-// exponential costs the CPU more than reading the kept value; the GPU recomputes it). Sharded
+// reusing as many of pass 1's tiles of S as the plan's budget holds and, where the plan says so (the
+// CPU), their e^{z - shift}, so that pass 2 multiplies by e^{shift - lse} instead of exponentiating
+// again (an exponential costs the CPU more than reading the kept value; the GPU recomputes it). Sharded
 // across processes, each pass is its own op, so that the row statistics can be reduced across
 // shards in between (a distributed log-sum-exp, as in class-sharded softmax training).
 #include <ATen/ATen.h>
@@ -21,10 +21,6 @@
 
 namespace dmlfast {
 namespace {
-
-// Bytes of pass-1 tiles of S that pass 2 reuses instead of recomputing them. Beyond this budget
-// the tiles are recomputed (a fourth GEMM), so memory stays bounded for any number of classes.
-constexpr int64_t kSoftmaxReuseBytes = int64_t{64} << 20;
 
 // Per-row statistics of pass 1, rows of one [4, B] float64 buffer: the denominator's running max
 // and sum of e^{z - max} (sum 0 while no logit entered), the sum of all logits z_bc and the target
@@ -63,12 +59,13 @@ TilePlan softmax_plan(const at::Tensor& x, int64_t proxy_rows, at::ScalarType ac
   return plan;
 }
 
-// Pass 1's tiles of S kept for pass 2 (undefined: pass 2 recomputes them) and, with the plan's
-// keep_exponentials, each tile's e^{z - shift} per class and its (row, slice) shifts.
+// Pass 1's first `count` tiles of S kept for pass 2 (which recomputes the others) and, with the
+// plan's keep_exponentials, each kept tile's e^{z - shift} per class and its (row, slice) shifts.
 struct KeptTiles {
-  at::Tensor sims;    // [tiles * B * tile_columns]
-  at::Tensor exps;    // [tiles * B * tile classes], or undefined
-  at::Tensor shifts;  // [tiles * B * max slices], or undefined
+  int64_t count = 0;
+  at::Tensor sims;    // [count * B * tile_columns], or undefined
+  at::Tensor exps;    // [count * B * tile classes], or undefined
+  at::Tensor shifts;  // [count * B * max slices], or undefined
 };
 
 SoftmaxRows empty_softmax_rows(const at::Tensor& x) {
@@ -102,32 +99,39 @@ class SoftmaxTiles {
   int64_t rows_of_proxies() const { return p_.size(0); }
   int64_t tiles() const { return blocks_for(rows_of_proxies(), plan_.tile_columns); }
 
-  // Whether pass 1's tiles of S (and exponentials) fit the reuse budget (otherwise pass 2
-  // recomputes them).
-  bool tiles_fit() const {
+  // How many of pass 1's tiles of S (with their exponentials, where the plan keeps them) pass 2
+  // reuses: all of them when they fit the plan's reuse budget (or are one tile), else as many as
+  // it holds; pass 2 recomputes the others.
+  int64_t tiles_to_keep() const {
     const int64_t centers = logits_.centers;
     const int64_t per_row = plan_.keep_exponentials ? rows_of_proxies() + rows_of_proxies() / centers : rows_of_proxies();
     const int64_t per_tile = plan_.keep_exponentials ? plan_.tile_columns + plan_.tile_columns / centers : plan_.tile_columns;
     const int64_t bytes = batch() * static_cast<int64_t>(sizeof(T));
-    return per_row * bytes <= std::max(kSoftmaxReuseBytes, per_tile * bytes);
+    if (per_row * bytes <= std::max(plan_.reuse_bytes, per_tile * bytes)) return tiles();
+    return plan_.reuse_bytes / (per_tile * bytes);
   }
 
   // Pass 1: merges every row's statistics over these proxies into `rows` (logit sums only when
-  // `with_logit_sum`). With `keep`, each tile's S (and exponentials) stays for pass 2.
-  KeptTiles row_pass(const SoftmaxRows& rows, bool with_logit_sum, bool keep) {
+  // `with_logit_sum`). The first `keep` tiles' S (and exponentials) stay for pass 2.
+  KeptTiles row_pass(const SoftmaxRows& rows, bool with_logit_sum, int64_t keep) {
     const int64_t B = batch(), C = rows_of_proxies(), tile = plan_.tile_columns;
     const int64_t max_slices = slices_of(tile), tile_classes = tile / logits_.centers;
     KeptTiles kept;
-    const at::Tensor sims = at::empty({(keep ? tiles() : 1) * B * tile}, acc_options_);
-    if (keep) kept.sims = sims;
-    if (keep && plan_.keep_exponentials) {
-      kept.exps = at::empty({tiles() * B * tile_classes}, acc_options_);
-      kept.shifts = at::empty({tiles() * B * max_slices}, acc_options_);
+    kept.count = keep;
+    if (keep > 0) kept.sims = at::empty({keep * B * tile}, acc_options_);
+    if (keep > 0 && plan_.keep_exponentials) {
+      kept.exps = at::empty({keep * B * tile_classes}, acc_options_);
+      kept.shifts = at::empty({keep * B * max_slices}, acc_options_);
     }
-    // Unkept tiles with one center per class are pass 1's own to overwrite: where the plan keeps
-    // exponentials, the walks that leave them run there too (faster on the CPU than one walk).
-    const bool in_tile = !keep && plan_.keep_exponentials && logits_.centers == 1;
-    const at::Tensor shift_scratch = in_tile ? at::empty({B * max_slices}, acc_options_) : at::Tensor();
+    const bool recomputed = keep < tiles();
+    const at::Tensor scratch_sims = recomputed ? at::empty({B * tile}, acc_options_) : at::Tensor();
+    // Where the plan keeps exponentials, unkept tiles leave theirs too (the walks that do are the
+    // faster ones on the CPU): in the tile itself with one center per class (pass 1's own to
+    // overwrite), else in a scratch buffer.
+    const bool scratch_exps = recomputed && plan_.keep_exponentials;
+    const at::Tensor exp_scratch =
+        scratch_exps && logits_.centers > 1 ? at::empty({B * tile_classes}, acc_options_) : at::Tensor();
+    const at::Tensor shift_scratch = scratch_exps ? at::empty({B * max_slices}, acc_options_) : at::Tensor();
     // Partials of the merge tree's levels, ping-ponged between two buffers of 3 arrays each.
     const at::Tensor level_max = at::empty({2, B * max_slices}, acc_options_);
     const at::Tensor level_sums = at::empty({2, 2, B * max_slices}, acc_options_.dtype(at::kDouble));
@@ -139,13 +143,19 @@ class SoftmaxTiles {
     for (int64_t first = 0, index = 0; first < C; first += tile, ++index) {
       const int64_t cols = std::min(tile, C - first);
       const ProxyTile pt = proxy_tile(proxy_space_, p_, first, cols, acc_, checks_.device_flags());
-      const at::Tensor sim = similarity(sims, keep ? index : 0, pt);
+      const bool kept_tile = index < keep;
+      const at::Tensor sim = kept_tile ? similarity(kept.sims, index, pt) : similarity(scratch_sims, 0, pt);
       const int64_t slices = slices_of(cols);
       int level = 0;
-      T* exps = kept.exps.defined() ? data_as<T>(kept.exps) + index * B * tile_classes
-                                    : (in_tile ? data_as<T>(sim) : nullptr);
-      T* shifts = kept.shifts.defined() ? data_as<T>(kept.shifts) + index * B * max_slices
-                                        : (in_tile ? data_as<T>(shift_scratch) : nullptr);
+      T* exps = nullptr;
+      T* shifts = nullptr;
+      if (kept_tile && kept.exps.defined()) {
+        exps = data_as<T>(kept.exps) + index * B * tile_classes;
+        shifts = data_as<T>(kept.shifts) + index * B * max_slices;
+      } else if (!kept_tile && scratch_exps) {
+        exps = exp_scratch.defined() ? data_as<T>(exp_scratch) : data_as<T>(sim);
+        shifts = data_as<T>(shift_scratch);
+      }
       launch(x_, B * slices,
              SoftmaxSlices<T>{tile_args(sim, pt), slices, with_logit_sum, partials(level), state.target_logit, exps,
                               shifts});
@@ -176,7 +186,7 @@ class SoftmaxTiles {
                           1.0 - smoothing, other_weight, data_as<T>(row_lse), data_as<T>(loss)});
     const at::Tensor grad_unit = at::zeros({B, D}, acc_options_);
     at::Tensor grad_p = at::empty_like(p_);
-    const at::Tensor sims = kept.sims.defined() ? kept.sims : at::empty({B * tile}, acc_options_);
+    const at::Tensor scratch_sims = kept.count < tiles() ? at::empty({B * tile}, acc_options_) : at::Tensor();
     const bool low_precision = plan_.gemm_dtype != acc_;  // G' goes over S unless the GEMMs read another dtype
     const at::Tensor grad_buffer = low_precision ? at::empty({B * tile}, x_.options().dtype(plan_.gemm_dtype)) : at::Tensor();
     const at::Tensor scratch = low_precision ? at::empty({B, D}, acc_options_) : at::Tensor();
@@ -184,11 +194,13 @@ class SoftmaxTiles {
     for (int64_t first = 0, index = 0; first < C; first += tile, ++index) {
       const int64_t cols = std::min(tile, C - first);
       const ProxyTile pt = proxy_tile(proxy_space_, p_, first, cols, acc_, checks_.device_flags());
-      const at::Tensor sim = kept.sims.defined() ? prefix(sims.narrow(0, index * B * tile, B * cols), B, cols)
-                                                 : similarity(sims, 0, pt);
+      const bool kept_tile = index < kept.count;
+      const at::Tensor sim = kept_tile ? prefix(kept.sims.narrow(0, index * B * tile, B * cols), B, cols)
+                                       : similarity(scratch_sims, 0, pt);
       const int64_t slices = slices_of(cols);
-      const T* exps = kept.exps.defined() ? const_data_as<T>(kept.exps) + index * B * tile_classes : nullptr;
-      T* exp_scales = kept.shifts.defined() ? data_as<T>(kept.shifts) + index * B * max_slices : nullptr;
+      const bool kept_exps = kept_tile && kept.exps.defined();
+      const T* exps = kept_exps ? const_data_as<T>(kept.exps) + index * B * tile_classes : nullptr;
+      T* exp_scales = kept_exps ? data_as<T>(kept.shifts) + index * B * max_slices : nullptr;
       if (exp_scales != nullptr) launch(x_, B * slices, SoftmaxExpScales<T>{exp_scales, B, slices, const_data_as<T>(row_lse)});
       const at::Tensor grad_tile = low_precision ? prefix(grad_buffer, B, cols) : sim;
       with_tile_type<T>(plan_.gemm_dtype, [&](auto tile_zero) {
@@ -272,7 +284,7 @@ LossAndGrads proxy_softmax_impl(const at::Tensor& x, const at::Tensor& p, const 
   const int64_t C = p.size(0) / logits.centers;
   SoftmaxTiles<T> tiles(x, p, labels, ClassShard{0, C, C}, logits, mode, "proxy_nca_loss");
   const SoftmaxRows rows = empty_softmax_rows(x);
-  const KeptTiles kept = tiles.row_pass(rows, /*with_logit_sum=*/smoothing > 0, tiles.tiles_fit());
+  const KeptTiles kept = tiles.row_pass(rows, /*with_logit_sum=*/smoothing > 0, tiles.tiles_to_keep());
   return tiles.loss_and_grads(rows, smoothing, kept);
 }
 
@@ -283,7 +295,7 @@ at::Tensor softmax_shard_stats_impl(const at::Tensor& x, const at::Tensor& p, co
                                     const SoftmaxLogits& logits, const ClassShard& shard, CheckMode mode) {
   SoftmaxTiles<T> tiles(x, p, labels, shard, logits, mode, "proxy_nca_shard_row_stats");
   const SoftmaxRows rows = empty_softmax_rows(x);
-  tiles.row_pass(rows, /*with_logit_sum=*/true, /*keep=*/false);
+  tiles.row_pass(rows, /*with_logit_sum=*/true, /*keep=*/0);
   tiles.finish_checks();
   const at::Tensor stats = rows.stats;
   const at::Tensor max = at::where(stats[1] > 0, stats[0], -std::numeric_limits<double>::infinity());

@@ -25,6 +25,10 @@ constexpr int64_t kGpuFinishChunk = 4;
 // Softmax pass 2: one class per GPU thread (neighbouring threads, neighbouring columns); on the CPU
 // a run of classes whose rows the compiler vectorizes, 128 x 64 rows of a tile in L1.
 constexpr int64_t kCpuClassesPerThread = 128;
+// Bytes of the softmax family's pass-1 tiles of S (and their exponentials) that pass 2 reuses
+// instead of recomputing them (a fourth GEMM over the tiles beyond it): memory stays bounded for
+// any number of classes.
+constexpr int64_t kSoftmaxReuseBytes = int64_t{64} << 20;
 
 bool is_low_precision(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
@@ -45,6 +49,7 @@ TilePlan plan_tiles(const at::Tensor& x, int64_t num_local_classes, at::ScalarTy
   plan.finish_chunk = gpu ? kGpuFinishChunk : 0;
   plan.keep_exponentials = !gpu;
   plan.classes_per_thread = gpu ? 1 : kCpuClassesPerThread;
+  plan.reuse_bytes = kSoftmaxReuseBytes;
   bool low_precision = gpu && acc == at::kFloat && is_low_precision(x.scalar_type());
   const TilePlanOverride& o = plan_override;
   if (o.tile_columns > 0) plan.tile_columns = o.tile_columns;
@@ -55,6 +60,7 @@ TilePlan plan_tiles(const at::Tensor& x, int64_t num_local_classes, at::ScalarTy
   if (o.finish_chunk >= 0) plan.finish_chunk = o.finish_chunk;
   if (o.keep_exponentials >= 0) plan.keep_exponentials = o.keep_exponentials != 0;
   if (o.classes_per_thread > 0) plan.classes_per_thread = o.classes_per_thread;
+  if (o.reuse_bytes >= 0) plan.reuse_bytes = o.reuse_bytes;
   if (o.low_precision_gemm >= 0) low_precision = o.low_precision_gemm != 0 && acc == at::kFloat && is_low_precision(x.scalar_type());
   plan.tile_columns = std::min(plan.tile_columns, num_local_classes);
   plan.groups = blocks_for(batch, plan.rows_per_group);

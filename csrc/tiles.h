@@ -41,6 +41,8 @@ struct TilePlan {
   bool column_major;          // S tiles stored column by column (walked down columns on the CPU)
   bool keep_exponentials;     // softmax pass 1 keeps e^{z - shift} with its kept tiles (the CPU: an
                               // exponential costs more there than the buffer's traffic)
+  int64_t reuse_bytes;        // softmax: bytes of pass 1's tiles that pass 2 may reuse instead of
+                              // recomputing them
   at::ScalarType gemm_dtype;  // what the tile GEMMs read
   bool emulate_gemm;          // low-precision GEMMs emulated on the CPU (tests), see gemm()
 };
@@ -59,6 +61,7 @@ struct TilePlanOverride {
   int64_t finish_chunk = -1;
   int64_t keep_exponentials = -1;
   int64_t classes_per_thread = -1;
+  int64_t reuse_bytes = -1;
 };
 void set_tile_plan_override(const TilePlanOverride& override_values);
 

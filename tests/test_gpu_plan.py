@@ -95,12 +95,15 @@ SOFTMAX_CASES = [name for name in CASES if name.startswith("nca") or name == "pr
 @pytest.mark.parametrize("keep_exponentials", [0, 1])
 @pytest.mark.parametrize("slice_columns", [0, 3])
 @pytest.mark.parametrize("classes_per_thread", [1, 3])
-def test_softmax_plan_variants_match_reference(tile_plan, name, keep_exponentials, slice_columns, classes_per_thread):
+@pytest.mark.parametrize("reuse_bytes", [-1, 0, 3000], ids=["all_kept", "none_kept", "some_kept"])
+def test_softmax_plan_variants_match_reference(tile_plan, name, keep_exponentials, slice_columns, classes_per_thread,
+                                               reuse_bytes):
     """Pass 1 keeping its exponentials (the CPU's plan) or not (the GPU's), over whole rows or strided
     slices; pass 2 one class per thread (the GPU) or runs of classes split around each row's target
-    (the CPU, here 3 classes so that targets fall on runs' first, middle and last classes)."""
+    (the CPU, here 3 classes so that targets fall on runs' first, middle and last classes), reusing
+    all of pass 1's 8 tiles of S, none, or the first 1 to 2 that 3000 bytes hold."""
     tile_plan(tile_columns=7, rows_per_group=5, slice_columns=slice_columns, merge_fan_in=2,
-              keep_exponentials=keep_exponentials, classes_per_thread=classes_per_thread)
+              keep_exponentials=keep_exponentials, classes_per_thread=classes_per_thread, reuse_bytes=reuse_bytes)
     x, p, labels = inputs(37, 50, 19)
     assert_matches_reference(name, x, p, labels, 2e-6)
 

@@ -96,16 +96,39 @@ def test_gpu_plan_on_the_cpu(tile_plan, name, low_precision):
     assert_matches_reference(name, x, p.float(), labels, 2e-2 if low_precision else TOL[torch.float32])
 
 
+@pytest.mark.parametrize("reuse_bytes", [-1, 0, 6000], ids=["all_kept", "none_kept", "some_kept"])
 @pytest.mark.parametrize("keep_exponentials", [0, 1])
 @pytest.mark.parametrize("classes_per_thread", [1, 2])
 @pytest.mark.parametrize("name", CASES)
-def test_cpu_plan_variants(tile_plan, name, keep_exponentials, classes_per_thread):
+def test_cpu_plan_variants(tile_plan, name, keep_exponentials, classes_per_thread, reuse_bytes):
     """Pass 1 keeping e^{z - shift} or not, pass 2 one class per thread or runs of classes, with
-    tiles of whole classes (7 columns rounded down to a multiple of K) and one slice per row."""
+    tiles of whole classes (7 columns rounded down to a multiple of K) and one slice per row; pass 2
+    reusing every tile of S, none, or the first few that a 6000-byte budget holds (2 to 8 of the
+    4 to 23 tiles here) and recomputing the rest."""
     tile_plan(tile_columns=7, rows_per_group=5, slice_columns=0, keep_exponentials=keep_exponentials,
-              classes_per_thread=classes_per_thread)
+              classes_per_thread=classes_per_thread, reuse_bytes=reuse_bytes)
     x, p, labels = inputs(37, 23, 19, case(name)[4], dtype=torch.float32)
     assert_matches_reference(name, x, p, labels, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("kept", ["all", "none", "some"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("centers", [2, 7, 513])
+def test_soft_triple_center_counts(tile_plan, centers, dtype, kept):
+    """The CPU's runs of soft-weighted centers: K = 2 and K = 7 (runs of 256 and 73 classes, so that
+    pass 2's runs of 128 classes cross them), and K = 513, beyond a run's 512 centers (one
+    exponential at a time); tiles of 600 columns rounded down to whole classes, with pass 2 reusing
+    every tile of S, none, or those that 80 % of S's bytes hold (with the kept exponentials, 1 of
+    2 tiles for K = 2, 3 of 5 for K = 7, 2 of 3 for K = 513)."""
+    batch, classes, dim = 21, (3 if centers > 512 else 400), 11
+    some = batch * classes * centers * (8 if dtype == torch.float64 else 4) * 4 // 5
+    tile_plan(tile_columns=max(600, centers), reuse_bytes={"all": -1, "none": 0, "some": some}[kept])
+    x, p, labels = inputs(batch, classes, dim, centers, dtype=dtype)
+    kwargs = {"centers_per_class": centers, "tau": 0.2}
+    got = value_and_grads(functional.soft_triple_loss, x, p.to(dtype), labels, **kwargs)
+    want = value_and_grads(reference.soft_triple_loss, x.double(), p, labels, **kwargs)
+    for a, b in zip(got, want):
+        assert relative_error(a, b) <= TOL[dtype]
 
 
 def test_special_cases_reduce_to_the_plain_losses():
