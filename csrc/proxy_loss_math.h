@@ -991,11 +991,12 @@ struct SoftmaxTile {
     const int64_t first = j * classes.centers;
     ClassSimilarity<T> out{cosine(b, first), cosine(b, first), T(1), 0};
     for (int64_t k = 1; k < classes.centers; ++k) {
-      // Selects, not a branch: which center is largest is a coin toss the CPU mispredicts.
+      // Arithmetic, not a branch: which center is largest is a coin toss the CPU mispredicts (the
+      // compiler turned selects written as ?: back into a jump).
       const T c = cosine(b, first + k);
-      const bool larger = c > out.max;
-      out.argmax = larger ? k : out.argmax;
-      out.max = larger ? c : out.max;
+      const int64_t larger = c > out.max ? 1 : 0;
+      out.argmax += (k - out.argmax) * larger;
+      out.max = math::max(out.max, c);
     }
     out.similarity = out.max;
     if (classes.aggregation == kSoftCenters && classes.centers > 1) {
@@ -1119,16 +1120,10 @@ struct SoftmaxSlices {
     const int64_t b = index / slices, j = index % slices;
     if (b >= t.rows) return;
     const int64_t target = t.labels[b] - t.first_class;
-    if (exps != nullptr && slices == 1 && t.classes.centers == 1) {
-      one_center_row(index, b, target);
+    if (exps != nullptr && slices == 1) {
+      whole_row(index, b, target);
       return;
     }
-#ifndef __CUDA_ARCH__
-    if (exps != nullptr && slices == 1 && t.soft_center_runs()) {
-      soft_center_row(index, b, target);  // its run buffers would cost every GPU thread a stack frame
-      return;
-    }
-#endif
     const int64_t classes = t.classes_in_tile();
     bool any = false;
     T max = 0;
@@ -1179,6 +1174,26 @@ struct SoftmaxSlices {
     out.max[index] = max;
     out.sum[index] = any ? sum : 0.0;
     out.logit_sum[index] = logit_sum;
+  }
+
+  // One slice per row with kept exponentials (the CPU's plan): the row's class logits, then the
+  // exponentials of them all in one run.
+  DMLFAST_HD void whole_row(int64_t index, int64_t b, int64_t target) const {
+    const SoftmaxTile<T>& t = tile;
+    if (t.classes.centers == 1) {
+      one_center_row(index, b, target);
+      return;
+    }
+#ifndef __CUDA_ARCH__
+    if (t.soft_center_runs()) {
+      soft_center_row(index, b, target);  // its run buffers would cost every GPU thread a stack frame
+      return;
+    }
+#endif
+    const int64_t classes = t.classes_in_tile();
+    T* row = exps + b * classes;
+    for (int64_t c = 0; c < classes; ++c) row[c] = t.logit(c == target, t.class_similarity(b, c));
+    exponentials_of_logits(index, b, target, row, classes);
   }
 
   // One center per class and one slice per row (the CPU): the same two walks as loops without
@@ -1359,6 +1374,9 @@ struct SoftmaxGradTile {
   const T* exp_scales;      // [B * slices] e^{shift - lse_b} of the row's slice (SoftmaxExpScales)
   int64_t slices;           // pass 1's slices of this tile
 
+  // Classes per run of the host's walks (their buffers stay in L1).
+  static constexpr int64_t kRun = 64;
+
   // p_bj = e^{z_bj - lse_b}, 0 for a target excluded from the denominator.
   DMLFAST_HD T probability(int64_t b, int64_t j, bool is_target, T similarity) const {
     if (exps != nullptr) {
@@ -1413,6 +1431,50 @@ struct SoftmaxGradTile {
     }
   }
 
+  // p of row b's classes [run, run + n) from their similarities into `prob`: from the kept
+  // exponentials, or recomputed through one exp_run.
+  DMLFAST_HD void run_probabilities(int64_t b, int64_t run, int64_t n, const T* similarity, T* prob) const {
+    const SoftmaxTile<T>& t = tile;
+    const int64_t target = t.labels[b] - t.first_class;
+    if (exps != nullptr) {
+      for (int64_t j = 0; j < n; ++j) prob[j] = probability(b, run + j, run + j == target, similarity[j]);
+      return;
+    }
+    for (int64_t j = 0; j < n; ++j) prob[j] = t.logit(run + j == target, similarity[j]) - row_lse[b];
+    exp_run(prob, n);
+    if (t.exclude_positive && target >= run && target < run + n) prob[target - run] = 0;
+  }
+
+  // The max over centers (Sub-center ArcFace) on the host: row b's classes [from, to), kRun at a
+  // time, their probabilities through run_probabilities; G is dL/ds at each class's first largest
+  // center, 0 at the others.
+  DMLFAST_HD void max_centers(int64_t b, int64_t from, int64_t to, T* partial) const {
+    const SoftmaxTile<T>& t = tile;
+    const int64_t K = t.classes.centers;
+    const int64_t target = t.labels[b] - t.first_class;
+    O* grads = out.row(b);
+    T similarity[kRun], grad[kRun];
+    int64_t argmax[kRun];
+    for (int64_t run = from; run < to; run += kRun) {
+      const int64_t n = math::min(kRun, to - run);
+      // Every center's cosine is read here, before `out` (which may be the tile) is written.
+      for (int64_t j = 0; j < n; ++j) {
+        const ClassSimilarity<T> s = t.similarity(b, run + j);
+        similarity[j] = s.max;
+        argmax[j] = s.argmax;
+      }
+      run_probabilities(b, run, n, similarity, grad);
+      for (int64_t j = 0; j < n; ++j) grad[j] = class_grad(grad[j], run + j == target, similarity[j]);
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t first = (run + j) * K;
+        for (int64_t k = 0; k < K; ++k) grads[first + k] = static_cast<O>(T(0));
+        const int64_t c = first + argmax[j];
+        partial[c] += grad[j] * similarity[j];
+        grads[c] = static_cast<O>(grad[j] * t.inv_norm[c]);
+      }
+    }
+  }
+
   // Softmax-weighted centers on the host (soft_center_runs): row b's classes [from, to), one
   // soft_center_run at a time, G as centers_of's with w_k = e_k (1 / sum) and, where pass 1 kept no
   // exponentials, the run's probabilities through one exp_run.
@@ -1428,13 +1490,7 @@ struct SoftmaxGradTile {
     for (int64_t run = from; run < to; run += per_run) {
       const int64_t n = math::min(per_run, to - run);
       t.soft_center_run(b, run, run + n, weights, similarity, inv_weight_sum);
-      if (exps != nullptr) {
-        for (int64_t j = 0; j < n; ++j) coef[j] = probability(b, run + j, run + j == target, similarity[j]);
-      } else {
-        for (int64_t j = 0; j < n; ++j) coef[j] = t.logit(run + j == target, similarity[j]) - row_lse[b];
-        exp_run(coef, n);
-        if (t.exclude_positive && target >= run && target < run + n) coef[target - run] = 0;
-      }
+      run_probabilities(b, run, n, similarity, coef);
       // coef becomes dL/ds / sum_k e_k, each class's factor of its centers' G.
       for (int64_t j = 0; j < n; ++j) coef[j] = class_grad(coef[j], run + j == target, similarity[j]) * inv_weight_sum[j];
       for (int64_t j = 0; j < n; ++j) {
@@ -1452,7 +1508,6 @@ struct SoftmaxGradTile {
   // One center per class, row b's classes [from, to), none of them its target: loops without
   // branches, p either recomputed (kRun exponentials at a time through exp_run) or, from kept
   // exponentials with one slice per row, e^{z - shift} e^{shift - lse} with one factor per row.
-  static constexpr int64_t kRun = 64;
   DMLFAST_HD void others(int64_t b, int64_t from, int64_t to, T* partial) const {
     const SoftmaxTile<T>& t = tile;
     if (exps != nullptr && slices != 1) {
@@ -1537,12 +1592,17 @@ struct SoftmaxGradRuns {
     for (int64_t b = first_row; b < last_row; ++b) {
       if (centers > 1) {
 #ifndef __CUDA_ARCH__
+        // Their run buffers would cost a GPU thread a stack frame.
         if (t.soft_center_runs()) {
-          g.soft_centers(b, from, to, partial);  // its run buffers would cost a GPU thread a stack frame
-          continue;
+          g.soft_centers(b, from, to, partial);
+        } else if (t.classes.aggregation == kMaxCenter) {
+          g.max_centers(b, from, to, partial);
+        } else {
+          for (int64_t j = from; j < to; ++j) g.centers_of(b, j, partial + j * centers);
         }
-#endif
+#else
         for (int64_t j = from; j < to; ++j) g.centers_of(b, j, partial + j * centers);
+#endif
         continue;
       }
       const int64_t target = t.labels[b] - t.first_class;

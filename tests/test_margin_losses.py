@@ -131,6 +131,22 @@ def test_soft_triple_center_counts(tile_plan, centers, dtype, kept):
         assert relative_error(a, b) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("kept", ["all", "none"])
+@pytest.mark.parametrize("aggregation", [0, 1], ids=["max", "soft"])
+def test_excluded_target_with_centers_matches_the_gpu_plan(tile_plan, aggregation, kept):
+    """The op's classic ProxyNCA form (target out of the denominator) with K = 3 centers per class:
+    the CPU's runs (probabilities kept, or recomputed in one run with the target's set to 0) against
+    the GPU plan's one class per thread, two separate implementations of the same formulas."""
+    x, p, labels = inputs(29, 150, 16, 3, dtype=torch.float32)
+    args = (x, p.float(), labels, 16.0, 0.0, True, 1, 3, aggregation, 10.0, 0, 0.0)
+    tile_plan(tile_columns=96, reuse_bytes=-1 if kept == "all" else 0)
+    runs = ops.proxy_nca_loss(*args)[:3]
+    tile_plan(**SMALL_GPU_PLAN)
+    per_thread = ops.proxy_nca_loss(*args)[:3]
+    for a, b in zip(runs, per_thread):
+        assert relative_error(a, b) <= 1e-5
+
+
 def test_special_cases_reduce_to_the_plain_losses():
     """K = 1 sub-centers is ArcFace; SoftTriple with K = 1 is CosFace with scale λ and margin δ; a
     zero CosFace margin is Norm-SoftMax (ProxyNCA's softmax over all proxies)."""
