@@ -203,7 +203,7 @@ def markdown_table(results, args):
 
         dml = figures["dmlfast"].get("median_ms")
         lines.append(
-            f"| {row['loss']} | {row['classes']:,} | {floor:.1f} | {ratio('dmlfast')} | {ratio('eager')} | "
+            f"| {row['loss']} | {row['classes']:,} | {f'{floor:.1f}' if floor else 'n/a'} | {ratio('dmlfast')} | {ratio('eager')} | "
             f"{ratio('compiled')} | {ratio('pml')} | {ratio('dmlfast', figures['eager'].get('median_ms')) if dml else 'n/a'} | "
             f"{ratio('dmlfast', figures['pml'].get('median_ms')) if dml else 'n/a'} | {memory('dmlfast')} | "
             f"{memory('eager')} | {memory('compiled')} | {memory('pml')} | {args.batch * row['classes'] * 4 / 2**20:.0f} |"
