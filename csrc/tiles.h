@@ -6,7 +6,8 @@
 // columns, S = X_hat P_tile^T on the raw proxies (a GEMM into the workspace), the family's
 // epilogue kernels turn S into G' (and kappa), dX_hat += G' P_tile and dP_tile = G'^T X_hat -
 // kappa P_tile (two GEMMs and one elementwise pass straight into the gradient's rows). Memory is
-// O(B D + C D + B tile): never a B x C tensor, whatever C is. Nothing is allocated inside the
+// O(B D + C D + B tile), plus the tiles of S the softmax family keeps for its second pass, up to a
+// fixed budget (TilePlan::reuse_bytes): never a B x C tensor, whatever C is. Nothing is allocated inside the
 // tile loop. The ATen calls run with autocast excluded: the op chooses its dtypes.
 //
 // Precision: S, G and every sum are in the accumulation dtype T (float, or double for float64
