@@ -79,9 +79,15 @@ recipes (dmlfast/recipes.py; every flag below overrides the recipe's value):
   IDML               resnet50, GAP+GMP, semantic + uncertainty heads, emb 512, AdamW lr 6e-4 (Cars 2.5e-4), proxies x100,
                      wd 1e-4, StepLR 5/0.5 (Cars 10/0.5, SOP 10/0.25), batch 120, warm-up 5, frozen BN, 60 epochs,
                      mixup on, uncertainty L2-normalised as released (--uncertainty-l2-norm off lets it carry ||v||)
+  SoftTriple         the official code: bn_inception, GAP, emb 64, Adam eps 0.01 lr 1e-4, centers x100, wd 1e-4,
+                     StepLR 20/0.1, batch 32, 50 epochs, frozen BN, la 20, gamma 0.1, tau 0.2, margin 0.01, K 10
+                     (SOP/In-shop, dmlfast's choice: emb 512, K 2)
+  CosFace, ArcFace,  the papers' margins and scales (CosFace 0.35, ArcFace 28.6 degrees, s 64; 3 sub-centers) on
+  SubCenterArcFace   SoftTriple's optimisation with emb 512 (dmlfast's choice: their published training is faces')
+  --margin, --scale, --centers  the loss's own margin, logit scale and proxies per class (see their help)
   --proxy-synthesis  wraps ProxyAnchor, ProxyNCA or NormSoftmax (published with NormSoftmax: 0.4,1.0)
   --shard-proxies    under torchrun, each process holds 1/N of the proxies and their optimizer state; the loss is
-                     the whole global batch's (ProxyAnchor, ProxyNCA, NormSoftmax, IDML; dmlfast/sharded.py)
+                     the whole global batch's (every loss but ProxyISA and Moving; dmlfast/sharded.py)
   --mixup            image-level mixup, lambda ~ Beta(1,1): adds lambda L(x_mix,y) + (1-lambda) L(x_mix,y_perm) (IDML: on)
   all                gradient values clipped at 10 (Moving: not clipped)
   timm:NAME          a pretrained timm CNN takes ResNet-50's rows (ProxyAnchor: batch 120, 5 warm-up epochs, frozen BN)
@@ -108,6 +114,7 @@ examples:
   python -m dmlfast.train --dataset Cars196 --data-root ~/data/Cars --loss ProxyISA --k 0.4
   python -m dmlfast.train --loss NormSoftmax --proxy-synthesis 0.4,1.0 --binary-eval
   python -m dmlfast.train --dataset CUB --data-root ~/data/CUB --loss IDML --weights imagenet
+  python -m dmlfast.train --dataset SOP --data-root ~/data/SOP --loss SubCenterArcFace --margin 20 --centers 2
   python -m dmlfast.train --output runs/glyphs --resume     # continue a killed run
   python -m dmlfast.train --output runs/glyphs --overwrite  # start afresh, replacing the earlier run there
   torchrun --nproc-per-node 4 -m dmlfast.train --dataset SOP --data-root ~/data/SOP --model resnet50 --batch-size 30
@@ -198,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--k", type=float, help="ProxyISA: width of the informative band (recipe: 0.9; Cars196 0.4, In-shop 0.1)")
     g.add_argument("--temperature", type=float, help="Moving: softmax temperature (recipe: 0.03; SOP/In-shop 0.05)")
     g.add_argument("--momentum", type=float, help="Moving: weight of the batch's class sums in the proxy update (recipe: 0.5; SOP/In-shop 0.95)")
+    g.add_argument("--margin", type=float, metavar="M",
+                   help="the loss's margin: Proxy-Anchor, ProxyISA and IDML delta (recipe: 0.1), CosFace m (0.35), "
+                        "ArcFace and SubCenterArcFace m in degrees (28.6), SoftTriple delta (0.01)")
+    g.add_argument("--scale", type=float, metavar="S",
+                   help="the loss's logit scale: ProxyNCA and NormSoftmax (recipe: 18 and 23), CosFace, ArcFace and "
+                        "SubCenterArcFace s (64), Proxy-Anchor, ProxyISA and IDML alpha (32), SoftTriple lambda (20)")
+    g.add_argument("--centers", type=int, metavar="K",
+                   help="proxies per class: SubCenterArcFace (recipe: 3), SoftTriple (10; SOP/In-shop 2)")
     g.add_argument("--proxy-synthesis", metavar="ALPHA,MU", type=_alpha_mu,
                    help="wrap the loss in Proxy Synthesis with lambda ~ Beta(ALPHA, ALPHA) and MU*B synthetic classes per batch (published: 0.4,1.0)")
     g.add_argument("--mixup", nargs="?", const="on", choices=("on", "off"),
@@ -208,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "uncertainty head without gradient)")
     g.add_argument("--shard-proxies", action="store_true",
                    help="class-sharded proxies: each torchrun process holds 1/N of the proxies and their optimizer state "
-                        "(ProxyAnchor, ProxyNCA, NormSoftmax, IDML); the loss is that of the global batch against all proxies")
+                        "(every loss but ProxyISA and Moving); the loss is that of the global batch against all proxies")
     g.add_argument("--binary-eval", action="store_true", help="also report the metrics of sign-binarised embeddings")
     g.add_argument("--optimizer", choices=OPTIMIZERS, help="optimizer (recipe)")
     g.add_argument("--lr", type=float, help="backbone learning rate (recipe)")

@@ -433,3 +433,12 @@ def test_moving_proxies_move_by_the_gathered_global_batch(spawned):
     reference.update_proxies(torch.cat([a["moving_batch"][0], b["moving_batch"][0]]), torch.cat([a["moving_batch"][1], b["moving_batch"][1]]))
     torch.testing.assert_close(a["moving"], reference.proxies, rtol=0, atol=1e-6)
     assert not torch.equal(reference.proxies, before)
+
+
+def test_shard_proxies_help_names_the_losses_that_have_shards():
+    """--help says every loss but ProxyISA and Moving can be sharded: check it against the table."""
+    from dmlfast.losses import LOSSES
+    from dmlfast.sharded import SHARDED_LOSSES
+
+    assert set(LOSSES) - set(SHARDED_LOSSES) == {"ProxyISA", "Moving"}
+    assert "every loss but ProxyISA and Moving" in " ".join(train.build_parser().format_help().split())

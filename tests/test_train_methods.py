@@ -62,6 +62,24 @@ def test_method_trains_on_a_generated_dataset(method, tiny_root, tmp_path):
         assert config["mixup"] and not any(k.startswith("uncertainty") for k in state["model"])
 
 
+@pytest.mark.parametrize("loss, flags, loss_kwargs", [
+    ("SubCenterArcFace", ["--margin", "20", "--scale", "30", "--centers", "2"],
+     {"margin": 20.0, "scale": 30.0, "sub_centers": 2}),
+    ("SoftTriple", ["--margin", "0.02", "--scale", "10", "--centers", "4"],
+     {"centers_per_class": 4, "la": 10.0, "gamma": 0.1, "margin": 0.02, "tau": 0.2}),
+    ("ProxyAnchor", ["--margin", "0.2", "--scale", "16"], {"margin": 0.2, "alpha": 16.0}),
+])
+def test_margin_scale_and_centers_flags(loss, flags, loss_kwargs, tiny_root, tmp_path):
+    """--margin, --scale and --centers set the loss's own parameter (ArcFace's m, Proxy-Anchor's
+    alpha, SoftTriple's lambda...), which the run uses and records."""
+    out = tmp_path / "run"
+    assert train.main([*TINY, "--loss", loss, *flags, "--epochs", "1", "--data-root", str(tiny_root),
+                       "--output", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["loss_kwargs"] == loss_kwargs
+    centers = loss_kwargs.get("sub_centers", loss_kwargs.get("centers_per_class", 1))
+    assert torch.load(out / "last.pt", weights_only=False)["loss"]["proxies"].shape[0] == 6 * centers
+
+
 def test_binary_eval_reports_both_columns(tiny_root, tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main([*TINY, "--epochs", "1", "--binary-eval", "--data-root", str(tiny_root), "--output", str(out)]) == 0
@@ -77,6 +95,12 @@ def test_binary_eval_reports_both_columns(tiny_root, tmp_path, capsys):
     (["--loss", "ProxyISA", "--mixup"], "--mixup does not apply to --loss ProxyISA"),
     (["--loss", "ProxyAnchor", "--uncertainty-l2-norm", "off"], "--uncertainty-l2-norm does not apply to --loss ProxyAnchor"),
     (["--loss", "IDML", "--proxy-synthesis", "0.4,1.0"], "--proxy-synthesis wraps ProxyAnchor, ProxyNCA or NormSoftmax"),
+    (["--loss", "ArcFace", "--centers", "2"], "--centers does not apply to --loss ArcFace (it does to SubCenterArcFace, SoftTriple)"),
+    (["--loss", "ProxyNCA", "--margin", "0.1"], "--margin does not apply to --loss ProxyNCA (it does to ProxyAnchor, "),
+    (["--loss", "SoftTriple", "--scale", "0"], "--scale must be a positive number, got 0.0"),
+    (["--loss", "SoftTriple", "--centers", "0"], "--centers must be at least 1, got 0"),
+    (["--loss", "CosFace", "--margin", "inf"], "--margin must be a finite number, got inf"),
+    (["--loss", "ArcFace", "--margin", "180"], "ArcFaceLoss: margin must be in [0.0, 180.0), got 180.0"),
 ])
 def test_method_flag_errors(extra, message, tiny_root, tmp_path, capsys):
     assert train.main([*TINY, *extra, "--data-root", str(tiny_root), "--output", str(tmp_path / "o")]) == 2

@@ -31,8 +31,10 @@ _LIST_FIELDS = ("lr_milestones", "crop_scale", "frozen_layers")
 RECIPE_FLAGS = ("weights", "embedding_size", "pooling", "optimizer", "lr", "proxy_lr_mult", "weight_decay", "batch_size",
                 "epochs", "warmup_epochs", "lr_schedule", "lr_step", "lr_gamma", "lr_milestones", "lr_patience", "grad_clip",
                 "image_size", "samples_per_class")
-#: Flags of one loss's constructor (``loss_kwargs``).
-LOSS_FLAGS = ("k", "temperature", "momentum")
+#: Flags of the losses' constructors (``loss_kwargs``), each with the parameter names it sets: the
+#: first one the recipe's loss takes (--scale is CosFace's s, Proxy-Anchor's alpha, SoftTriple's la).
+LOSS_FLAGS = {"k": ("k",), "temperature": ("temperature",), "momentum": ("momentum",), "margin": ("margin",),
+              "scale": ("scale", "alpha", "la"), "centers": ("sub_centers", "centers_per_class")}
 
 
 def make_config(args) -> Dict[str, Any]:
@@ -102,14 +104,35 @@ def _recipe_overrides(args, recipe) -> Dict[str, Any]:
         if args.loss != "IDML":
             raise InputError(f"--uncertainty-l2-norm does not apply to --loss {args.loss}")
         overrides["normalize_uncertainty"] = args.uncertainty_l2_norm == "on"
-    for name in LOSS_FLAGS:
-        value = getattr(args, name)
+    for flag, names in LOSS_FLAGS.items():
+        value = getattr(args, flag)
         if value is None:
             continue
-        if name not in recipe.loss_kwargs:
-            raise InputError(f"--{name} does not apply to --loss {args.loss}")
+        name = next((n for n in names if n in recipe.loss_kwargs), None)
+        if name is None:
+            raise InputError(f"--{flag} does not apply to --loss {args.loss} (it does to {', '.join(_losses_taking(names, args))})")
+        _check_loss_flag(flag, value)
         overrides.setdefault("loss_kwargs", dict(recipe.loss_kwargs))[name] = value
     return overrides
+
+
+def _losses_taking(names, args) -> list:
+    """The losses whose recipe for this dataset and model has one of the parameters ``names``."""
+    from dmlfast.losses import LOSSES
+    from dmlfast.recipes import resolve_recipe
+
+    return [loss for loss in LOSSES if any(n in resolve_recipe(args.dataset, loss, args.model).loss_kwargs for n in names)]
+
+
+def _check_loss_flag(flag: str, value) -> None:
+    """``InputError`` for a --margin, --scale or --centers no loss can take (each loss checks its own
+    ranges too, naming its parameter)."""
+    if flag == "margin" and not math.isfinite(value):
+        raise InputError(f"--margin must be a finite number, got {value}")
+    if flag == "scale" and not (value > 0 and math.isfinite(value)):
+        raise InputError(f"--scale must be a positive number, got {value}")
+    if flag == "centers":
+        require_at_least("--centers", value, 1)
 
 
 def _flag(name: str) -> str:
