@@ -59,8 +59,15 @@ TilePlan softmax_plan(const at::Tensor& x, int64_t proxy_rows, at::ScalarType ac
   return plan;
 }
 
-// Pass 1's first `count` tiles of S kept for pass 2 (which recomputes the others) and, with the
-// plan's keep_exponentials, each kept tile's e^{z - shift} per class and its (row, slice) shifts.
+// Which of pass 1's tiles pass 2 reuses: the first `tiles` tiles of S, with their exponentials or
+// not (pass 2 recomputes what is not kept).
+struct Reuse {
+  int64_t tiles = 0;
+  bool exponentials = false;
+};
+
+// Pass 1's first `count` tiles of S kept for pass 2 (which recomputes the others) and, where the
+// reuse says so, each kept tile's e^{z - shift} per class and its (row, slice) shifts.
 struct KeptTiles {
   int64_t count = 0;
   at::Tensor sims;    // [count * B * tile_columns], or undefined
@@ -99,38 +106,41 @@ class SoftmaxTiles {
   int64_t rows_of_proxies() const { return p_.size(0); }
   int64_t tiles() const { return blocks_for(rows_of_proxies(), plan_.tile_columns); }
 
-  // How many of pass 1's tiles of S (with their exponentials, where the plan keeps them) pass 2
-  // reuses: all of them when they fit the plan's reuse budget (or are one tile), else as many as
-  // it holds; pass 2 recomputes the others.
-  int64_t tiles_to_keep() const {
-    const int64_t centers = logits_.centers;
-    const int64_t per_row = plan_.keep_exponentials ? rows_of_proxies() + rows_of_proxies() / centers : rows_of_proxies();
-    const int64_t per_tile = plan_.keep_exponentials ? plan_.tile_columns + plan_.tile_columns / centers : plan_.tile_columns;
+  // What pass 2 reuses of pass 1: every tile of S, with its exponentials where the plan keeps
+  // them, when that fits the plan's reuse budget (or is one tile); else the first tiles of S alone
+  // that the budget holds. A tile of S costs a GEMM to recompute, its exponentials one run through
+  // exp_run, so under the budget the bytes go to S.
+  Reuse reuse() const {
+    const int64_t centers = logits_.centers, C = rows_of_proxies(), tile = plan_.tile_columns;
+    const int64_t per_row = plan_.keep_exponentials ? C + C / centers : C;
+    const int64_t per_tile = plan_.keep_exponentials ? tile + tile / centers : tile;
     const int64_t bytes = batch() * static_cast<int64_t>(sizeof(T));
-    if (per_row * bytes <= std::max(plan_.reuse_bytes, per_tile * bytes)) return tiles();
-    return plan_.reuse_bytes / (per_tile * bytes);
+    if (per_row * bytes <= std::max(plan_.reuse_bytes, per_tile * bytes)) return {tiles(), plan_.keep_exponentials};
+    return {std::min(tiles(), plan_.reuse_bytes / (tile * bytes)), false};
   }
 
   // Pass 1: merges every row's statistics over these proxies into `rows` (logit sums only when
-  // `with_logit_sum`). The first `keep` tiles' S (and exponentials) stay for pass 2.
-  KeptTiles row_pass(const SoftmaxRows& rows, bool with_logit_sum, int64_t keep) {
+  // `with_logit_sum`). What `reuse` names stays for pass 2.
+  KeptTiles row_pass(const SoftmaxRows& rows, bool with_logit_sum, const Reuse& reuse) {
     const int64_t B = batch(), C = rows_of_proxies(), tile = plan_.tile_columns;
     const int64_t max_slices = slices_of(tile), tile_classes = tile / logits_.centers;
+    const int64_t keep = reuse.tiles;
     KeptTiles kept;
     kept.count = keep;
     if (keep > 0) kept.sims = at::empty({keep * B * tile}, acc_options_);
-    if (keep > 0 && plan_.keep_exponentials) {
+    if (keep > 0 && reuse.exponentials) {
       kept.exps = at::empty({keep * B * tile_classes}, acc_options_);
       kept.shifts = at::empty({keep * B * max_slices}, acc_options_);
     }
     const bool recomputed = keep < tiles();
     const at::Tensor scratch_sims = recomputed ? at::empty({B * tile}, acc_options_) : at::Tensor();
-    // Where the plan keeps exponentials, unkept tiles leave theirs too (the walks that do are the
-    // faster ones on the CPU): in the tile itself with one center per class (pass 1's own to
-    // overwrite), else in a scratch buffer.
-    const bool scratch_exps = recomputed && plan_.keep_exponentials;
+    // Where the plan keeps exponentials, tiles whose exponentials are not kept leave them anyway
+    // (the walks that do are the faster ones on the CPU): in an unkept tile itself with one center
+    // per class (pass 1's own to overwrite), else in a scratch buffer.
+    const bool scratch_exps = plan_.keep_exponentials && !(reuse.exponentials && !recomputed);
+    const bool tile_scratch_only = logits_.centers == 1 && !(keep > 0 && !reuse.exponentials);
     const at::Tensor exp_scratch =
-        scratch_exps && logits_.centers > 1 ? at::empty({B * tile_classes}, acc_options_) : at::Tensor();
+        scratch_exps && !tile_scratch_only ? at::empty({B * tile_classes}, acc_options_) : at::Tensor();
     const at::Tensor shift_scratch = scratch_exps ? at::empty({B * max_slices}, acc_options_) : at::Tensor();
     // Partials of the merge tree's levels, ping-ponged between two buffers of 3 arrays each.
     const at::Tensor level_max = at::empty({2, B * max_slices}, acc_options_);
@@ -152,8 +162,8 @@ class SoftmaxTiles {
       if (kept_tile && kept.exps.defined()) {
         exps = data_as<T>(kept.exps) + index * B * tile_classes;
         shifts = data_as<T>(kept.shifts) + index * B * max_slices;
-      } else if (!kept_tile && scratch_exps) {
-        exps = exp_scratch.defined() ? data_as<T>(exp_scratch) : data_as<T>(sim);
+      } else if (scratch_exps) {
+        exps = kept_tile || exp_scratch.defined() ? data_as<T>(exp_scratch) : data_as<T>(sim);
         shifts = data_as<T>(shift_scratch);
       }
       launch(x_, B * slices,
@@ -284,7 +294,7 @@ LossAndGrads proxy_softmax_impl(const at::Tensor& x, const at::Tensor& p, const 
   const int64_t C = p.size(0) / logits.centers;
   SoftmaxTiles<T> tiles(x, p, labels, ClassShard{0, C, C}, logits, mode, "proxy_nca_loss");
   const SoftmaxRows rows = empty_softmax_rows(x);
-  const KeptTiles kept = tiles.row_pass(rows, /*with_logit_sum=*/smoothing > 0, tiles.tiles_to_keep());
+  const KeptTiles kept = tiles.row_pass(rows, /*with_logit_sum=*/smoothing > 0, tiles.reuse());
   return tiles.loss_and_grads(rows, smoothing, kept);
 }
 
@@ -295,7 +305,7 @@ at::Tensor softmax_shard_stats_impl(const at::Tensor& x, const at::Tensor& p, co
                                     const SoftmaxLogits& logits, const ClassShard& shard, CheckMode mode) {
   SoftmaxTiles<T> tiles(x, p, labels, shard, logits, mode, "proxy_nca_shard_row_stats");
   const SoftmaxRows rows = empty_softmax_rows(x);
-  tiles.row_pass(rows, /*with_logit_sum=*/true, /*keep=*/0);
+  tiles.row_pass(rows, /*with_logit_sum=*/true, Reuse{});
   tiles.finish_checks();
   const at::Tensor stats = rows.stats;
   const at::Tensor max = at::where(stats[1] > 0, stats[0], -std::numeric_limits<double>::infinity());

@@ -101,7 +101,7 @@ def test_softmax_plan_variants_match_reference(tile_plan, name, keep_exponential
     """Pass 1 keeping its exponentials (the CPU's plan) or not (the GPU's), over whole rows or strided
     slices; pass 2 one class per thread (the GPU) or runs of classes split around each row's target
     (the CPU, here 3 classes so that targets fall on runs' first, middle and last classes), reusing
-    all of pass 1's 8 tiles of S, none, or the first 1 to 2 that 3000 bytes hold."""
+    all of pass 1's 8 tiles of S, none, or the first 2 that 3000 bytes hold."""
     tile_plan(tile_columns=7, rows_per_group=5, slice_columns=slice_columns, merge_fan_in=2,
               keep_exponentials=keep_exponentials, classes_per_thread=classes_per_thread, reuse_bytes=reuse_bytes)
     x, p, labels = inputs(37, 50, 19)

@@ -103,8 +103,8 @@ def test_gpu_plan_on_the_cpu(tile_plan, name, low_precision):
 def test_cpu_plan_variants(tile_plan, name, keep_exponentials, classes_per_thread, reuse_bytes):
     """Pass 1 keeping e^{z - shift} or not, pass 2 one class per thread or runs of classes, with
     tiles of whole classes (7 columns rounded down to a multiple of K) and one slice per row; pass 2
-    reusing every tile of S, none, or the first few that a 6000-byte budget holds (2 to 8 of the
-    4 to 23 tiles here) and recomputing the rest."""
+    reusing every tile of S with its exponentials, none, or the tiles of S alone that a 6000-byte
+    budget holds (all 4 for K = 1, 6 of 12 for K = 3, 10 of 23 for K = 4) and recomputing the rest."""
     tile_plan(tile_columns=7, rows_per_group=5, slice_columns=0, keep_exponentials=keep_exponentials,
               classes_per_thread=classes_per_thread, reuse_bytes=reuse_bytes)
     x, p, labels = inputs(37, 23, 19, case(name)[4], dtype=torch.float32)
@@ -118,8 +118,8 @@ def test_soft_triple_center_counts(tile_plan, centers, dtype, kept):
     """The CPU's runs of soft-weighted centers: K = 2 and K = 7 (runs of 256 and 73 classes, so that
     pass 2's runs of 128 classes cross them), and K = 513, beyond a run's 512 centers (one
     exponential at a time); tiles of 600 columns rounded down to whole classes, with pass 2 reusing
-    every tile of S, none, or those that 80 % of S's bytes hold (with the kept exponentials, 1 of
-    2 tiles for K = 2, 3 of 5 for K = 7, 2 of 3 for K = 513)."""
+    every tile of S, none, or those that 80 % of S's bytes hold (S alone: 1 of 2 tiles for K = 2,
+    3 of 5 for K = 7, 2 of 3 for K = 513)."""
     batch, classes, dim = 21, (3 if centers > 512 else 400), 11
     some = batch * classes * centers * (8 if dtype == torch.float64 else 4) * 4 // 5
     tile_plan(tile_columns=max(600, centers), reuse_bytes={"all": -1, "none": 0, "some": some}[kept])
