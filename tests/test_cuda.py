@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import dmlfast
-from dmlfast import functional
+from dmlfast import _ops, functional
 from conftest import relative_error, requires_cuda
 
 pytestmark = [pytest.mark.cuda, requires_cuda]
@@ -50,6 +50,35 @@ def test_cuda_matches_cpu(case, dtype, shape):
     labels = torch.randint(0, num_classes, (batch,), generator=gen)
     on_cpu = run(fn, x, p, labels, kwargs)
     on_gpu = run(fn, x.cuda(), p.cuda(), labels.cuda(), kwargs)
+    assert_gpu_matches_cpu(on_cpu, on_gpu, dtype)
+
+
+MARGIN_CASES = [
+    (functional.cosface_loss, {}, 1),
+    (functional.arcface_loss, {}, 1),
+    (functional.arcface_loss, {"sub_centers": 3}, 3),
+    (functional.soft_triple_loss, {"centers_per_class": 10}, 10),
+]
+
+
+@pytest.mark.parametrize("reuse_bytes", [-1, 0, 400_000], ids=["all_kept", "none_kept", "some_kept"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("case", range(len(MARGIN_CASES)))
+def test_cuda_margin_losses_match_cpu(case, dtype, reuse_bytes):
+    """CosFace, ArcFace, Sub-center ArcFace and SoftTriple over tiles of 600 columns (rounded down to
+    whole classes: 5 to 50 tiles), pass 2 reusing every tile of S, none, or the first 1 or 2 that
+    400,000 bytes hold; the CPU runs the same plan."""
+    fn, kwargs, centers = MARGIN_CASES[case]
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(64, 96, generator=gen).to(dtype)
+    p = torch.randn(3000 * centers, 96, generator=gen).to(dtype)
+    labels = torch.randint(0, 3000, (64,), generator=gen)
+    _ops._C._override_tile_plan(tile_columns=600, reuse_bytes=reuse_bytes)
+    try:
+        on_cpu = run(fn, x, p, labels, kwargs)
+        on_gpu = run(fn, x.cuda(), p.cuda(), labels.cuda(), kwargs)
+    finally:
+        _ops._C._override_tile_plan()
     assert_gpu_matches_cpu(on_cpu, on_gpu, dtype)
 
 
