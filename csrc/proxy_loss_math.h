@@ -965,12 +965,19 @@ struct ClassSimilarity {
   int64_t argmax;           // the first center with the largest cosine
 };
 
-// The largest of v[0, n), n >= 1.
+// The largest of v[from, to) and `init`, in four independent lanes (a pipelined loop).
 template <typename T>
-DMLFAST_HD T max_of(const T* v, int64_t n) {
-  T largest = v[0];
-  for (int64_t i = 1; i < n; ++i) largest = math::max(largest, v[i]);
-  return largest;
+DMLFAST_HD T max_over(const T* v, int64_t from, int64_t to, T init) {
+  T lane0 = init, lane1 = init, lane2 = init, lane3 = init;
+  int64_t c = from;
+  for (; c + 4 <= to; c += 4) {
+    lane0 = math::max(lane0, v[c]);
+    lane1 = math::max(lane1, v[c + 1]);
+    lane2 = math::max(lane2, v[c + 2]);
+    lane3 = math::max(lane3, v[c + 3]);
+  }
+  for (; c < to; ++c) lane0 = math::max(lane0, v[c]);
+  return math::max(math::max(lane0, lane1), math::max(lane2, lane3));
 }
 
 template <typename T>
@@ -1037,7 +1044,7 @@ struct SoftmaxTile {
     for (int64_t i = 0; i < n; ++i) weights[i] = s_row[i] * inv[i];
     for (int64_t j = 0; j < to - from; ++j) {
       T* w = weights + j * K;
-      const T largest = max_of(w, K);
+      const T largest = max_over(w, 1, K, w[0]);
       for (int64_t k = 0; k < K; ++k) w[k] = classes.center_gamma * (w[k] - largest);
     }
     exp_run(weights, n);
@@ -1067,21 +1074,6 @@ struct SoftmaxTile {
   DMLFAST_HD T logit(bool target, T s) const { return scale * (target ? classes.target(s) : s); }
   DMLFAST_HD bool is_target(int64_t b, int64_t j) const { return labels[b] - first_class == j; }
 };
-
-// The largest of v[from, to) and `init`, in four independent lanes (a pipelined loop).
-template <typename T>
-DMLFAST_HD T max_over(const T* v, int64_t from, int64_t to, T init) {
-  T lane0 = init, lane1 = init, lane2 = init, lane3 = init;
-  int64_t c = from;
-  for (; c + 4 <= to; c += 4) {
-    lane0 = math::max(lane0, v[c]);
-    lane1 = math::max(lane1, v[c + 1]);
-    lane2 = math::max(lane2, v[c + 2]);
-    lane3 = math::max(lane3, v[c + 3]);
-  }
-  for (; c < to; ++c) lane0 = math::max(lane0, v[c]);
-  return math::max(math::max(lane0, lane1), math::max(lane2, lane3));
-}
 
 // sum of v[0, n) in double, in four interleaved lanes added in a fixed order.
 template <typename T>

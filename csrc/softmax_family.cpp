@@ -60,7 +60,7 @@ TilePlan softmax_plan(const at::Tensor& x, int64_t proxy_rows, at::ScalarType ac
 }
 
 // Which of pass 1's tiles pass 2 reuses: the first `tiles` tiles of S, with their exponentials or
-// not (pass 2 recomputes what is not kept).
+// not (pass 2 recomputes what is not kept; reuse() keeps exponentials only with every tile).
 struct Reuse {
   int64_t tiles = 0;
   bool exponentials = false;
@@ -134,14 +134,14 @@ class SoftmaxTiles {
     }
     const bool recomputed = keep < tiles();
     const at::Tensor scratch_sims = recomputed ? at::empty({B * tile}, acc_options_) : at::Tensor();
-    // Where the plan keeps exponentials, tiles whose exponentials are not kept leave them anyway
-    // (the walks that do are the faster ones on the CPU): in an unkept tile itself with one center
-    // per class (pass 1's own to overwrite), else in a scratch buffer.
-    const bool scratch_exps = plan_.keep_exponentials && !(reuse.exponentials && !recomputed);
-    const bool tile_scratch_only = logits_.centers == 1 && !(keep > 0 && !reuse.exponentials);
+    // Where the plan keeps exponentials but this call keeps none, pass 1 leaves them anyway (the walks
+    // that do are the faster ones on the CPU): in each tile itself when no tile is kept and a class
+    // has one center (pass 1's own to overwrite), else in a scratch buffer.
+    const bool leave_exps = plan_.keep_exponentials && !reuse.exponentials;
+    const bool exps_in_tile = leave_exps && keep == 0 && logits_.centers == 1;
     const at::Tensor exp_scratch =
-        scratch_exps && !tile_scratch_only ? at::empty({B * tile_classes}, acc_options_) : at::Tensor();
-    const at::Tensor shift_scratch = scratch_exps ? at::empty({B * max_slices}, acc_options_) : at::Tensor();
+        leave_exps && !exps_in_tile ? at::empty({B * tile_classes}, acc_options_) : at::Tensor();
+    const at::Tensor shift_scratch = leave_exps ? at::empty({B * max_slices}, acc_options_) : at::Tensor();
     // Partials of the merge tree's levels, ping-ponged between two buffers of 3 arrays each.
     const at::Tensor level_max = at::empty({2, B * max_slices}, acc_options_);
     const at::Tensor level_sums = at::empty({2, 2, B * max_slices}, acc_options_.dtype(at::kDouble));
@@ -162,8 +162,8 @@ class SoftmaxTiles {
       if (kept_tile && kept.exps.defined()) {
         exps = data_as<T>(kept.exps) + index * B * tile_classes;
         shifts = data_as<T>(kept.shifts) + index * B * max_slices;
-      } else if (scratch_exps) {
-        exps = kept_tile || exp_scratch.defined() ? data_as<T>(exp_scratch) : data_as<T>(sim);
+      } else if (leave_exps) {
+        exps = exps_in_tile ? data_as<T>(sim) : data_as<T>(exp_scratch);
         shifts = data_as<T>(shift_scratch);
       }
       launch(x_, B * slices,
