@@ -1587,14 +1587,14 @@ struct SoftmaxGradRuns {
         // Their run buffers would cost a GPU thread a stack frame.
         if (t.soft_center_runs()) {
           g.soft_centers(b, from, to, partial);
-        } else if (t.classes.aggregation == kMaxCenter) {
-          g.max_centers(b, from, to, partial);
-        } else {
-          for (int64_t j = from; j < to; ++j) g.centers_of(b, j, partial + j * centers);
+          continue;
         }
-#else
-        for (int64_t j = from; j < to; ++j) g.centers_of(b, j, partial + j * centers);
+        if (t.classes.aggregation == kMaxCenter) {
+          g.max_centers(b, from, to, partial);
+          continue;
+        }
 #endif
+        for (int64_t j = from; j < to; ++j) g.centers_of(b, j, partial + j * centers);
         continue;
       }
       const int64_t target = t.labels[b] - t.first_class;
